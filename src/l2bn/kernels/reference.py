@@ -1,0 +1,78 @@
+"""The L2BN formula, written the plain way. This is the specification.
+
+Every faster path in :mod:`l2bn.kernels` is tested against :func:`l2_batch_norm_reference`.
+It is also what the paper's authors ship: ``F.normalize(x.reshape(N, -1))`` followed by
+batch normalization.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["l2_normalize_samples", "l2_batch_norm_reference", "accumulate_dtype"]
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated in: float32 for half types, else ``dtype``."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def l2_normalize_samples(
+    input: Tensor, *, l2_eps: float = 1e-12, unit_rms: bool = False
+) -> Tensor:
+    r"""Scale each sample of ``input`` to unit l2 norm over all its non-batch dimensions.
+
+    .. math::
+        u_n = s \cdot \frac{x_n}{\max(\lVert x_n \rVert_2, \epsilon_2)}, \qquad
+        s = \begin{cases} \sqrt{D} & \text{unit\_rms} \\ 1 & \text{otherwise} \end{cases}
+
+    where :math:`D` is the number of entries of one sample. The result is returned in the
+    accumulation dtype (float32 for half inputs).
+
+    Example:
+        >>> x = torch.randn(4, 3, 5, 5)
+        >>> u = l2_normalize_samples(x)
+        >>> torch.allclose(u.flatten(1).norm(dim=1), torch.ones(4))
+        True
+    """
+    if input.dim() < 2:
+        raise ValueError(f"expected an input with a batch dimension and at least one more, got {input.dim()}D")
+    x = input.to(accumulate_dtype(input.dtype))
+    u = F.normalize(x.reshape(x.shape[0], -1), p=2.0, dim=1, eps=l2_eps).reshape(x.shape)
+    if unit_rms:
+        u = u * math.sqrt(u[0].numel() if u.shape[0] > 0 else 1)
+    return u
+
+
+def l2_batch_norm_reference(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    l2_eps: float = 1e-12,
+    unit_rms: bool = False,
+) -> Tensor:
+    """``F.batch_norm`` applied to :func:`l2_normalize_samples` of the input (the composite).
+
+    Arguments are those of :func:`l2bn.functional.l2_batch_norm`. The output has the input's
+    dtype; statistics are computed in float32 for half inputs.
+
+    Example:
+        >>> x = torch.randn(8, 3, 4, 4)
+        >>> y = l2_batch_norm_reference(x, None, None, training=True)
+        >>> y.shape
+        torch.Size([8, 3, 4, 4])
+    """
+    u = l2_normalize_samples(input, l2_eps=l2_eps, unit_rms=unit_rms)
+    y = F.batch_norm(u, running_mean, running_var, weight, bias, training, momentum, eps)
+    return y.to(input.dtype)

@@ -1,0 +1,237 @@
+"""L2BatchNorm{1,2,3}d against the composite BN(F.normalize(x)) in float64, and BN's contract."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+from conftest import composite
+from torch import nn
+
+import l2bn
+
+LAYERS = [
+    (l2bn.L2BatchNorm1d, nn.BatchNorm1d, (16, 5)),
+    (l2bn.L2BatchNorm1d, nn.BatchNorm1d, (12, 5, 7)),
+    (l2bn.L2BatchNorm2d, nn.BatchNorm2d, (10, 4, 6, 5)),
+    (l2bn.L2BatchNorm3d, nn.BatchNorm3d, (6, 3, 4, 5, 3)),
+]
+OPTIONS = list(
+    itertools.product([0.1, None], [True, False], [True, False], [False, True])
+)  # momentum, affine, track_running_stats, unit_rms
+
+
+def _params(m):
+    return [p for p in (m.weight, m.bias) if p is not None]
+
+
+@pytest.mark.parametrize("l2cls,bncls,shape", LAYERS)
+@pytest.mark.parametrize("momentum,affine,track,unit_rms", OPTIONS)
+def test_matches_composite_float64(l2cls, bncls, shape, momentum, affine, track, unit_rms):
+    c = shape[1]
+    kw = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=torch.float64)
+    bn = bncls(c, **kw)
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    l2 = l2cls(c, **kw, unit_rms=unit_rms)
+    l2.load_state_dict(bn.state_dict())
+    for step in range(4):
+        training = step < 3
+        bn.train(training)
+        l2.train(training)
+        x = (torch.randn(shape, dtype=torch.float64) * (1 + step)).requires_grad_()
+        x.data[0] *= 10  # unequal sample norms
+        y_ref = composite(bn, x, unit_rms)
+        y = l2(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+        g = torch.randn_like(y)
+        d_ref = torch.autograd.grad(y_ref, [x] + _params(bn), g)
+        d = torch.autograd.grad(y, [x] + _params(l2), g)
+        for a, b in zip(d, d_ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        for key, val in bn.state_dict().items():
+            torch.testing.assert_close(l2.state_dict()[key], val, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("unit_rms", [False, True])
+@pytest.mark.parametrize("shape", [(5, 3, 4, 4), (6, 4), (4, 3, 5)])
+def test_gradcheck(training, unit_rms, shape):
+    m = l2bn.L2BatchNorm2d if len(shape) == 4 else l2bn.L2BatchNorm1d
+    layer = m(shape[1], dtype=torch.float64, unit_rms=unit_rms)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+        layer.running_mean.uniform_(-0.1, 0.1)
+        layer.running_var.uniform_(0.5, 1.5)
+    layer.train(training)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return l2bn.functional.l2_batch_norm(
+            x, layer.running_mean.clone(), layer.running_var.clone(), w, b, training,
+            unit_rms=unit_rms,
+        )
+
+    assert torch.autograd.gradcheck(f, (x, layer.weight, layer.bias))
+
+
+def test_zero_sample_is_finite():
+    layer = l2bn.L2BatchNorm2d(3, dtype=torch.float64)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    x[1] = 0
+    x.requires_grad_()
+    y = layer(x)
+    y.square().sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    ref = composite(nn.BatchNorm2d(3, dtype=torch.float64), x)
+    torch.testing.assert_close(y, ref)
+    layer.eval()
+    assert torch.isfinite(layer(x)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_huge_values(dtype):
+    layer = l2bn.L2BatchNorm2d(4)
+    x = torch.randn(8, 4, 6, 6).mul(65504 / 4).clamp(-65504, 65504).to(dtype)
+    x[0, 0, 0, 0] = 65504
+    x.requires_grad_()
+    y = layer(x)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert x.grad.dtype == dtype
+    ref = l2bn.functional.l2_batch_norm(x.detach().double(), None, None, training=True)
+    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)
+    assert torch.isfinite(layer.running_var).all()
+
+
+def test_autocast_cpu_bf16():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), l2bn.L2BatchNorm2d(8), nn.ReLU())
+    x = torch.randn(4, 3, 10, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert torch.isfinite(model[0].weight.grad).all()
+    assert model[1].running_mean.dtype == torch.float32
+
+
+def test_channels_last_and_noncontiguous():
+    layer = l2bn.L2BatchNorm2d(6, dtype=torch.float64)
+    bn = nn.BatchNorm2d(6, dtype=torch.float64)
+    x = torch.randn(5, 6, 7, 8, dtype=torch.float64)
+    xcl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = layer(xcl)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, composite(bn, x))
+    y.sum().backward()
+    assert xcl.grad.shape == x.shape
+    # non-contiguous: a transposed and a strided view
+    base = torch.randn(5, 8, 7, 6, dtype=torch.float64).transpose(1, 3)
+    assert not base.is_contiguous()
+    torch.testing.assert_close(layer(base), composite(bn, base.contiguous()))
+    sl = torch.randn(10, 6, 7, 16, dtype=torch.float64)[::2, :, :, ::2]
+    torch.testing.assert_close(layer(sl), composite(bn, sl.contiguous()))
+
+
+def test_state_dict_round_trip_with_bn():
+    bn = nn.BatchNorm2d(5)
+    bn.train()
+    bn(torch.randn(4, 5, 3, 3))
+    l2 = l2bn.L2BatchNorm2d(5)
+    assert list(l2.state_dict()) == list(bn.state_dict())
+    l2.load_state_dict(bn.state_dict())
+    for k, v in bn.state_dict().items():
+        assert torch.equal(l2.state_dict()[k], v)
+    l2(torch.randn(4, 5, 3, 3))
+    bn2 = nn.BatchNorm2d(5)
+    bn2.load_state_dict(l2.state_dict())
+    assert int(bn2.num_batches_tracked) == 2
+
+
+def test_errors_like_bn():
+    layer = l2bn.L2BatchNorm2d(3)
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+        layer(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        l2bn.L2BatchNorm1d(3)(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        layer(torch.randn(2, 4, 5, 5))
+    with pytest.raises(ValueError) as bn_err:
+        nn.BatchNorm1d(3)(torch.randn(1, 3))
+    with pytest.raises(ValueError) as l2_err:
+        l2bn.L2BatchNorm1d(3)(torch.randn(1, 3))
+    assert str(l2_err.value) == str(bn_err.value)
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(2, 3, 4, 4, dtype=torch.long))
+    # eval with a batch of one is fine, as in BN
+    layer.eval()
+    assert layer(torch.randn(1, 3, 4, 4)).shape == (1, 3, 4, 4)
+
+
+def test_not_replaced_by_convert_sync_batchnorm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), l2bn.L2BatchNorm2d(4), nn.BatchNorm2d(4))
+    out = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert type(out[1]) is l2bn.L2BatchNorm2d
+    assert type(out[2]) is nn.SyncBatchNorm  # the plain BN is converted, ours is not
+
+
+def test_not_folded_by_fx_fuse():
+    from torch.fx.experimental.optimization import fuse
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), l2bn.L2BatchNorm2d(4), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    fused = fuse(model)
+    # traced through (not a leaf), but the l2 step is still in the graph, not folded into conv
+    assert "l2_batch_norm" in fused.code
+    assert any(isinstance(m, nn.Conv2d) for m in fused.modules())
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_not_folded_by_quantization_fuse_modules():
+    from torch.ao.quantization import fuse_modules
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), l2bn.L2BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    try:
+        fused = fuse_modules(copy.deepcopy(model), [["0", "1"]])
+    except (AssertionError, NotImplementedError, RuntimeError, KeyError) as e:
+        assert "L2BatchNorm2d" in str(e) or "not supported" in str(e).lower() or str(e)
+        return
+    assert isinstance(fused[1], l2bn.L2BatchNorm2d)
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_compile_fullgraph():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), l2bn.L2BatchNorm2d(8), nn.ReLU())
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8)
+    y = compiled(x)
+    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert model[0].weight.grad is not None
+    torch.testing.assert_close(model[1].running_mean, ref[1].running_mean)
+
+
+def test_momentum_none_cumulative_average():
+    bn = nn.BatchNorm2d(3, momentum=None, dtype=torch.float64)
+    l2 = l2bn.L2BatchNorm2d(3, momentum=None, dtype=torch.float64)
+    for _ in range(5):
+        x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+        composite(bn, x)
+        l2(x)
+    torch.testing.assert_close(l2.running_var, bn.running_var)
+    assert int(l2.num_batches_tracked) == 5
+
+
+def test_repr_and_docstrings():
+    assert "unit_rms=True" in repr(l2bn.L2BatchNorm2d(4, unit_rms=True))
+    for name in l2bn.__all__:
+        obj = getattr(l2bn, name)
+        assert obj.__doc__ and "Example" in obj.__doc__ or name == "functional", name
