@@ -49,13 +49,15 @@ def cases(draw):
     affine = draw(st.booleans())
     zero_sample = draw(st.booleans())
     channels_last = ndim == 4 and draw(st.booleans())
-    return (n, c, spatial, scale, training, unit_rms, affine, zero_sample, channels_last)
+    seed = draw(st.integers(0, 2**31 - 1))
+    return (n, c, spatial, scale, training, unit_rms, affine, zero_sample, channels_last, seed)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=int(__import__("os").environ.get("L2BN_HYPOTHESIS_EXAMPLES", 60)), deadline=None)
 @given(cases())
 def test_fused_matches_reference_property(case):
-    n, c, spatial, scale, training, unit_rms, affine, zero_sample, channels_last = case
+    n, c, spatial, scale, training, unit_rms, affine, zero_sample, channels_last, seed = case
+    torch.manual_seed(seed)
     x = torch.randn([n, c] + spatial, dtype=torch.float64) * scale
     if zero_sample:
         x[0] = 0
@@ -77,10 +79,15 @@ def test_fused_matches_reference_property(case):
     inputs = [x] + ([w, b] if affine else [])
     d = torch.autograd.grad(y, inputs, g)
     d_ref = torch.autograd.grad(y_ref, inputs, g)
+    # Bound on the size of the intermediate terms of the input gradient: |g| |w| k / sqrt(eps),
+    # k = s / min_n |x_n|. With (near-)constant normalized channels the exact gradient is a
+    # cancellation of such terms, so float64 agreement is judged relative to this bound.
+    norms = x.detach().flatten(1).norm(dim=1)
+    k = (x[0].numel() ** 0.5 if unit_rms else 1.0) / float(norms[norms > 0].min())
+    wmax = float(w.detach().abs().max()) if affine else 1.0
+    bound = float(g.abs().max()) * max(wmax, 1.0) * max(k, 1.0) / 1e-5**0.5
     for a, r in zip(d, d_ref):
-        # the input gradient scales like 1/|x|: compare relative to its magnitude
-        tol = 1e-7 * max(1.0, float(r.abs().max()))
-        torch.testing.assert_close(a, r, rtol=1e-6, atol=tol)
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-10 * bound)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

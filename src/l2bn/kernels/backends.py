@@ -21,6 +21,8 @@ _REGISTRY: Dict[str, Tuple[Optional[Callable], Callable[[Tensor], Optional[str]]
     "fused": (None, lambda x: None),
 }
 _AUTO_ORDER: List[str] = ["fused"]
+# name -> whether automatic selection should use it for this input (when available)
+_PREFER: Dict[str, Callable[[Tensor], bool]] = {}
 _warned: set = set()
 
 
@@ -30,9 +32,13 @@ def register(
     unavailable_reason: Callable[[Tensor], Optional[str]],
     *,
     auto_priority: Optional[int] = None,
+    prefer: Optional[Callable[[Tensor], bool]] = None,
 ) -> None:
-    """Register backend ``name``; with ``auto_priority`` it is tried first by automatic selection."""
+    """Register backend ``name``; with ``auto_priority`` automatic selection tries it at that
+    position, for the inputs where ``prefer(x)`` is true."""
     _REGISTRY[name] = (fn, unavailable_reason)
+    if prefer is not None:
+        _PREFER[name] = prefer
     if auto_priority is not None and name not in _AUTO_ORDER:
         _AUTO_ORDER.insert(auto_priority, name)
 
@@ -72,6 +78,8 @@ def select(requested: Optional[str], x: Tensor) -> str:
             raise RuntimeError(f"L2BN backend {name!r} is not available: {reason}")
         return name
     for cand in _AUTO_ORDER:
+        if cand in _PREFER and not _PREFER[cand](x):
+            continue
         reason = _REGISTRY[cand][1](x)
         if reason is None:
             return cand
