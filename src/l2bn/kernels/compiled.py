@@ -18,8 +18,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from torch.autograd.function import once_differentiable
+
 from . import backends
 from .fused import EAGER, KERNELS, Kernels, _bshape, fused_l2_batch_norm
+from .reference import accumulate_dtype
 
 
 def _row_stats(xs: Tensor, dims: Tuple[int, ...], m_sp: int, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
@@ -50,9 +53,10 @@ def _grad_apply(gs: Tensor, xs: Tensor, p: Tensor, q: Tensor, r: Tensor, out_dty
 
 
 def _layout_key(t: Tensor) -> tuple:
-    """dtype, rank, device and the order of the strides (contiguous, channels_last, ...)."""
+    """dtype, rank, device, the order of the strides (contiguous, channels_last, ...) and which
+    sizes are 1 (dynamic shapes specialise those, so each pattern is its own graph)."""
     order = tuple(sorted(range(t.dim()), key=lambda i: -t.stride(i)))
-    return (t.dtype, t.dim(), t.device.type, order)
+    return (t.dtype, t.dim(), t.device.type, order, tuple(s == 1 for s in t.shape))
 
 
 def _compile(fn):
@@ -91,7 +95,7 @@ def _probe(device_type: str) -> Optional[str]:
     """Compile and run a tiny L2BN once per device type; return None if it works, else why."""
     try:
         x = torch.randn(3, 2, 2, 2, device=device_type)
-        y, *_ = fused_l2_batch_norm(x, None, None, None, None, 1e-5, 1e-12, False, None, "compiled")
+        y, *_ = compiled_l2_batch_norm(x, None, None, None, None, 1e-5, 1e-12, False)
         ref, *_ = fused_l2_batch_norm(x, None, None, None, None, 1e-5, 1e-12, False, None, "fused")
         if not torch.allclose(y, ref, atol=1e-4):
             return "compiled kernels disagree with the eager ones"
@@ -104,9 +108,130 @@ def _unavailable(x: Tensor) -> Optional[str]:
     return _probe(x.device.type)
 
 
-def compiled_l2_batch_norm(*args):
-    """:func:`l2bn.kernels.fused.fused_l2_batch_norm` with compiled bulk passes."""
-    return fused_l2_batch_norm(*args, kernels="compiled")
+def _ncm(x: Tensor) -> Tensor:
+    return x.unsqueeze(-1) if x.dim() == 2 else x
+
+
+def _train_forward(x: Tensor, w: Tensor, b: Tensor, eps: float, l2_eps: float, unit_rms: bool):
+    """The whole training forward as one graph: statistics, (N, C) algebra and the output."""
+    xs = _ncm(x)
+    nd = xs.dim()
+    dims = tuple(range(2, nd))
+    n, c = xs.shape[0], xs.shape[1]
+    acc = w.dtype
+    m, v = _row_stats(xs, dims, xs[0, 0].numel(), acc)
+    m_sp = xs[0, 0].numel()
+    r = ((v + m * m).sum(1) * m_sp).sqrt()
+    scale = (c * m_sp) ** 0.5 if unit_rms else 1.0
+    k = scale / r.clamp_min(l2_eps)
+    mk = m * k[:, None]
+    mu = mk.mean(0)
+    var = (v * (k * k)[:, None]).mean(0) + ((mk - mu) ** 2).mean(0)
+    invstd = torch.rsqrt(var + eps)
+    a = w * invstd
+    y = _affine_apply(xs, a[None, :] * k[:, None], b - mu * a, x.dtype)
+    return y.reshape(x.shape), m, v, r, k, mu, var, invstd
+
+
+def _eval_forward(x: Tensor, w: Tensor, b: Tensor, rm: Tensor, rv: Tensor, eps: float, l2_eps: float, unit_rms: bool):
+    """Evaluation: the per-sample norm (one reduction), then one elementwise pass."""
+    xs = _ncm(x)
+    dims = tuple(range(1, xs.dim()))
+    xa = xs.to(w.dtype)
+    r = (xa * xa).sum(dims).sqrt()
+    scale = xs[0].numel() ** 0.5 if unit_rms else 1.0
+    k = scale / r.clamp_min(l2_eps)
+    invstd = torch.rsqrt(rv.to(w.dtype) + eps)
+    a = w * invstd
+    y = _affine_apply(xs, a[None, :] * k[:, None], b - rm.to(w.dtype) * a, x.dtype)
+    return y.reshape(x.shape), r, k, invstd
+
+
+def _backward_sums(gy: Tensor, x: Tensor, acc: torch.dtype):
+    gs, xs = _ncm(gy), _ncm(x)
+    return _grad_sums(gs, xs, tuple(range(2, xs.dim())), acc)
+
+
+def _backward_apply(gy, x, w, g_nc, gx_nc, m, v, r, k, mu, invstd, l2_eps: float, batch_stats: bool):
+    """Parameter gradients and ``dx = g*P + x*Q + R`` from the per-(n, c) sums, one graph."""
+    gs, xs = _ncm(gy), _ncm(x)
+    m_sp = xs[0, 0].numel()
+    count = xs.shape[0] * m_sp
+    g_c = g_nc.sum(0)
+    su_c = (k[:, None] * gx_nc).sum(0)
+    a_c = w * invstd
+    h_c = (su_c - mu * g_c) * invstd
+    if batch_stats:
+        b_c = -a_c * h_c * invstd / count
+        c_c = -a_c * g_c / count - b_c * mu
+    else:
+        b_c = torch.zeros_like(a_c)
+        c_c = torch.zeros_like(a_c)
+    t = (a_c * gx_nc + b_c * k[:, None] * (v + m * m) * m_sp + c_c * m * m_sp).sum(1)
+    radial = torch.where(r >= l2_eps, k * t / (r * r).clamp_min(1e-30), 0.0)
+    p = k[:, None] * a_c
+    q = (k * k)[:, None] * b_c - radial[:, None]
+    rr = k[:, None] * c_c
+    dx = _grad_apply(gs, xs, p, q, rr, x.dtype)
+    return dx.reshape(x.shape), h_c, g_c
+
+
+_TRAIN_FWD = _compile(_train_forward)
+_EVAL_FWD = _compile(_eval_forward)
+_BWD_SUMS = _compile(_backward_sums)
+_BWD_APPLY = _compile(_backward_apply)
+
+
+class CompiledL2BatchNorm(torch.autograd.Function):
+    """L2BN as two compiled graphs forward (one in eval) and two backward; same math as
+    :class:`l2bn.kernels.fused.FusedL2BatchNorm`, without its per-op launch overhead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms):  # type: ignore[override]
+        acc = accumulate_dtype(x.dtype)
+        c = x.shape[1]
+        w = weight.to(acc) if weight is not None else torch.ones(c, dtype=acc, device=x.device)
+        b = bias.to(acc) if bias is not None else torch.zeros(c, dtype=acc, device=x.device)
+        batch_stats = stat_mean is None
+        count = float(x.numel() // c) if c else 0.0
+        if batch_stats:
+            y, m, v, r, k, mu, var, invstd = _TRAIN_FWD(x, w, b, eps, l2_eps, unit_rms)
+            if x[0, 0].numel() == 1:  # (N, C) input: row statistics are x itself; recompute
+                m = v = None
+        else:
+            y, r, k, invstd = _EVAL_FWD(x, w, b, stat_mean, stat_var, eps, l2_eps, unit_rms)
+            mu, var = stat_mean.to(acc), stat_var.to(acc)
+            m = v = None
+        ctx.save_for_backward(x, weight, w, m, v, r, k, mu, invstd)
+        ctx.batch_stats, ctx.l2_eps = batch_stats, l2_eps
+        cnt = torch.tensor(count, dtype=acc, device=x.device)
+        ctx.mark_non_differentiable(mu, var, cnt)
+        return y, mu, var, cnt
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, _a, _b, _c):  # type: ignore[override]
+        x, weight, w, m, v, r, k, mu, invstd = ctx.saved_tensors
+        acc = w.dtype
+        g_nc, gx_nc = _BWD_SUMS(gy, x, acc)
+        if m is None:  # eval: recompute the row statistics the algebra needs
+            m, v = _row_stats(_ncm(x), tuple(range(2, _ncm(x).dim())), _ncm(x)[0, 0].numel(), acc)
+        dx, dw, db = _BWD_APPLY(gy, x, w, g_nc, gx_nc, m, v, r, k, mu, invstd, ctx.l2_eps, ctx.batch_stats)
+        dx = dx if ctx.needs_input_grad[0] else None
+        dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = db.to(weight.dtype if weight is not None else acc) if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None, None
+
+
+def compiled_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group=None):
+    """Same contract as :func:`l2bn.kernels.fused.fused_l2_batch_norm`, compiled.
+
+    Synchronised training (a ``process_group``) runs the fused algorithm with compiled bulk
+    passes, since the statistics must be all-gathered between them.
+    """
+    if process_group is not None:
+        return fused_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, "compiled")
+    return CompiledL2BatchNorm.apply(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms)
 
 
 def _prefer(x: Tensor) -> bool:

@@ -1,0 +1,13 @@
+"""Model registry: every model takes ``norm=`` (a name understood by :func:`l2bn.get_norm_layer`).
+
+    >>> from l2bn.models import create_model
+    >>> net = create_model("resnet20", num_classes=10, in_channels=3, norm="l2bn")
+    >>> sum(p.numel() for p in net.parameters())
+    272474
+"""
+
+from .registry import MODELS, create_model, list_models, register_model
+
+from . import cifar_resnet, mlp, vgg, wrn, mobilenetv2, torchvision_models  # noqa: E402,F401  (register)
+
+__all__ = ["MODELS", "create_model", "list_models", "register_model"]
