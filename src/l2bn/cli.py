@@ -1,13 +1,93 @@
 """``l2bn`` command line: thin argument parsing over the library.
 
-    l2bn bench [--device cpu] [--threads 2] [--json out.json]
+    l2bn train   --dataset fashion-mnist --model resnet20 --norm l2bn --epochs 10 --out runs/x
+    l2bn compare                      # the main job: BN vs L2BN on Fashion-MNIST, 3 seeds each
+    l2bn bench   [--device cpu] [--threads 2] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from typing import List, Optional
+import typing
+from typing import Any, Dict, List, Optional
+
+
+def _add_config_flags(p: argparse.ArgumentParser, skip: tuple = ()) -> None:
+    """One flag per :class:`l2bn.train.TrainConfig` field; unset flags stay unset (SUPPRESS)."""
+    from .train.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        t = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        helptext = f"(default: {default})"
+        if t is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
+        elif typing.get_origin(t) in (list, List):
+            p.add_argument(flag, type=float, nargs="+", default=argparse.SUPPRESS, help=helptext)
+        else:
+            base = next((a for a in typing.get_args(t) if a is not type(None)), t) if typing.get_origin(t) else t
+            p.add_argument(flag, type=base, default=argparse.SUPPRESS, help=helptext)
+
+
+def _overrides(args: argparse.Namespace, skip: tuple = ()) -> Dict[str, Any]:
+    from .train.config import FIELDS
+
+    return {k: v for k, v in vars(args).items() if k in FIELDS and k not in skip}
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .data import DataNotFoundError
+    from .train import TrainingDiverged, train
+    from .train.checkpoint import CheckpointError
+    from .train.config import make_config
+
+    try:
+        cfg = make_config(_overrides(args), args.config)
+        train(cfg)
+    except (DataNotFoundError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError) as e:
+        print(f"l2bn train: error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, TrainingDiverged) else 3
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .data import DataNotFoundError
+    from .train import TrainingDiverged
+    from .train.compare import PRESETS, compare
+    from .train.config import check_keys, load_config
+
+    preset = PRESETS[args.preset]
+    train_kw: Dict[str, Any] = dict(preset["train"])
+    if args.config:
+        train_kw.update(load_config(args.config))
+    over = _overrides(args, skip=("model", "norm", "seed", "out", "dataset", "data_dir"))
+    check_keys(over, "arguments")
+    train_kw.update(over)
+    dataset = args.dataset or train_kw.pop("dataset", None) or preset["dataset"]
+    train_kw.pop("dataset", None)
+    for k in ("model", "norm", "seed", "out", "data_dir"):
+        train_kw.pop(k, None)
+    models = args.models or preset["models"]
+    norms = args.norms or preset["norms"]
+    seeds = args.seeds if args.seeds is not None else preset["seeds"]
+    out = args.out or f"runs/compare-{dataset}"
+    note = (f"Preset '{args.preset}': {', '.join(models)} x {', '.join(norms)} x seeds {seeds}. "
+            f"Chosen so that the default comparison fits in 10 minutes on 2 CPU cores." if args.preset == "quick" else
+            f"Preset '{args.preset}'.")
+    try:
+        summary = compare(out, models, norms, seeds, dataset, train_kw, data_dir=args.data_dir, note=note)
+    except (DataNotFoundError, TrainingDiverged, ValueError) as e:
+        print(f"l2bn compare: error: {e}", file=sys.stderr)
+        return 2
+    print(open(f"{out}/report.md").read())
+    print(f"report: {out}/report.md   summary: {out}/summary.json")
+    return 0 if summary else 1
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -27,6 +107,23 @@ def _bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="l2bn", description="L2 batch normalization: benchmarks, training and analysis")
     sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one model (also under torchrun)")
+    t.add_argument("--config", default=None, help="YAML recipe; flags given on the command line override it")
+    _add_config_flags(t)
+    t.set_defaults(func=_train)
+
+    c = sub.add_parser("compare", help="BN vs L2BN over models x seeds, with a report (the main job)")
+    c.add_argument("--preset", default="quick", choices=["quick", "paper"], help="recipe and grid (default: quick)")
+    c.add_argument("--models", nargs="+", default=None, help="model names (default: the preset's)")
+    c.add_argument("--norms", nargs="+", default=None, help="norm names (default: bn l2bn)")
+    c.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: 0 1 2)")
+    c.add_argument("--dataset", default=None)
+    c.add_argument("--data-dir", default=None)
+    c.add_argument("--out", default=None, help="comparison directory (default: runs/compare-DATASET)")
+    c.add_argument("--config", default=None, help="YAML recipe applied to every run")
+    _add_config_flags(c, skip=("model", "norm", "seed", "out", "dataset", "data_dir", "config"))
+    c.set_defaults(func=_compare)
 
     b = sub.add_parser("bench", help="benchmark L2BN against BatchNorm and the naive composite")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")

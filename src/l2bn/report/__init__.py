@@ -1,0 +1,1 @@
+"""Reports: statistics with seeds and confidence intervals, plots, markdown and HTML pages."""
