@@ -50,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         cfg = make_config(_overrides(args), args.config)
         train(cfg)
-    except (DataNotFoundError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError) as e:
+    except (DataNotFoundError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
         print(f"l2bn train: error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingDiverged) else 3
     return 0

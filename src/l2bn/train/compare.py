@@ -22,7 +22,7 @@ from .config import TrainConfig
 PRESETS: Dict[str, Dict[str, Any]] = {
     "quick": dict(
         dataset="fashion-mnist", models=["resnet8"], norms=["bn", "l2bn"], seeds=[0, 1, 2],
-        train=dict(epochs=4, batch_size=128, train_subset=10000, lr=0.1, weight_decay=5e-4,
+        train=dict(epochs=5, batch_size=128, train_subset=20000, lr=0.1, weight_decay=5e-4,
                    schedule="cosine", warmup_epochs=0.5, width=1, threads=0),
     ),
     "paper": dict(

@@ -1,0 +1,160 @@
+"""Training engine: runs, checkpoints, exact resume after SIGKILL, divergence, torchrun, compare."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fixtures import make_fashion_mnist
+
+from l2bn.train import TrainConfig, TrainingDiverged, train
+from l2bn.train.checkpoint import CheckpointError
+from l2bn.train.config import make_config
+
+ENV = dict(os.environ, L2BN_BACKEND="fused", OMP_NUM_THREADS="1")
+
+
+def cli(*args, env=ENV, timeout=600, **kw):
+    return subprocess.run([sys.executable, "-m", "l2bn", *args], env=env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(dataset="digits", model="resnet8", norm="l2bn", epochs=2, batch_size=64, lr=0.05,
+                out=str(tmp_path / "run"), progress=False, tensorboard=True, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_digits_two_epochs_writes_everything(tmp_path, monkeypatch):
+    monkeypatch.setenv("L2BN_BACKEND", "fused")
+    res = train(_cfg(tmp_path))
+    out = tmp_path / "run"
+    assert res["test_acc"] > 50  # chance is 10%
+    for f in ("last.pt", "best.pt", "metrics.jsonl", "result.json", "config.json"):
+        assert (out / f).is_file(), f
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    r = json.loads((out / "result.json").read_text())
+    assert {"test_acc", "best_test_acc", "epochs", "wall_time_s", "config"} <= set(r)
+    assert r["config"]["norm"] == "l2bn" and r["epochs"] == 2
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def test_fashion_mnist_fixture_mlp_bn(tmp_path, monkeypatch):
+    monkeypatch.setenv("L2BN_BACKEND", "fused")
+    make_fashion_mnist(tmp_path / "fm", 400, 100)
+    res = train(_cfg(tmp_path, dataset="fashion-mnist", data_dir=str(tmp_path / "fm"), model="mlp", norm="bn",
+                     optimizer="adamw", lr=3e-3, schedule="onecycle"))
+    assert res["best_test_acc"] > 40
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    args = ["train", "--dataset", "digits", "--model", "resnet8", "--norm", "l2bn", "--epochs", "3",
+            "--batch-size", "64", "--lr", "0.05", "--no-progress", "--no-tensorboard", "--threads", "1"]
+    ref = cli(*args, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "l2bn", *args, "--out", str(out)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        m = out / "metrics.jsonl"
+        if (out / "last.pt").exists() and m.exists() and len(m.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "result.json").exists(), "the run finished before it could be killed"
+    res = cli(*args, "--out", str(out), "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resumed from" in res.stdout
+    a = json.loads((tmp_path / "ref" / "result.json").read_text())
+    b = json.loads((out / "result.json").read_text())
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_time_s", "throughput")} for e in h]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    assert a["test_acc"] == b["test_acc"]
+
+
+def test_divergence_keeps_last_good_checkpoint(tmp_path):
+    # epoch 1 trains normally; the step schedule multiplies the lr by 1e12 at epoch 2
+    r = cli("train", "--dataset", "digits", "--model", "resnet8", "--norm", "bn", "--epochs", "3", "--batch-size", "64",
+            "--schedule", "step", "--milestones", "1", "--gamma", "1e12", "--lr", "0.05", "--no-progress",
+            "--no-tensorboard", "--threads", "1", "--out", str(tmp_path / "nan"))
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "training diverged" in r.stderr and "last good checkpoint" in r.stderr
+    import torch
+
+    state = torch.load(tmp_path / "nan" / "last.pt", weights_only=False)
+    assert state["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert json.loads((tmp_path / "nan" / "result.json").read_text())["status"] == "diverged"
+
+
+def test_bad_checkpoint_and_config_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("L2BN_BACKEND", "fused")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="last.pt: corrupt"):
+        train(_cfg(tmp_path, resume=True))
+    train(_cfg(tmp_path, epochs=1, out=str(tmp_path / "ok")))
+    with pytest.raises(CheckpointError, match="checkpoint is for model 'resnet8'"):
+        train(_cfg(tmp_path, model="resnet14", resume=True, out=str(tmp_path / "ok")))
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("dataset: digits\nepochz: 3\n")
+    with pytest.raises(ValueError, match="unknown config key 'epochz' \\(did you mean 'epochs'\\?\\)"):
+        make_config({}, str(cfg_file))
+    r = cli("train", "--epochz", "3")
+    assert r.returncode == 2 and "unrecognized arguments: --epochz" in r.stderr
+
+
+def test_config_file_with_override(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("dataset: digits\nmodel: resnet8\nepochs: 7\nlr: 0.2\n")
+    cfg = make_config({"epochs": 2}, str(f))
+    assert cfg.epochs == 2 and cfg.lr == 0.2 and cfg.model == "resnet8"
+
+
+def test_recipes_parse():
+    root = Path(__file__).parent.parent / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert len(files) >= 9
+    for f in files:
+        make_config({}, str(f))
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_torchrun_two_processes(tmp_path, sync):
+    out = tmp_path / f"ddp{sync}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "l2bn", "train",
+           "--dataset", "digits", "--model", "resnet8", "--norm", "l2bn", "--epochs", "1", "--batch-size", "32",
+           "--no-progress", "--threads", "1", "--out", str(out)] + (["--sync-bn"] if sync else [])
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads((out / "result.json").read_text())
+    assert res["world_size"] == 2 and res["test_acc"] > 20
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # written once, by rank 0
+    assert len(list((out / "tb").glob("events.*"))) == 1
+    assert r.stdout.count("epoch   1/1") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl", "result.json", "tb"]
+
+
+def test_compare_tiny_and_skip(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--dataset", "digits", "--models", "resnet8", "--seeds", "0", "1", "--epochs", "1",
+            "--batch-size", "64", "--train-subset", "600", "--no-progress", "--no-tensorboard", "--threads", "1", "--out", str(out)]
+    r = cli(*args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for f in ("report.md", "summary.json", "curves.png"):
+        assert (out / f).is_file(), f
+    s = json.loads((out / "summary.json").read_text())
+    assert s["cells"]["resnet8/bn"]["n"] == 2 and s["cells"]["resnet8/l2bn"]["n"] == 2
+    d = s["differences"]["resnet8/l2bn-bn"]
+    assert d["n"] == 2 and d["ci_low"] <= d["mean"] <= d["ci_high"]
+    assert "Paired difference" in (out / "report.md").read_text()
+    r2 = cli(*args)
+    assert r2.returncode == 0
+    assert r2.stdout.count("finished earlier, skipped") == 4
