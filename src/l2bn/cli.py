@@ -2,6 +2,8 @@
 
     l2bn train   --dataset fashion-mnist --model resnet20 --norm l2bn --epochs 10 --out runs/x
     l2bn compare                      # the main job: BN vs L2BN on Fashion-MNIST, 3 seeds each
+    l2bn analyze RUN_DIR...           # norm spread, compactness, discrepancy -> analysis.json
+    l2bn report  RUN_DIR... -o DIR    # report.html + report.md
     l2bn bench   [--device cpu] [--threads 2] [--json out.json]
 """
 
@@ -81,13 +83,44 @@ def _compare(args: argparse.Namespace) -> int:
             f"Chosen so that the default comparison fits in 10 minutes on 2 CPU cores." if args.preset == "quick" else
             f"Preset '{args.preset}'.")
     try:
-        summary = compare(out, models, norms, seeds, dataset, train_kw, data_dir=args.data_dir, note=note)
+        summary = compare(out, models, norms, seeds, dataset, train_kw, data_dir=args.data_dir, note=note,
+                          analyze=args.analyze)
     except (DataNotFoundError, TrainingDiverged, ValueError) as e:
         print(f"l2bn compare: error: {e}", file=sys.stderr)
         return 2
     print(open(f"{out}/report.md").read())
-    print(f"report: {out}/report.md   summary: {out}/summary.json")
+    print(f"report: {out}/report.html (and report.md)   summary: {out}/summary.json")
     return 0 if summary else 1
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .analysis.analyze import analyze_run
+    from .data import DataNotFoundError
+    from .train.checkpoint import CheckpointError
+
+    for d in args.runs:
+        try:
+            a = analyze_run(d, data_dir=args.data_dir, max_examples=args.max_examples, knn=not args.no_knn)
+        except (CheckpointError, DataNotFoundError, ValueError) as e:
+            print(f"l2bn analyze: error: {e}", file=sys.stderr)
+            return 2
+        cv = sum(s["cv"] for s in a["norm_spread"].values()) / len(a["norm_spread"])
+        print(f"{d}: compactness {a['compactness']:.4f}  discrepancy {a['discrepancy_mean_deg']:.2f} deg "
+              f"(min {a['discrepancy_min_deg']:.2f})  fisher {a['fisher_ratio']:.3f}  "
+              f"knn {a.get('knn_accuracy', float('nan')):.2f}%  mean norm CV {cv:.3f}  -> {d}/analysis.json")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report.build import ReportError, build_report
+
+    try:
+        paths = build_report(args.runs, args.output, title=args.title)
+    except ReportError as e:
+        print(f"l2bn report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {paths['html']} and {paths['md']}")
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -122,8 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-dir", default=None)
     c.add_argument("--out", default=None, help="comparison directory (default: runs/compare-DATASET)")
     c.add_argument("--config", default=None, help="YAML recipe applied to every run")
+    c.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=True,
+                   help="probe every run (norm spread, compactness, discrepancy) and add it to the report (default: on)")
     _add_config_flags(c, skip=("model", "norm", "seed", "out", "dataset", "data_dir", "config"))
     c.set_defaults(func=_compare)
+
+    a = sub.add_parser("analyze", help="probe trained runs: norm spread per layer, compactness, discrepancy")
+    a.add_argument("runs", nargs="+", help="run directories (with last.pt)")
+    a.add_argument("--data-dir", default=None)
+    a.add_argument("--max-examples", type=int, default=10000, help="test examples to probe")
+    a.add_argument("--no-knn", action="store_true", help="skip the k-NN accuracy")
+    a.set_defaults(func=_analyze)
+
+    r = sub.add_parser("report", help="HTML + markdown report of runs (accuracy with CIs, curves, analysis)")
+    r.add_argument("runs", nargs="+", help="run directories")
+    r.add_argument("-o", "--output", required=True, help="output directory")
+    r.add_argument("--title", default="")
+    r.set_defaults(func=_report)
 
     b = sub.add_parser("bench", help="benchmark L2BN against BatchNorm and the naive composite")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")

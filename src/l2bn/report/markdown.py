@@ -1,8 +1,7 @@
-"""The comparison report as markdown (``report.md``) next to ``summary.json``."""
+"""Markdown tables and verdict lines shared by the reports."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict, List
 
 from .stats import fmt_pm
@@ -42,39 +41,3 @@ def verdict(summary: Dict[str, Any]) -> List[str]:
             out.append(f"- {key}: no significant difference at 95% ({d['mean']:+.2f} pp, interval contains 0); "
                        "the paper's claim of an improvement is not supported by this run.")
     return out
-
-
-def write_compare_report(out: Path, summary: Dict[str, Any], extra_sections: List[str] = ()) -> Path:
-    from .plots import learning_curves
-
-    curves = learning_curves(summary, out / "curves.png")
-    recipe = summary.get("recipe", {})
-    lines = [
-        f"# BN vs L2BN on {summary.get('dataset', '?')}",
-        "",
-        summary.get("note", ""),
-        "",
-        f"Recipe: {', '.join(f'{k}={v}' for k, v in recipe.items() if v not in (None, False, 0, '') )}.",
-        f"Wall time of the comparison: {summary.get('compare_wall_time_s', 0):.0f} s.",
-        "",
-        "## Test accuracy (%) per seed, last epoch",
-        "",
-        *accuracy_table(summary),
-        "",
-        "## Paired difference L2BN − BN (same seed = same init and data order)",
-        "",
-        *difference_table(summary),
-        "",
-        *verdict(summary),
-        "",
-        "## Learning curves",
-        "",
-        f"![learning curves]({curves.name})",
-        "",
-        "*Look for: whether the red (L2BN) test-accuracy lines sit above the blue (BN) ones, and whether they converge faster.*",
-        "",
-        *extra_sections,
-    ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path

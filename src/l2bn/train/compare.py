@@ -4,7 +4,8 @@ Each run lives in ``OUT/<model>-<norm>-seed<k>/``; a run whose ``result.json`` s
 ``complete`` for the same recipe is not trained again, so an interrupted comparison restarts
 where it stopped. The summary (``summary.json``, ``report.md``, ``curves.png``) gives per-seed
 accuracy, mean ± std per cell, and the paired L2BN − BN difference per model with a 95%
-t-interval over seeds.
+t-interval over seeds; with ``analyze`` each run is also probed (``analysis.json``) and the
+report (``report.md``/``report.html``) gains the mechanism section.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from .checkpoint import write_json
 from .config import TrainConfig
@@ -53,7 +54,7 @@ def _finished(path: Path, cfg: TrainConfig) -> bool:
 
 def compare(
     out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequence[int], dataset: str,
-    train_overrides: Dict[str, Any], data_dir: Optional[str] = None, note: str = "",
+    train_overrides: Dict[str, Any], data_dir: Optional[str] = None, note: str = "", analyze: bool = True,
 ) -> Dict[str, Any]:
     """Train every (model, norm, seed) not yet finished, then write the summary and report."""
     from .engine import train
@@ -71,51 +72,22 @@ def compare(
             continue
         print(f"{tag}: training -> {cfg.out}", flush=True)
         train(cfg)
-    summary = summarize(out_p, models, norms, seeds)
-    summary["compare_wall_time_s"] = time.time() - t0
-    summary["dataset"] = dataset
-    summary["recipe"] = {k: v for k, v in dataclasses.asdict(TrainConfig(**train_overrides)).items()
-                         if k not in ("out", "seed", "model", "norm", "resume", "progress")}
-    summary["note"] = note
+    dirs = [str(run_dir(out_p, m, n, s)) for (m, n, s) in runs]
+    if analyze:
+        from ..analysis.analyze import analyze_run
+
+        for i, d in enumerate(dirs):
+            a, ck = Path(d) / "analysis.json", Path(d) / "last.pt"
+            if a.is_file() and a.stat().st_mtime >= ck.stat().st_mtime:
+                continue
+            print(f"[{i + 1}/{len(dirs)}] analysing {d}", flush=True)
+            analyze_run(d, data_dir=data_dir)
+    from ..report.build import build_report, load_runs, summarize_runs
+
+    summary = summarize_runs(load_runs(dirs))
+    summary.update(dataset=dataset, note=note, compare_wall_time_s=time.time() - t0,
+                   recipe={k: v for k, v in dataclasses.asdict(TrainConfig(**train_overrides)).items()
+                           if k not in ("out", "seed", "model", "norm", "resume", "progress")})
     write_json(summary, out_p / "summary.json")
-    from ..report.markdown import write_compare_report
-
-    write_compare_report(out_p, summary)
+    build_report(dirs, str(out_p), note=note, extra={"wall_time_s": time.time() - t0})
     return summary
-
-
-def summarize(out: Path, models: Sequence[str], norms: Sequence[str], seeds: Sequence[int]) -> Dict[str, Any]:
-    """Collect ``result.json`` of every run into per-cell statistics and paired differences."""
-    from ..report.stats import mean_std, paired_difference
-
-    cells: Dict[str, Any] = {}
-    for model in models:
-        for norm in norms:
-            accs, bests, walls, runs = [], [], [], []
-            for seed in seeds:
-                p = run_dir(out, model, norm, seed) / "result.json"
-                if not p.is_file():
-                    continue
-                r = json.loads(p.read_text())
-                if r.get("status") != "complete":
-                    continue
-                accs.append(r["test_acc"])
-                bests.append(r["best_test_acc"])
-                walls.append(r["wall_time_s"])
-                runs.append({"seed": seed, "test_acc": r["test_acc"], "best_test_acc": r["best_test_acc"],
-                             "wall_time_s": r["wall_time_s"], "dir": str(p.parent)})
-            m, s = mean_std(accs)
-            bm, bs = mean_std(bests)
-            cells[f"{model}/{norm}"] = {"model": model, "norm": norm, "runs": runs, "final_mean": m, "final_std": s,
-                                       "best_mean": bm, "best_std": bs, "n": len(accs)}
-    diffs: Dict[str, Any] = {}
-    if "bn" in norms:
-        for model in models:
-            for norm in norms:
-                if norm == "bn":
-                    continue
-                a = {r["seed"]: r["test_acc"] for r in cells[f"{model}/{norm}"]["runs"]}
-                b = {r["seed"]: r["test_acc"] for r in cells[f"{model}/bn"]["runs"]}
-                common = sorted(set(a) & set(b))
-                diffs[f"{model}/{norm}-bn"] = {"seeds": common, **paired_difference([a[s] for s in common], [b[s] for s in common])}
-    return {"cells": cells, "differences": diffs, "models": list(models), "norms": list(norms), "seeds": list(seeds)}
