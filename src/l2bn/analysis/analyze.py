@@ -66,7 +66,7 @@ def analyze_run(run_dir: str, data_dir: Optional[str] = None, max_examples: int 
         raise CheckpointError(f"{run}: no checkpoint (expected {ckpt}); train the run first with `l2bn train --out {run}`")
     state = load_checkpoint(ckpt)
     cfg = TrainConfig(**{k: v for k, v in state["config"].items() if k in FIELDS})
-    data = load_dataset(cfg.dataset, data_dir or cfg.data_dir)
+    data = load_dataset(cfg.dataset, data_dir or cfg.data_dir, **cfg.dataset_options())
     model = build_model(cfg, data)
     load_model_state(model, state, ckpt)
     dev = torch.device(device)

@@ -7,6 +7,6 @@ datasets for a DataLoader with workers.
 
 from .registry import DATASETS, DataBundle, DataNotFoundError, list_datasets, load_dataset, register_dataset
 
-from . import cifar, digits, fashion_mnist, imagefolder  # noqa: E402,F401  (register)
+from . import audio, cifar, digits, fashion_mnist, imagefolder  # noqa: E402,F401  (register)
 
 __all__ = ["DATASETS", "DataBundle", "DataNotFoundError", "list_datasets", "load_dataset", "register_dataset"]

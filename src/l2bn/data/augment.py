@@ -35,13 +35,36 @@ def random_flip(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def apply(name: str, x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """Apply augmentation ``name`` to a float image batch ``x`` (N, C, H, W)."""
+def random_time_crop(x: Tensor, frames: int, generator: Optional[torch.Generator]) -> Tensor:
+    """One random window of ``frames`` along the last (time) axis, per batch (Hu et al.)."""
+    t = x.shape[-1]
+    if frames >= t:
+        return x
+    start = int(torch.randint(0, t - frames + 1, (1,), generator=generator))
+    return x[..., start:start + frames]
+
+
+def transform(name: str, x: Tensor) -> Tensor:
+    """Deterministic input transform applied to training and test batches."""
     if name == "none":
         return x
+    if name == "deltas":
+        from ..audio.features import stack_deltas
+
+        return stack_deltas(x)
+    raise ValueError(f"unknown input transform {name!r}; expected 'none' or 'deltas'")
+
+
+def apply(name: str, x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """Apply augmentation ``name`` to a float batch ``x`` (N, C, H, W)."""
+    if name == "none":
+        return x
+    t = re.fullmatch(r"tcrop(\d+)", name)
+    if t:
+        return random_time_crop(x, int(t.group(1)), generator)
     m = re.fullmatch(r"crop(\d+)(-flip)?", name)
     if not m:
-        raise ValueError(f"unknown augmentation {name!r}; expected 'none' or 'crop<P>[-flip]'")
+        raise ValueError(f"unknown augmentation {name!r}; expected 'none', 'crop<P>[-flip]' or 'tcrop<F>'")
     x = random_crop(x, int(m.group(1)), generator)
     if m.group(2):
         x = random_flip(x, generator)

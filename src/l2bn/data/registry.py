@@ -33,6 +33,8 @@ class DataBundle:
     mean: Sequence[float] = (0.0,)
     std: Sequence[float] = (1.0,)
     augment: str = "none"
+    transform: str = "none"  # applied to train and test batches on device ("deltas": 3-channel log-mel)
+    test_groups: Optional[List[str]] = None  # e.g. the recording device of each test clip
     train_set: Any = None
     test_set: Any = None
     classes: List[str] = field(default_factory=list)

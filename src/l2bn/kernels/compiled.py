@@ -11,8 +11,10 @@ single pass that stays accurate when a row's mean is large compared with its spr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -64,7 +66,9 @@ def _compile(fn):
 
     Dynamo keeps one cache, with a recompile limit, per code object; a model that mixes
     dtypes, ranks and memory formats would exhaust it. Each key therefore compiles its own
-    copy of ``fn``'s code, so keys never evict or count against each other.
+    copy of ``fn``'s code. Duck shaping (assuming equal sizes stay equal) is switched off for
+    these graphs, so layers whose channel count happens to equal another size share one graph.
+    If compilation fails anyway, the eager implementation runs instead, with one warning.
     """
     cache: dict = {}
 
@@ -79,9 +83,25 @@ def _compile(fn):
             code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(cache)}")
             clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
             compiled = cache[key] = torch.compile(clone, dynamic=True, fullgraph=True)
-        return compiled(*args)
+        if compiled is fn:
+            return fn(*args)
+        try:
+            with _compile_settings():
+                return compiled(*args)
+        except Exception as e:  # pragma: no cover - depends on the toolchain
+            cache[key] = fn
+            warnings.warn(f"l2bn: torch.compile of {fn.__name__} failed for inputs {key} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); using the eager kernels", stacklevel=2)
+            return fn(*args)
 
     return run
+
+
+def _compile_settings():
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.fx.experimental._config.patch(use_duck_shape=False))
+    stack.enter_context(torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096))
+    return stack
 
 
 COMPILED = Kernels(

@@ -8,6 +8,6 @@
 
 from .registry import MODELS, create_model, list_models, register_model
 
-from . import cifar_resnet, mlp, vgg, wrn, mobilenetv2, torchvision_models  # noqa: E402,F401  (register)
+from . import audio, cifar_resnet, mlp, mobilenetv2, torchvision_models, vgg, wrn  # noqa: E402,F401  (register)
 
 __all__ = ["MODELS", "create_model", "list_models", "register_model"]

@@ -39,6 +39,7 @@ class TrainConfig:
     gamma: float = 0.1
     min_lr: float = 0.0
     label_smoothing: float = 0.0
+    mixup: float = 0.0  # alpha of Beta(alpha, alpha); 0: off
     # numerics / speed
     amp: str = "none"  # none | bf16 | fp16
     channels_last: bool = False
@@ -47,6 +48,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     workers: int = 4  # DataLoader workers for large (folder) datasets
     threads: int = 0  # torch CPU threads; 0: torch's default
+    # audio front-end overrides (0: the dataset's default)
+    sample_rate: int = 0
+    clip_seconds: float = 0.0
+    n_fft: int = 0
+    hop_length: int = 0
+    n_mels: int = 0
     # distributed
     sync_bn: bool = False
     # run control
@@ -59,6 +66,15 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def dataset_options(self) -> Dict[str, Any]:
+        """Loader keyword arguments (audio front-end overrides, for audio datasets only)."""
+        from ..data.audio import AUDIO_DATASETS
+
+        if self.dataset not in AUDIO_DATASETS:
+            return {}
+        return {k: v for k, v in dict(sample_rate=self.sample_rate, seconds=self.clip_seconds, n_fft=self.n_fft,
+                                      hop_length=self.hop_length, n_mels=self.n_mels).items() if v}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -112,6 +113,7 @@ class TensorBatches:
         self.mean = torch.tensor(data.mean, device=device).reshape(shape) * (255.0 if x.dtype == torch.uint8 else 1.0)
         self.std = torch.tensor(data.std, device=device).reshape(shape) * (255.0 if x.dtype == torch.uint8 else 1.0)
         self.augment = data.augment if train else "none"
+        self.transform = data.transform
         self.bs, self.env, self.train = batch_size, env, train
         self.channels_last = channels_last and x.dim() == 4
         n = len(self.y) // env.world_size if train else len(self.y)
@@ -134,7 +136,7 @@ class TensorBatches:
             idx = torch.arange(n, device=self.x.device)
         for s in range(self.steps):
             b = idx[s * self.bs:(s + 1) * self.bs]
-            x = (self.x[b].float() - self.mean) / self.std
+            x = aug.transform(self.transform, (self.x[b].float() - self.mean) / self.std)
             if self.train:
                 x = aug.apply(self.augment, x, gen)
             if self.channels_last:
@@ -180,21 +182,39 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Any, cfg: TrainConfig, device: torch.device, env: DistEnv) -> Tuple[float, float]:
-    """(loss, accuracy %) on the test split; rank r evaluates every world_size-th batch."""
+def evaluate(model: nn.Module, batches: Any, cfg: TrainConfig, device: torch.device, env: DistEnv,
+             groups: Optional[List[str]] = None) -> Tuple[float, float, Dict[str, float]]:
+    """(loss, accuracy %, accuracy % per group) on the test split; rank r evaluates every
+    world_size-th batch. ``groups`` names a group (e.g. a recording device) per test example."""
     model.eval()
     tot = torch.zeros(3, dtype=torch.float64, device=device)
+    n = len(groups) if groups else 0
+    hit = torch.zeros(n, dtype=torch.float64, device=device)
+    seen = torch.zeros(n, dtype=torch.float64, device=device)
     it = batches.batches(None) if isinstance(batches, TensorBatches) else batches.batches(None, 0)
+    start = 0
     for i, (x, y) in enumerate(it):
+        lo, start = start, start + len(y)
         if i % env.world_size != env.rank:
             continue
         with _autocast(cfg, device):
             out = model(x)
+        ok = out.argmax(1) == y
         tot[0] += F.cross_entropy(out.float(), y, reduction="sum")
-        tot[1] += (out.argmax(1) == y).sum()
+        tot[1] += ok.sum()
         tot[2] += len(y)
+        if n:
+            hit[lo:start] = ok.double()
+            seen[lo:start] = 1
     all_reduce_sum(tot, env)
-    return float(tot[0] / tot[2]), float(100.0 * tot[1] / tot[2])
+    per_group: Dict[str, float] = {}
+    if n:
+        all_reduce_sum(hit, env)
+        all_reduce_sum(seen, env)
+        for g in sorted(set(groups)):
+            idx = torch.tensor([j for j, gg in enumerate(groups) if gg == g], device=device)
+            per_group[g] = float(100.0 * hit[idx].sum() / seen[idx].sum().clamp_min(1))
+    return float(tot[0] / tot[2]), float(100.0 * tot[1] / tot[2]), per_group
 
 
 def _log(msg: str, env: DistEnv) -> None:
@@ -225,7 +245,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(cfg.seed)
 
-    data = load_dataset(cfg.dataset, cfg.data_dir)
+    data = load_dataset(cfg.dataset, cfg.data_dir, **cfg.dataset_options())
     if cfg.train_subset:
         data = data.subset_train(cfg.train_subset, seed=0)
     model = build_model(cfg, data)
@@ -270,10 +290,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             _log(f"--resume: no checkpoint in {out}; starting from scratch", env)
 
     if cfg.test_only:
-        loss, acc = evaluate(model, test_b, cfg, device, env)
-        _log(f"test loss {loss:.4f}  test acc {acc:.2f}%", env)
+        loss, acc, per_group = evaluate(model, test_b, cfg, device, env, data.test_groups)
+        _log(f"test loss {loss:.4f}  test acc {acc:.2f}%" + (f"  per group {per_group}" if per_group else ""), env)
         cleanup(env)
-        return {"test_loss": loss, "test_acc": acc}
+        return {"test_loss": loss, "test_acc": acc, "per_group_acc": per_group}
 
     net: nn.Module = model
     if env.enabled:
@@ -295,10 +315,17 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         tot = torch.zeros(3, dtype=torch.float64, device=device)
         it = train_b.batches(gen) if isinstance(train_b, TensorBatches) else train_b.batches(gen, epoch)
         bar = _progress(cfg, env, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
+        mix_rng = np.random.default_rng([cfg.seed, epoch])
         for step, (x, y) in enumerate(it):
+            if cfg.mixup > 0:  # mixup (Zhang et al. 2018): convex pairs within the batch
+                lam = float(mix_rng.beta(cfg.mixup, cfg.mixup))
+                perm = torch.randperm(len(y), generator=gen).to(device)
+                x = lam * x + (1 - lam) * x[perm]
             with _autocast(cfg, device):
                 logits = net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if cfg.mixup > 0:
+                    loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y[perm], label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss.detach()).item():
                 if bar is not None:
                     bar.close()
@@ -330,7 +357,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             "lr": opt.param_groups[0]["lr"], "epoch_time_s": train_time, "throughput": float(tot[2]) / max(train_time, 1e-9),
         }
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            rec["test_loss"], rec["test_acc"] = evaluate(model, test_b, cfg, device, env)
+            rec["test_loss"], rec["test_acc"], per_group = evaluate(model, test_b, cfg, device, env, data.test_groups)
+            if per_group:
+                rec["per_group_acc"] = per_group
             if rec["test_acc"] > best_acc:
                 best_acc, best_epoch = rec["test_acc"], epoch + 1
         history.append(rec)
@@ -356,6 +385,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
     final = history[-1] if history else {}
     result = {
+        **({"per_group_acc": final["per_group_acc"]} if "per_group_acc" in final else {}),
         "status": "complete", "test_acc": final.get("test_acc"), "best_test_acc": best_acc, "best_epoch": best_epoch,
         "final_train_loss": final.get("train_loss"), "epochs": cfg.epochs, "wall_time_s": time.time() - t_start,
         "world_size": env.world_size, "device": str(device), "torch": torch.__version__,
