@@ -235,3 +235,38 @@ def test_repr_and_docstrings():
     for name in l2bn.__all__:
         obj = getattr(l2bn, name)
         assert obj.__doc__ and "Example" in obj.__doc__ or name == "functional", name
+
+
+@pytest.mark.skipif("bias" not in __import__("inspect").signature(nn.BatchNorm2d.__init__).parameters,
+                    reason="BatchNorm(bias=...) exists from torch 2.14")
+def test_bias_false_like_batchnorm():
+    bn = nn.BatchNorm2d(4, bias=False, dtype=torch.float64)
+    l2 = l2bn.L2BatchNorm2d(4, bias=False, dtype=torch.float64)
+    assert l2.bias is None and list(l2.state_dict()) == list(bn.state_dict())
+    x = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(l2(x), composite(bn, x))
+    conv = l2bn.convert(nn.Sequential(nn.BatchNorm2d(4, bias=False)))
+    assert conv[0].bias is None and type(l2bn.revert(conv)[0]) is nn.BatchNorm2d
+
+
+def test_constructor_signature_mirrors_batchnorm():
+    import inspect
+
+    bn = list(inspect.signature(nn.BatchNorm2d.__init__).parameters)
+    ours = list(inspect.signature(l2bn.L2BatchNorm2d.__init__).parameters)
+    assert ours[: len(bn)] == bn or ours[: len(bn) - 1] == [p for p in bn if p != "bias"]
+
+
+def test_many_layer_shapes_share_compiled_kernels():
+    """A model whose layers have many different sizes must not exhaust dynamo's recompile limit."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the compiled path must not fall back
+        for c, h in [(3, 40), (5, 33), (8, 16), (16, 8), (24, 24), (32, 4), (40, 12), (48, 6), (64, 2), (96, 7), (7, 7), (12, 30)]:
+            m = l2bn.L2BatchNorm2d(c)
+            x = torch.randn(64, c, h, h, requires_grad=True)
+            y = l2bn.functional.l2_batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, True, backend="compiled")
+            y.sum().backward()
+            ref = l2bn.functional.l2_batch_norm(x.detach(), None, None, m.weight, m.bias, True, backend="reference")
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)

@@ -122,7 +122,9 @@ def _ref_tensor(m: nn.Module) -> Optional[Tensor]:
 
 def _build(cls: type, src: _BatchNorm, extra: dict) -> nn.Module:
     ref = _ref_tensor(src)
-    kw = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
+    kw: dict = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
+    if src.affine and getattr(src, "bias", None) is None:
+        kw["bias"] = False  # torch >= 2.14 BN(affine=True, bias=False)
     return cls(
         src.num_features, src.eps, src.momentum, src.affine, src.track_running_stats,
         **kw, **extra,

@@ -14,6 +14,7 @@ drop the l2 step.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch.fx
@@ -23,6 +24,9 @@ from torch.nn.modules.batchnorm import _NormBase
 from .functional import l2_batch_norm
 
 __all__ = ["L2BatchNorm1d", "L2BatchNorm2d", "L2BatchNorm3d"]
+
+# torch >= 2.14: BatchNorm takes a keyword-only ``bias`` (affine scale without shift)
+_NORMBASE_HAS_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
 
 
 def _check_input(input: Tensor, expected_dims: tuple, num_features: int, name: str) -> Tensor:
@@ -58,12 +62,16 @@ class _L2NormBase(_NormBase):
         device: Any = None,
         dtype: Any = None,
         *,
+        bias: bool = True,
         unit_rms: bool = False,
         l2_eps: float = 1e-12,
     ) -> None:
+        kw = {"bias": bias} if _NORMBASE_HAS_BIAS else {}
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **kw
         )
+        if affine and not bias and not _NORMBASE_HAS_BIAS:
+            self.register_parameter("bias", None)
         self.unit_rms = bool(unit_rms)
         self.l2_eps = float(l2_eps)
 
@@ -137,6 +145,8 @@ _DOC = r"""L2 batch normalization over a {shape_words} input (Wang et al., arXiv
         affine: learnable per-channel :math:`\gamma, \beta`. Default: ``True``
         track_running_stats: keep running mean/variance; if ``False`` batch statistics are
             used in evaluation too. Default: ``True``
+        bias: (keyword) with ``affine``, also learn the shift :math:`\beta` (as BN's ``bias``
+            keyword in recent PyTorch). Default: ``True``
         unit_rms: (keyword) rescale each normalized sample to unit RMS instead of unit l2 norm.
             Default: ``False``
         l2_eps: (keyword) lower bound of the per-sample norm; an all-zero sample gives finite

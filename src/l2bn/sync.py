@@ -59,12 +59,13 @@ class SyncL2BatchNorm(_L2NormBase):
         device: Any = None,
         dtype: Any = None,
         *,
+        bias: bool = True,
         unit_rms: bool = False,
         l2_eps: float = 1e-12,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            unit_rms=unit_rms, l2_eps=l2_eps,
+            bias=bias, unit_rms=unit_rms, l2_eps=l2_eps,
         )
         self.process_group = process_group
 
