@@ -71,6 +71,7 @@ def _compile(fn):
     If compilation fails anyway, the eager implementation runs instead, with one warning.
     """
     cache: dict = {}
+    warm: set = set()
 
     @functools.wraps(fn)
     def run(*args):
@@ -85,9 +86,16 @@ def _compile(fn):
             compiled = cache[key] = torch.compile(clone, dynamic=True, fullgraph=True)
         if compiled is fn:
             return fn(*args)
+        if key in warm:  # compiled already: skip the (1 ms) config patching on the hot path
+            try:
+                return compiled(*args)
+            except Exception:
+                warm.discard(key)  # e.g. a recompilation that needs the settings: retry below
         try:
             with _compile_settings():
-                return compiled(*args)
+                out = compiled(*args)
+            warm.add(key)
+            return out
         except Exception as e:  # pragma: no cover - depends on the toolchain
             cache[key] = fn
             warnings.warn(f"l2bn: torch.compile of {fn.__name__} failed for inputs {key} "
