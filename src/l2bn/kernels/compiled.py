@@ -242,8 +242,13 @@ class CompiledL2BatchNorm(torch.autograd.Function):
         x, weight, w, m, v, r, k, mu, invstd = ctx.saved_tensors
         acc = w.dtype
         g_nc, gx_nc = _BWD_SUMS(gy, x, acc)
-        if m is None:  # eval: recompute the row statistics the algebra needs
-            m, v = _row_stats(_ncm(x), tuple(range(2, _ncm(x).dim())), _ncm(x)[0, 0].numel(), acc)
+        if m is None:  # not saved: (N, C) input (rows are single entries) or eval mode
+            xs = _ncm(x)
+            if xs[0, 0].numel() == 1:
+                m = xs.reshape(xs.shape[0], xs.shape[1]).to(acc)
+                v = torch.zeros_like(m)
+            else:
+                m, v = _row_stats(xs, tuple(range(2, xs.dim())), xs[0, 0].numel(), acc)
         dx, dw, db = _BWD_APPLY(gy, x, w, g_nc, gx_nc, m, v, r, k, mu, invstd, ctx.l2_eps, ctx.batch_stats)
         dx = dx if ctx.needs_input_grad[0] else None
         dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
