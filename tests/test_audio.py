@@ -187,12 +187,12 @@ def test_dcase_training_reports_per_device_accuracy(tmp_path):
 def test_spoken_digits_comparison_end_to_end(tmp_path):
     from l2bn.audio.spoken_digits import generate
 
-    data = generate(str(tmp_path / "digits"), clips=600, progress=False)
+    data = generate(str(tmp_path / "digits"), clips=600, snr_db=10.0, progress=False)
     rows = list(csv.DictReader(open(data / "labels.csv")))
     assert len(rows) == 600 and {r["label"] for r in rows} == {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
     info = sf.info(str(data / rows[0]["filename"]))
     assert info.samplerate == 16000 and info.channels == 1 and abs(info.duration - 1.0) < 1e-3
-    again = generate(str(tmp_path / "digits2"), clips=4, progress=False)  # deterministic
+    again = generate(str(tmp_path / "digits2"), clips=4, snr_db=10.0, progress=False)  # deterministic
     assert np.array_equal(sf.read(str(again / rows[0]["filename"]))[0], sf.read(str(data / rows[0]["filename"]))[0])
     out = tmp_path / "cmp"
     env = dict(os.environ, L2BN_BACKEND="fused", OMP_NUM_THREADS="1")
