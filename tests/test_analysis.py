@@ -9,7 +9,15 @@ import sys
 import pytest
 import torch
 
-from l2bn.analysis import FeatureProbe, NormInputProbe, compactness, discrepancy, feature_metrics, fisher_ratio, knn_accuracy
+from l2bn.analysis import (
+    FeatureProbe,
+    NormInputProbe,
+    compactness,
+    discrepancy,
+    feature_metrics,
+    fisher_ratio,
+    knn_accuracy,
+)
 from l2bn.analysis.analyze import probe_model
 from l2bn.models import create_model
 

@@ -15,7 +15,15 @@ import torch
 sf = pytest.importorskip("soundfile")
 librosa = pytest.importorskip("librosa")
 
-from l2bn.audio import AudioError, FrontEnd, deltas, load_audio, logmel, logmel_librosa, stack_deltas  # noqa: E402
+from l2bn.audio import (  # noqa: E402
+    AudioError,
+    FrontEnd,
+    deltas,
+    load_audio,
+    logmel,
+    logmel_librosa,
+    stack_deltas,
+)
 from l2bn.audio.cache import extract  # noqa: E402
 from l2bn.data import DataNotFoundError, load_dataset  # noqa: E402
 

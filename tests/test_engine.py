@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fixtures import make_fashion_mnist
 
-from l2bn.train import TrainConfig, TrainingDiverged, train
+from l2bn.train import TrainConfig, train
 from l2bn.train.checkpoint import CheckpointError
 from l2bn.train.config import make_config
 

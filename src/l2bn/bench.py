@@ -128,13 +128,13 @@ def bench_layers(
             for v in VARIANTS:
                 variants[f"{v}+compile"] = torch.compile(make_layer(v, shape, dev, dtype))
 
-        def train_fn(m: nn.Module) -> Callable[[], None]:
+        def train_fn(m: nn.Module, xg: Tensor = xg, g: Tensor = g) -> Callable[[], None]:
             def f() -> None:
                 xg.grad = None
                 m(xg).backward(g)
             return f
 
-        def eval_fn(m: nn.Module) -> Callable[[], None]:
+        def eval_fn(m: nn.Module, x: Tensor = x) -> Callable[[], None]:
             def f() -> None:
                 with torch.no_grad():
                     m(x)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch.distributed as dist
+
 from .modules import _L2NormBase
 
 __all__ = ["SyncL2BatchNorm"]

@@ -85,7 +85,7 @@ class NormInputProbe:
         self.kinds = {n: type(m).__name__ for n, m in self.layers}
         self._handles: list = []
 
-    def __enter__(self) -> "NormInputProbe":
+    def __enter__(self) -> NormInputProbe:
         for name, m in self.layers:
             self._handles.append(m.register_forward_pre_hook(self._hook(name)))
         return self
@@ -122,7 +122,7 @@ class FeatureProbe:
         self._n = 0
         self._handle = None
 
-    def __enter__(self) -> "FeatureProbe":
+    def __enter__(self) -> FeatureProbe:
         def fn(mod: nn.Module, args: tuple) -> None:
             if self._n < self.max_items:
                 f = args[0].detach().float().flatten(1).cpu()

@@ -94,7 +94,7 @@ def generate(out_dir: str, clips: int = 3000, snr_db: float = 0.0, seed: int = 0
             pass
     every = max(2, int(round(1 / test_fraction)))
     with tempfile.TemporaryDirectory() as td, ThreadPoolExecutor(workers) as pool:
-        for i, (label, voice, y) in enumerate(pool.map(lambda k: _clip(k, seed, snr_db, Path(td)), range(clips))):
+        for i, (label, _voice, y) in enumerate(pool.map(lambda k: _clip(k, seed, snr_db, Path(td)), range(clips))):
             name = f"audio/{i:05d}-{WORDS[label]}.wav"
             sf.write(str(out / name), y, SR, subtype="PCM_16")
             # clip i has label i % 10: take whole groups of ten so every class is in both splits

@@ -5,8 +5,14 @@ the training device and augmented there in batch; large ones (image folders) as 
 datasets for a DataLoader with workers.
 """
 
-from .registry import DATASETS, DataBundle, DataNotFoundError, list_datasets, load_dataset, register_dataset
-
 from . import audio, cifar, digits, fashion_mnist, imagefolder  # noqa: E402,F401  (register)
+from .registry import (
+    DATASETS,
+    DataBundle,
+    DataNotFoundError,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+)
 
 __all__ = ["DATASETS", "DataBundle", "DataNotFoundError", "list_datasets", "load_dataset", "register_dataset"]

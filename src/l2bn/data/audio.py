@@ -21,7 +21,7 @@ AUDIO_DATASETS = {"dcase2020-1a", "audio-folder", "spoken-digits"}
 DCASE_DEVICES = ["a", "b", "c", "s1", "s2", "s3", "s4", "s5", "s6"]
 
 
-def _fe(defaults, options: Dict) -> "object":
+def _fe(defaults, options: Dict) -> object:
     from ..audio import FrontEnd
 
     base = dataclasses.asdict(defaults) if defaults is not None else {}

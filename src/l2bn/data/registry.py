@@ -48,7 +48,7 @@ class DataBundle:
     def in_channels(self) -> int:
         return self.input_shape[0]
 
-    def subset_train(self, n: int, seed: int = 0) -> "DataBundle":
+    def subset_train(self, n: int, seed: int = 0) -> DataBundle:
         """Keep ``n`` training examples, the same for every seed of a comparison (stratified)."""
         if not self.in_memory or n <= 0 or n >= len(self.train_y):
             return self

@@ -19,7 +19,6 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-
 from torch.autograd.function import once_differentiable
 
 from . import backends
@@ -118,7 +117,7 @@ COMPILED = Kernels(
 KERNELS["compiled"] = COMPILED
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(device_type: str) -> Optional[str]:
     """Compile and run a tiny L2BN once per device type; return None if it works, else why."""
     try:
@@ -145,10 +144,10 @@ def _train_forward(x: Tensor, w: Tensor, b: Tensor, eps: float, l2_eps: float, u
     xs = _ncm(x)
     nd = xs.dim()
     dims = tuple(range(2, nd))
-    n, c = xs.shape[0], xs.shape[1]
+    c = xs.shape[1]
     acc = w.dtype
-    m, v = _row_stats(xs, dims, xs[0, 0].numel(), acc)
     m_sp = xs[0, 0].numel()
+    m, v = _row_stats(xs, dims, m_sp, acc)
     r = ((v + m * m).sum(1) * m_sp).sqrt()
     scale = (c * m_sp) ** 0.5 if unit_rms else 1.0
     k = scale / r.clamp_min(l2_eps)

@@ -82,7 +82,7 @@ def metric_bars(analyses: List[Dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(mets), figsize=(2.6 * len(mets), 3.2))
     axes = np.atleast_1d(axes)
     for ax, (key, title) in zip(axes, mets):
-        for i, (g, runs) in enumerate(groups.items()):
+        for i, runs in enumerate(groups.values()):
             vals = np.array([r[key] for r in runs])
             ax.bar(i, vals.mean(), yerr=vals.std(ddof=1) if len(vals) > 1 else 0, color=COLORS.get(runs[0]["norm"]), capsize=4)
             ax.scatter(np.full(len(vals), i), vals, color="k", s=8, zorder=3)

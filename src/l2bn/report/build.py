@@ -180,7 +180,7 @@ def to_html(md_text: str, fig_dir: Path, title: str) -> str:
 
     body = markdown.markdown(md_text, extensions=["tables"])
 
-    def embed(m: "re.Match[str]") -> str:
+    def embed(m: re.Match[str]) -> str:
         src = m.group(2)
         p = fig_dir / src
         if p.is_file():

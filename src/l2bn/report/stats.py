@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 
 def mean_std(xs: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:

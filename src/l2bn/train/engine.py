@@ -24,7 +24,13 @@ from torch import Tensor, nn
 from ..data import DataBundle, load_dataset
 from ..data import augment as aug
 from ..models import create_model
-from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint, write_json
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+    write_json,
+)
 from .config import TrainConfig
 from .distributed import DistEnv, all_reduce_sum, cleanup, init_distributed
 
