@@ -210,7 +210,7 @@ _BWD_APPLY = _compile(_backward_apply)
 
 
 class CompiledL2BatchNorm(torch.autograd.Function):
-    """L2BN as two compiled graphs forward (one in eval) and two backward; same math as
+    """L2BN as one compiled graph forward (training or eval) and two backward; same math as
     :class:`l2bn.kernels.fused.FusedL2BatchNorm`, without its per-op launch overhead."""
 
     @staticmethod
