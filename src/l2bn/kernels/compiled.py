@@ -203,14 +203,19 @@ def _backward_apply(gy, x, w, g_nc, gx_nc, m, v, r, k, mu, invstd, l2_eps: float
     return dx.reshape(x.shape), h_c, g_c
 
 
+def _backward(gy, x, w, m, v, r, k, mu, invstd, l2_eps: float, batch_stats: bool):
+    """The whole backward as one graph: per-(n, c) sums, (N, C) algebra, ``dx``."""
+    g_nc, gx_nc = _backward_sums(gy, x, w.dtype)
+    return _backward_apply(gy, x, w, g_nc, gx_nc, m, v, r, k, mu, invstd, l2_eps, batch_stats)
+
+
 _TRAIN_FWD = _compile(_train_forward)
 _EVAL_FWD = _compile(_eval_forward)
-_BWD_SUMS = _compile(_backward_sums)
-_BWD_APPLY = _compile(_backward_apply)
+_BWD = _compile(_backward)
 
 
 class CompiledL2BatchNorm(torch.autograd.Function):
-    """L2BN as one compiled graph forward (training or eval) and two backward; same math as
+    """L2BN as one compiled graph forward (training or eval) and one backward; same math as
     :class:`l2bn.kernels.fused.FusedL2BatchNorm`, without its per-op launch overhead."""
 
     @staticmethod
@@ -240,7 +245,6 @@ class CompiledL2BatchNorm(torch.autograd.Function):
     def backward(ctx, gy, _a, _b, _c):  # type: ignore[override]
         x, weight, w, m, v, r, k, mu, invstd = ctx.saved_tensors
         acc = w.dtype
-        g_nc, gx_nc = _BWD_SUMS(gy, x, acc)
         if m is None:  # not saved: (N, C) input (rows are single entries) or eval mode
             xs = _ncm(x)
             if xs[0, 0].numel() == 1:
@@ -248,7 +252,7 @@ class CompiledL2BatchNorm(torch.autograd.Function):
                 v = torch.zeros_like(m)
             else:
                 m, v = _row_stats(xs, tuple(range(2, xs.dim())), xs[0, 0].numel(), acc)
-        dx, dw, db = _BWD_APPLY(gy, x, w, g_nc, gx_nc, m, v, r, k, mu, invstd, ctx.l2_eps, ctx.batch_stats)
+        dx, dw, db = _BWD(gy, x, w, m, v, r, k, mu, invstd, ctx.l2_eps, ctx.batch_stats)
         dx = dx if ctx.needs_input_grad[0] else None
         dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = db.to(weight.dtype if weight is not None else acc) if ctx.needs_input_grad[2] else None
