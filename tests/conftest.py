@@ -1,9 +1,5 @@
-import os
-
 import pytest
 import torch
-
-os.environ.setdefault("L2BN_WARN_ONCE", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,20 @@ __all__ = ["convert", "revert", "L2BatchNormAct2d", "SyncL2BatchNormAct"]
 Selector = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]
 
 
-class L2BatchNormAct2d(L2BatchNorm2d):
+class _NormActMixin:
+    """BN forward followed by ``drop`` then ``act`` (timm's norm-act contract, same keys)."""
+
+    def __init__(self, num_features: int, *args: Any, drop: Optional[nn.Module] = None,
+                 act: Optional[nn.Module] = None, **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)  # type: ignore[call-arg]
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(input)))  # type: ignore[misc]
+
+
+class L2BatchNormAct2d(_NormActMixin, L2BatchNorm2d):
     """:class:`L2BatchNorm2d` followed by ``drop`` and ``act`` — the L2 form of timm's
     ``BatchNormAct2d`` (same state-dict keys). Made by :func:`convert`.
 
@@ -36,19 +49,8 @@ class L2BatchNormAct2d(L2BatchNorm2d):
         True
     """
 
-    def __init__(
-        self, num_features: int, *args: Any, drop: Optional[nn.Module] = None,
-        act: Optional[nn.Module] = None, **kwargs: Any,
-    ) -> None:
-        super().__init__(num_features, *args, **kwargs)
-        self.drop = drop if drop is not None else nn.Identity()
-        self.act = act if act is not None else nn.Identity()
 
-    def forward(self, input: Tensor) -> Tensor:
-        return self.act(self.drop(super().forward(input)))
-
-
-class SyncL2BatchNormAct(SyncL2BatchNorm):
+class SyncL2BatchNormAct(_NormActMixin, SyncL2BatchNorm):
     """:class:`SyncL2BatchNorm` followed by ``drop`` and ``act`` (timm's ``SyncBatchNormAct``).
 
     Example:
@@ -57,17 +59,6 @@ class SyncL2BatchNormAct(SyncL2BatchNorm):
         >>> m(torch.randn(4, 8, 3, 3)).shape
         torch.Size([4, 8, 3, 3])
     """
-
-    def __init__(
-        self, num_features: int, *args: Any, drop: Optional[nn.Module] = None,
-        act: Optional[nn.Module] = None, **kwargs: Any,
-    ) -> None:
-        super().__init__(num_features, *args, **kwargs)
-        self.drop = drop if drop is not None else nn.Identity()
-        self.act = act if act is not None else nn.Identity()
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self.act(self.drop(super().forward(input)))
 
 
 _PLAIN = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}

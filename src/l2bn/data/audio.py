@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 
@@ -148,6 +148,3 @@ def load_spoken_digits(data_dir: Optional[str] = None, **options) -> DataBundle:
     b = _load_folder(root, _fe(FrontEnd(**SPOKEN_DIGITS_FE), options), "spoken-digits")
     return dataclasses.replace(b, augment="tcrop100")
 
-
-def split_counts(b: DataBundle) -> Tuple[int, int]:
-    return len(b.train_y), len(b.test_y)

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import backends
-from .fused import EAGER, KERNELS, Kernels, _bshape, fused_l2_batch_norm
+from .fused import KERNELS, Kernels, _bshape, fused_l2_batch_norm, unsaved_row_stats
 from .reference import accumulate_dtype
 
 
@@ -245,13 +245,8 @@ class CompiledL2BatchNorm(torch.autograd.Function):
     def backward(ctx, gy, _a, _b, _c):  # type: ignore[override]
         x, weight, w, m, v, r, k, mu, invstd = ctx.saved_tensors
         acc = w.dtype
-        if m is None:  # not saved: (N, C) input (rows are single entries) or eval mode
-            xs = _ncm(x)
-            if xs[0, 0].numel() == 1:
-                m = xs.reshape(xs.shape[0], xs.shape[1]).to(acc)
-                v = torch.zeros_like(m)
-            else:
-                m, v = _row_stats(xs, tuple(range(2, xs.dim())), xs[0, 0].numel(), acc)
+        if m is None:  # not saved: (N, C) input or eval mode
+            m, v = unsaved_row_stats(_ncm(x), acc, _row_stats)
         dx, dw, db = _BWD(gy, x, w, m, v, r, k, mu, invstd, ctx.l2_eps, ctx.batch_stats)
         dx = dx if ctx.needs_input_grad[0] else None
         dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
@@ -284,4 +279,4 @@ def _prefer(x: Tensor) -> bool:
 
 backends.register("compiled", compiled_l2_batch_norm, _unavailable, auto_priority=0, prefer=_prefer)
 
-__all__ = ["COMPILED", "EAGER", "compiled_l2_batch_norm"]
+__all__ = ["COMPILED", "compiled_l2_batch_norm"]

@@ -107,6 +107,16 @@ def _grad_apply(gs: Tensor, xs: Tensor, p: Tensor, q: Tensor, r: Tensor, out_dty
     return dx if dx.dtype == out_dtype else dx.to(out_dtype)
 
 
+def unsaved_row_stats(xs: Tensor, acc: torch.dtype, row_stats: Any = None) -> Tuple[Tensor, Tensor]:
+    """Per-(n, c) mean and variance that forward did not save: for one entry per (n, c) (an
+    (N, C) input) they are x itself and 0; otherwise ``row_stats`` recomputes them."""
+    if xs[0, 0].numel() == 1:
+        m = xs.reshape(xs.shape[0], xs.shape[1]).to(acc)
+        return m, torch.zeros_like(m)
+    dims = tuple(range(2, xs.dim()))
+    return (row_stats or _row_mean_var)(xs, dims, xs[0, 0].numel(), acc)
+
+
 class Kernels:
     """The four bulk passes of L2BN; everything else works on ``(N, C)`` tensors.
 
@@ -200,8 +210,7 @@ class FusedL2BatchNorm(torch.autograd.Function):
         acc = invstd.dtype
         xs, dims, m_sp = _as_ncm(x)
         if m is None:
-            m = xs.reshape(xs.shape[0], xs.shape[1]).to(acc)
-            v = torch.zeros_like(m)
+            m, v = unsaved_row_stats(xs, acc)
         gs = gy.unsqueeze(-1) if gy.dim() == 2 else gy
         kern = KERNELS[ctx.kernels]
         g_nc, gx_nc = kern.grad_sums(gs, xs, dims, acc)  # (N, C): sum_s g, sum_s g x
