@@ -1,4 +1,8 @@
-"""Tiny datasets written in the exact on-disk formats of the real ones (generated, not shipped)."""
+"""Tiny datasets written in the exact on-disk formats of the real ones (generated, not shipped).
+
+CIFAR batches are pickle protocol 2, as the official (Python 2) files are. They are not the official
+files, so loading them needs ``verify_data=False`` (``--no-verify-data``).
+"""
 
 from __future__ import annotations
 
@@ -43,21 +47,21 @@ def make_cifar(root: Path, which: str = "cifar10", n_per_batch: int = 40, seed: 
         for i in range(1, 6):
             x, y = _class_images(n_per_batch, classes, (3, 32, 32), rng)
             with open(d / f"data_batch_{i}", "wb") as f:
-                pickle.dump({b"batch_label": b"training batch", b"labels": y.tolist(), b"data": x.reshape(len(x), -1), b"filenames": [b"x.png"] * len(x)}, f)
+                pickle.dump({b"batch_label": b"training batch", b"labels": y.tolist(), b"data": x.reshape(len(x), -1), b"filenames": [b"x.png"] * len(x)}, f, protocol=2)
         x, y = _class_images(n_per_batch, classes, (3, 32, 32), rng)
         with open(d / "test_batch", "wb") as f:
-            pickle.dump({b"batch_label": b"testing batch", b"labels": y.tolist(), b"data": x.reshape(len(x), -1), b"filenames": [b"x.png"] * len(x)}, f)
+            pickle.dump({b"batch_label": b"testing batch", b"labels": y.tolist(), b"data": x.reshape(len(x), -1), b"filenames": [b"x.png"] * len(x)}, f, protocol=2)
         with open(d / "batches.meta", "wb") as f:
-            pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)], b"num_cases_per_batch": n_per_batch, b"num_vis": 3072}, f)
+            pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)], b"num_cases_per_batch": n_per_batch, b"num_vis": 3072}, f, protocol=2)
     else:
         d = root / "cifar-100-python"
         d.mkdir(parents=True, exist_ok=True)
         for split, n in (("train", 5 * n_per_batch), ("test", n_per_batch)):
             x, y = _class_images(n, classes, (3, 32, 32), rng)
             with open(d / split, "wb") as f:
-                pickle.dump({b"filenames": [b"x.png"] * n, b"batch_label": split.encode(), b"fine_labels": y.tolist(), b"coarse_labels": (y // 5).tolist(), b"data": x.reshape(n, -1)}, f)
+                pickle.dump({b"filenames": [b"x.png"] * n, b"batch_label": split.encode(), b"fine_labels": y.tolist(), b"coarse_labels": (y // 5).tolist(), b"data": x.reshape(n, -1)}, f, protocol=2)
         with open(d / "meta", "wb") as f:
-            pickle.dump({b"fine_label_names": [f"f{i}".encode() for i in range(100)], b"coarse_label_names": [f"c{i}".encode() for i in range(20)]}, f)
+            pickle.dump({b"fine_label_names": [f"f{i}".encode() for i in range(100)], b"coarse_label_names": [f"c{i}".encode() for i in range(20)]}, f, protocol=2)
     return root
 
 

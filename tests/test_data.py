@@ -13,7 +13,7 @@ from l2bn.data.fashion_mnist import FILES, read_idx
 
 def test_fashion_mnist_round_trip(tmp_path):
     make_fashion_mnist(tmp_path / "fm", 50, 20)
-    b = load_dataset("fashion-mnist", str(tmp_path / "fm"), download=False)
+    b = load_dataset("fashion-mnist", str(tmp_path / "fm"), download=False, verify_data=False)
     assert b.train_x.shape == (50, 1, 28, 28) and b.train_x.dtype == torch.uint8
     assert b.test_y.shape == (20,) and b.num_classes == 10
     raw = read_idx(tmp_path / "fm" / FILES["train_x"])
@@ -24,10 +24,46 @@ def test_fashion_mnist_missing_lists_places(tmp_path, monkeypatch):
     monkeypatch.setenv("L2BN_DATA", str(tmp_path / "envdir"))
     monkeypatch.setattr("l2bn.data.fashion_mnist.DEBIAN_DIR", str(tmp_path / "nodebian"))
     with pytest.raises(DataNotFoundError) as e:
-        load_dataset("fashion-mnist", str(tmp_path / "nothing"), download=False)
+        load_dataset("fashion-mnist", None, download=False)
     msg = str(e.value)
-    assert str(tmp_path / "nothing") in msg and str(tmp_path / "envdir") in msg
+    assert str(tmp_path / "envdir") in msg and str(tmp_path / "nodebian") in msg
     assert "apt-get install dataset-fashion-mnist" in msg and "--data-dir" in msg
+
+
+def test_explicit_data_dir_is_the_only_place(tmp_path):
+    # a --data-dir that does not exist is an error naming it (not a silent fall-back to Debian's copy)
+    with pytest.raises(DataNotFoundError, match=f"{tmp_path / 'nonexistent'} does not exist"):
+        load_dataset("fashion-mnist", str(tmp_path / "nonexistent"))
+    # an existing one without the files is not replaced by another copy either
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataNotFoundError, match="Fashion-MNIST not found") as e:
+        load_dataset("fashion-mnist", str(tmp_path / "empty"))
+    assert "/usr/share/datasets" not in str(e.value).split("Get it")[0]
+
+
+def test_fashion_mnist_checksums(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from l2bn.data.integrity import DataIntegrityError
+
+    make_fashion_mnist(tmp_path / "fm", 30, 10)
+    with pytest.raises(DataIntegrityError, match="train-images-idx3-ubyte.gz: not the official fashion-mnist file.*--no-verify-data"):
+        load_dataset("fashion-mnist", str(tmp_path / "fm"))
+    debian = Path("/usr/share/datasets/fashion-mnist")
+    assert debian.is_dir(), "apt-get install dataset-fashion-mnist (scripts/install.sh does it)"
+    b = load_dataset("fashion-mnist", str(debian))  # the official content verifies
+    assert len(b.train_y) == 60000 and len(b.test_y) == 10000
+    # one changed pixel in an official-size copy is caught and the file named
+    work = tmp_path / "copy"
+    shutil.copytree(debian, work)
+    raw = bytearray(gzip.open(work / FILES["test_x"]).read())
+    raw[5000] ^= 1
+    with gzip.open(work / FILES["test_x"], "wb") as f:
+        f.write(bytes(raw))
+    with pytest.raises(DataIntegrityError, match="t10k-images-idx3-ubyte.gz"):
+        load_dataset("fashion-mnist", str(work))
+    assert len(load_dataset("fashion-mnist", str(work), verify_data=False).test_y) == 10000
 
 
 def test_fashion_mnist_truncated(tmp_path):
@@ -37,16 +73,16 @@ def test_fashion_mnist_truncated(tmp_path):
     with gzip.open(p, "wb") as f:
         f.write(data[: len(data) // 2])
     with pytest.raises(DataNotFoundError, match="truncated or corrupt idx file"):
-        load_dataset("fashion-mnist", str(root), download=False)
+        load_dataset("fashion-mnist", str(root), download=False, verify_data=False)
     p.write_bytes(b"not gzip at all")
     with pytest.raises(DataNotFoundError, match="unreadable or truncated"):
-        load_dataset("fashion-mnist", str(root), download=False)
+        load_dataset("fashion-mnist", str(root), download=False, verify_data=False)
 
 
 @pytest.mark.parametrize("which,classes", [("cifar10", 10), ("cifar100", 100)])
 def test_cifar_round_trip(tmp_path, which, classes):
     make_cifar(tmp_path, which, n_per_batch=20)
-    b = load_dataset(which, str(tmp_path))
+    b = load_dataset(which, str(tmp_path), verify_data=False)
     assert b.train_x.shape == (100, 3, 32, 32) and b.test_x.shape == (20, 3, 32, 32)
     assert b.num_classes == classes and len(b.classes) == classes
     assert b.augment == "crop4-flip"
@@ -58,7 +94,18 @@ def test_cifar_missing_and_corrupt(tmp_path):
     make_cifar(tmp_path, "cifar10", n_per_batch=10)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x04truncated")
     with pytest.raises(DataNotFoundError, match="data_batch_3"):
+        load_dataset("cifar10", str(tmp_path), verify_data=False)
+
+
+def test_cifar_checksums_name_the_file(tmp_path):
+    from l2bn.data.integrity import DataIntegrityError
+
+    make_cifar(tmp_path, "cifar10", n_per_batch=10)
+    with pytest.raises(DataIntegrityError, match="data_batch_1: not the official cifar10 file \\(md5 [0-9a-f]{32}, expected c99caf"):
         load_dataset("cifar10", str(tmp_path))
+    make_cifar(tmp_path, "cifar100", n_per_batch=10)
+    with pytest.raises(DataIntegrityError, match="cifar-100-python/train: not the official cifar100 file"):
+        load_dataset("cifar100", str(tmp_path))
 
 
 def test_imagefolder(tmp_path):

@@ -13,7 +13,7 @@ from fixtures import make_fashion_mnist
 
 from l2bn.train import TrainConfig, train
 from l2bn.train.checkpoint import CheckpointError
-from l2bn.train.config import make_config
+from l2bn.train.config import RunConfigError, make_config
 
 ENV = dict(os.environ, L2BN_BACKEND="fused", OMP_NUM_THREADS="1")
 
@@ -47,7 +47,7 @@ def test_fashion_mnist_fixture_mlp_bn(tmp_path, monkeypatch):
     monkeypatch.setenv("L2BN_BACKEND", "fused")
     make_fashion_mnist(tmp_path / "fm", 400, 100)
     res = train(_cfg(tmp_path, dataset="fashion-mnist", data_dir=str(tmp_path / "fm"), model="mlp", norm="bn",
-                     optimizer="adamw", lr=3e-3, schedule="onecycle"))
+                     optimizer="adamw", lr=3e-3, schedule="onecycle", verify_data=False))
     assert res["best_test_acc"] > 40
 
 
@@ -87,7 +87,9 @@ def test_divergence_keeps_last_good_checkpoint(tmp_path):
     assert "training diverged" in r.stderr and "last good checkpoint" in r.stderr
     import torch
 
-    state = torch.load(tmp_path / "nan" / "last.pt", weights_only=False)
+    from l2bn.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(tmp_path / "nan" / "last.pt")
     assert state["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert json.loads((tmp_path / "nan" / "result.json").read_text())["status"] == "diverged"
@@ -101,8 +103,16 @@ def test_bad_checkpoint_and_config_errors(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="last.pt: corrupt"):
         train(_cfg(tmp_path, resume=True))
     train(_cfg(tmp_path, epochs=1, out=str(tmp_path / "ok")))
-    with pytest.raises(CheckpointError, match="checkpoint is for model 'resnet8'"):
+    with pytest.raises(RunConfigError, match="another recipe \\(model: saved 'resnet8', given 'resnet14'\\)"):
         train(_cfg(tmp_path, model="resnet14", resume=True, out=str(tmp_path / "ok")))
+    # a checkpoint whose own config names another model is refused even if config.json agrees
+    import torch
+
+    state = torch.load(tmp_path / "ok" / "last.pt", weights_only=True)
+    state["config"]["model"] = "resnet14"
+    torch.save(state, tmp_path / "ok" / "last.pt")
+    with pytest.raises(CheckpointError, match="checkpoint is for model 'resnet14'"):
+        train(_cfg(tmp_path, resume=True, epochs=2, out=str(tmp_path / "ok")))
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("dataset: digits\nepochz: 3\n")
     with pytest.raises(ValueError, match="unknown config key 'epochz' \\(did you mean 'epochs'\\?\\)"):
@@ -134,8 +144,10 @@ def test_torchrun_two_processes(tmp_path, sync):
            "--no-progress", "--threads", "1", "--out", str(out)] + (["--sync-bn"] if sync else [])
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "no BatchNorm layer found" not in r.stderr
     res = json.loads((out / "result.json").read_text())
     assert res["world_size"] == 2 and res["test_acc"] > 20
+    assert res["norm_layers"] == ({"SyncL2BatchNorm": 9} if sync else {"L2BatchNorm2d": 9})
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # written once, by rank 0
     assert len(list((out / "tb").glob("events.*"))) == 1
     assert r.stdout.count("epoch   1/1") == 1
@@ -157,4 +169,24 @@ def test_compare_tiny_and_skip(tmp_path):
     assert "Paired difference" in (out / "report.md").read_text()
     r2 = cli(*args)
     assert r2.returncode == 0
-    assert r2.stdout.count("finished earlier, skipped") == 4
+    assert "4 runs (4 finished earlier)" in r2.stdout and "training ->" not in r2.stdout
+    # run control does not make compare retrain: toggling TensorBoard/threads/progress keeps the runs
+    r3 = cli(*[a for a in args if a not in ("--no-tensorboard",)])
+    assert r3.returncode == 0 and "4 runs (4 finished earlier)" in r3.stdout
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_sync_bn_running_stats_agree_across_ranks(tmp_path, sync):
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    worker = Path(__file__).parent / "dist_train_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+           str(tmp_path / "run"), str(stats), "sync" if sync else "local"]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    import torch
+
+    a, b = torch.load(stats / "rank0.pt"), torch.load(stats / "rank1.pt")
+    assert len(a) == 18  # running mean and var of ResNet-8's 9 norm layers
+    same = all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    assert same == sync  # per-rank statistics differ without --sync-bn; with it they agree

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import typing
 from typing import Any, Dict, List, Optional
@@ -43,67 +44,77 @@ def _overrides(args: argparse.Namespace, skip: tuple = ()) -> Dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in FIELDS and k not in skip}
 
 
-def _train(args: argparse.Namespace) -> int:
+def _errors() -> tuple:
+    """Exceptions that mean bad input (one clear line, exit 2), not a bug."""
     from .data import DataNotFoundError
-    from .train import TrainingDiverged, train
+    from .io import JSONFileError
+    from .report.runs import ReportError
     from .train.checkpoint import CheckpointError
+
+    return (DataNotFoundError, CheckpointError, JSONFileError, ReportError, ValueError, FileNotFoundError, ImportError,
+            RuntimeError)
+
+
+def _fail(cmd: str, e: BaseException) -> int:
+    from .train import TrainingDiverged
+
+    print(f"l2bn {cmd}: error: {e}", file=sys.stderr)
+    return 3 if isinstance(e, TrainingDiverged) else 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
     from .train.config import make_config
 
     try:
-        cfg = make_config(_overrides(args), args.config)
-        train(cfg)
-    except (DataNotFoundError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
-        print(f"l2bn train: error: {e}", file=sys.stderr)
-        return 2 if not isinstance(e, TrainingDiverged) else 3
+        train(make_config(_overrides(args), args.config))
+    except _errors() as e:
+        return _fail("train", e)
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .data import DataNotFoundError
-    from .train import TrainingDiverged
-    from .train.compare import PRESETS, compare
+    from .experiment import PRESETS, compare, parse_grid
     from .train.config import check_keys, load_config
 
-    preset = PRESETS[args.preset]
-    train_kw: Dict[str, Any] = dict(preset["train"])
-    if args.config:
-        train_kw.update(load_config(args.config))
-    over = _overrides(args, skip=("model", "norm", "seed", "out", "dataset", "data_dir"))
-    check_keys(over, "arguments")
-    train_kw.update(over)
-    dataset = args.dataset or train_kw.pop("dataset", None) or preset["dataset"]
-    train_kw.pop("dataset", None)
-    for k in ("model", "norm", "seed", "out", "data_dir"):
-        train_kw.pop(k, None)
-    models = args.models or preset["models"]
-    norms = args.norms or preset["norms"]
-    seeds = args.seeds if args.seeds is not None else preset["seeds"]
-    out = args.out or f"runs/compare-{dataset}"
-    note = (f"Preset '{args.preset}': {', '.join(models)} x {', '.join(norms)} x seeds {seeds}. "
-            f"Chosen so that the default comparison fits in 10 minutes on 2 CPU cores." if args.preset == "quick" else
-            f"Preset '{args.preset}'.")
     try:
-        summary = compare(out, models, norms, seeds, dataset, train_kw, data_dir=args.data_dir, note=note,
-                          analyze=args.analyze)
-    except (DataNotFoundError, TrainingDiverged, ValueError) as e:
-        print(f"l2bn compare: error: {e}", file=sys.stderr)
-        return 2
+        preset = PRESETS[args.preset]
+        train_kw: Dict[str, Any] = dict(preset["train"])
+        grid = dict(preset["grid"])
+        if args.config:
+            from_file = load_config(args.config, extra_keys=("grid",))
+            grid.update(parse_grid([f"{k}={','.join(map(str, v))}" for k, v in (from_file.pop("grid", None) or {}).items()]))
+            train_kw.update(from_file)
+        over = _overrides(args, skip=("model", "norm", "seed", "out", "dataset", "data_dir"))
+        check_keys(over, "arguments")
+        train_kw.update(over)
+        grid.update(parse_grid(args.grid or []))
+        dataset = args.dataset or train_kw.pop("dataset", None) or preset["dataset"]
+        train_kw.pop("dataset", None)
+        models = args.models or ([train_kw["model"]] if args.config and "model" in train_kw else preset["models"])
+        norms = args.norms or preset["norms"]
+        seeds = args.seeds if args.seeds is not None else preset["seeds"]
+        for k in ("model", "norm", "seed", "out", "data_dir", "resume", "test_only"):
+            train_kw.pop(k, None)
+        out = args.out or (f"runs/compare-{dataset}" if args.preset == "quick" else f"runs/{args.preset}-{dataset}")
+        note = preset["note"] if not args.config else f"Recipe: {args.config}."
+        compare(out, models, norms, seeds, dataset, train_kw, grid=grid, data_dir=args.data_dir, note=note,
+                analyze=args.analyze)
+    except _errors() as e:
+        return _fail("compare", e)
     print(open(f"{out}/report.md").read())
     print(f"report: {out}/report.html (and report.md)   summary: {out}/summary.json")
-    return 0 if summary else 1
+    return 0
 
 
 def _analyze(args: argparse.Namespace) -> int:
     from .analysis.analyze import analyze_run
-    from .data import DataNotFoundError
-    from .train.checkpoint import CheckpointError
 
     for d in args.runs:
         try:
             a = analyze_run(d, data_dir=args.data_dir, max_examples=args.max_examples, knn=not args.no_knn)
-        except (CheckpointError, DataNotFoundError, ValueError) as e:
-            print(f"l2bn analyze: error: {e}", file=sys.stderr)
-            return 2
+        except _errors() as e:
+            return _fail("analyze", e)
         cv = sum(s["cv"] for s in a["norm_spread"].values()) / len(a["norm_spread"])
         print(f"{d}: compactness {a['compactness']:.4f}  discrepancy {a['discrepancy_mean_deg']:.2f} deg "
               f"(min {a['discrepancy_min_deg']:.2f})  fisher {a['fisher_ratio']:.3f}  "
@@ -112,14 +123,13 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report.build import ReportError, build_report
+    from .report.build import build_report
 
     try:
         paths = build_report(args.runs, args.output, title=args.title)
-    except ReportError as e:
-        print(f"l2bn report: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {paths['html']} and {paths['md']}")
+    except _errors() as e:
+        return _fail("report", e)
+    print(f"wrote {paths['html']}, {paths['md']} and {paths['summary']}")
     return 0
 
 
@@ -146,14 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(t)
     t.set_defaults(func=_train)
 
-    c = sub.add_parser("compare", help="BN vs L2BN over models x seeds, with a report (the main job)")
-    c.add_argument("--preset", default="quick", choices=["quick", "paper"], help="recipe and grid (default: quick)")
+    c = sub.add_parser("compare", help="BN vs L2BN over models x norms x seeds x any config axis, with a report (the main job)")
+    c.add_argument("--preset", default="quick", choices=["quick", "paper", "batch-size", "depth"],
+                   help="recipe and grid (default: quick, the main job)")
+    c.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
+                   help="a config key as a grid axis (repeatable), e.g. --grid batch_size=16,32,64,128")
     c.add_argument("--models", nargs="+", default=None, help="model names (default: the preset's)")
-    c.add_argument("--norms", nargs="+", default=None, help="norm names (default: bn l2bn)")
-    c.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: 0 1 2)")
+    c.add_argument("--norms", nargs="+", default=None, help="norm names (default: the preset's)")
+    c.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: the preset's)")
     c.add_argument("--dataset", default=None)
     c.add_argument("--data-dir", default=None)
-    c.add_argument("--out", default=None, help="comparison directory (default: runs/compare-DATASET)")
+    c.add_argument("--out", default=None, help="comparison directory (default: runs/compare-DATASET for quick, runs/PRESET-DATASET)")
     c.add_argument("--config", default=None, help="YAML recipe applied to every run")
     c.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=True,
                    help="probe every run (norm spread, compactness, discrepancy) and add it to the report (default: on)")
@@ -186,7 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _DropNoCudaNote(logging.Filter):
+    """torch.utils.cpp_extension warns "No CUDA runtime is found" on every CPU machine with a
+    CUDA build of PyTorch; it says nothing to an l2bn user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_DropNoCudaNote())
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -10,7 +10,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from ..train.checkpoint import CheckpointError, load_checkpoint, load_model_state, write_json
+from ..io import write_json
+from ..train.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from ..train.config import FIELDS, TrainConfig
 from .metrics import feature_metrics
 from .probes import FeatureProbe, NormInputProbe
@@ -55,8 +56,8 @@ def analyze_run(run_dir: str, data_dir: Optional[str] = None, max_examples: int 
         CheckpointError: no checkpoint in ``run_dir``, or one that does not match its config.
     """
     from ..data import load_dataset
-    from ..train.distributed import DistEnv
-    from ..train.engine import LoaderBatches, TensorBatches, build_model
+    from ..data.loaders import make_loaders
+    from ..models import build_model
 
     run = Path(run_dir)
     ckpt = run / "last.pt"
@@ -66,16 +67,16 @@ def analyze_run(run_dir: str, data_dir: Optional[str] = None, max_examples: int 
         raise CheckpointError(f"{run}: no checkpoint (expected {ckpt}); train the run first with `l2bn train --out {run}`")
     state = load_checkpoint(ckpt)
     cfg = TrainConfig(**{k: v for k, v in state["config"].items() if k in FIELDS})
-    data = load_dataset(cfg.dataset, data_dir or cfg.data_dir, **cfg.dataset_options())
-    model = build_model(cfg, data)
-    load_model_state(model, state, ckpt)
+    data = load_dataset(cfg.dataset, data_dir or cfg.data_dir, verify_data=cfg.verify_data, **cfg.dataset_options())
+    model = build_model(cfg.model, cfg.norm, num_classes=data.num_classes, input_shape=data.input_shape, width=cfg.width)
+    load_model_state(model, state, ckpt, want={"model": cfg.model, "norm": cfg.norm})
     dev = torch.device(device)
     model.to(dev)
     if data.in_memory:
         n = min(max_examples, len(data.test_y))
-        batches = TensorBatches(data.test_x[:n], data.test_y[:n], data, dev, 500, DistEnv(), False).batches(None)
-    else:
-        batches = LoaderBatches(data.test_set, dev, 128, DistEnv(), False, cfg.workers).batches(None)
+        data = dataclasses.replace(data, test_x=data.test_x[:n], test_y=data.test_y[:n])
+    _, test = make_loaders(data, dev, 128, workers=cfg.workers, eval_batch_size=500 if data.in_memory else 128)
+    batches = test.batches(0)
     norm_summary, feats, labels, acc = probe_model(model, batches, max_features=max_examples)
     metrics = feature_metrics(feats, labels, knn=knn)
     pca = _pca2d(feats)

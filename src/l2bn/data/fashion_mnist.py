@@ -1,6 +1,7 @@
 """Fashion-MNIST (Xiao et al. 2017) from the four idx ``.gz`` files.
 
-Looked for, in order: ``--data-dir``, ``$L2BN_DATA`` (and ``fashion-mnist``/``FashionMNIST/raw``
+Looked for, in order (an explicit ``--data-dir`` is the only place looked when given):
+``--data-dir``, ``$L2BN_DATA`` (and ``fashion-mnist``/``FashionMNIST/raw``
 below each), Debian's ``/usr/share/datasets/fashion-mnist`` (``apt-get install
 dataset-fashion-mnist``), torchvision's layout under ``~/.cache/l2bn``; then a torchvision
 download is attempted.
@@ -30,14 +31,19 @@ DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an idx file (optionally gzip-compressed) into a numpy array, checking its size."""
+def read_idx(path: Path, verify_data: bool = False) -> np.ndarray:
+    """Read an idx file (optionally gzip-compressed) into a numpy array, checking its size and,
+    with ``verify_data``, the official checksum of its decompressed bytes."""
     opener = gzip.open if str(path).endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
         raise DataNotFoundError(f"{path}: unreadable or truncated idx file ({e})") from e
+    if verify_data:
+        from .integrity import verify
+
+        verify("fashion-mnist", path, data)
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
         raise DataNotFoundError(f"{path}: not an idx file (bad magic number)")
     ndim = data[3]
@@ -61,9 +67,11 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 
 
 def candidate_dirs(data_dir: Optional[str]) -> List[Path]:
-    roots: List[Path] = []
+    """Where the files are looked for; an explicit ``data_dir`` is the only place looked."""
     if data_dir:
-        roots.append(Path(data_dir))
+        r = Path(data_dir)
+        return [r, r / "fashion-mnist", r / "FashionMNIST" / "raw"]
+    roots: List[Path] = []
     if os.environ.get("L2BN_DATA"):
         roots.append(Path(os.environ["L2BN_DATA"]))
     out: List[Path] = []
@@ -104,11 +112,11 @@ def _try_download(dirs: List[Path]) -> Tuple[Optional[Path], str]:
 
 
 @register_dataset("fashion-mnist")
-def load_fashion_mnist(data_dir: Optional[str] = None, download: bool = True) -> DataBundle:
-    """Fashion-MNIST: 60k/10k 28x28 grayscale images, 10 classes."""
+def load_fashion_mnist(data_dir: Optional[str] = None, download: bool = True, verify_data: bool = True) -> DataBundle:
+    """Fashion-MNIST: 60k/10k 28x28 grayscale images, 10 classes (checksums verified)."""
     found, dirs = _find(data_dir)
     why = ""
-    if found is None and download:
+    if found is None and download and not data_dir:
         found, why = _try_download(dirs)
     if found is None:
         looked = "\n".join(f"  - {d}" for d in dirs)
@@ -121,7 +129,7 @@ def load_fashion_mnist(data_dir: Optional[str] = None, download: bool = True) ->
             "  2. online: rerun with network access (torchvision downloads it to ~/.cache/l2bn), or put\n"
             "     the four .gz files in a folder and pass --data-dir FOLDER (or set L2BN_DATA)."
         )
-    arrays = {k: read_idx(found / f) for k, f in FILES.items()}
+    arrays = {k: read_idx(found / f, verify_data) for k, f in FILES.items()}
     for split in ("train", "test"):
         if len(arrays[f"{split}_x"]) != len(arrays[f"{split}_y"]):
             raise DataNotFoundError(f"{found}: {split} images and labels differ in count")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -80,8 +81,9 @@ def list_datasets() -> List[str]:
     return sorted(DATASETS)
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None, **kwargs: Any) -> DataBundle:
-    """Load dataset ``name`` (see :func:`list_datasets`) from ``data_dir``.
+def load_dataset(name: str, data_dir: Optional[str] = None, verify_data: bool = True, **kwargs: Any) -> DataBundle:
+    """Load dataset ``name`` (see :func:`list_datasets`) from ``data_dir``; ``verify_data`` checks
+    the official checksums where the loader knows them (CIFAR, Fashion-MNIST).
 
     Raises:
         ValueError: unknown dataset name.
@@ -89,4 +91,12 @@ def load_dataset(name: str, data_dir: Optional[str] = None, **kwargs: Any) -> Da
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
-    return DATASETS[name](data_dir=data_dir, **kwargs)
+    if data_dir is not None and not Path(data_dir).exists():
+        raise DataNotFoundError(f"{name}: the data directory {data_dir} does not exist (an explicit --data-dir is "
+                                f"used as given; drop it to use the default locations)")
+    import inspect
+
+    fn = DATASETS[name]
+    if "verify_data" in inspect.signature(fn).parameters:
+        kwargs["verify_data"] = verify_data
+    return fn(data_dir=data_dir, **kwargs)

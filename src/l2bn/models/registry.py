@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+import math
+from typing import Callable, Dict, List, Sequence
 
 from torch import nn
 
@@ -37,3 +38,26 @@ def create_model(
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, norm=norm, **kwargs)
+
+
+def build_model(name: str, norm: str, *, num_classes: int, input_shape: Sequence[int], width: int = 1,
+                sync: bool = False) -> nn.Module:
+    """Build model ``name`` for a dataset with ``num_classes`` classes and inputs of
+    ``input_shape`` (``(C, H, W)`` or ``(F,)``); ``sync`` asks the factory for the synchronised
+    twin of ``norm`` (``l2bn`` → ``sync-l2bn``).
+
+    Example:
+        >>> m = build_model("mlp", "l2bn", num_classes=10, input_shape=(1, 8, 8))
+        >>> type(m.body[1]).__name__
+        'L2BatchNorm1d'
+    """
+    from ..factory import canonical_norm
+
+    kw: Dict[str, object] = {}
+    if name == "mlp":
+        kw["in_features"] = int(math.prod(input_shape))
+    if width != 1:
+        if not name.startswith("resnet"):
+            raise ValueError(f"width={width} is only supported by the CIFAR ResNets (resnet8 ... resnet110), not {name!r}")
+        kw["width"] = width
+    return create_model(name, num_classes, int(input_shape[0]), canonical_norm(norm, sync), **kw)

@@ -7,9 +7,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from .plots import _plt
-
-COLORS = {"bn": "tab:blue", "l2bn": "tab:red", "l2bn-rms": "tab:orange", "none": "tab:gray"}
+from .plots import COLORS, _plt
 
 
 def _by_norm(analyses: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:

@@ -1,31 +1,86 @@
-"""Markdown tables and verdict lines shared by the reports."""
+"""Markdown tables and plain-language verdicts for the reports."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
+from .runs import MECHANISM_METRICS
 from .stats import fmt_pm
+
+
+def _axes_str(axes: Dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in axes.items())
+
+
+def _p(p: Optional[float]) -> str:
+    if p is None:
+        return "–"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
 def accuracy_table(summary: Dict[str, Any]) -> List[str]:
     seeds = summary["seeds"]
-    head = ["model", "norm"] + [f"seed {s}" for s in seeds] + ["final mean ± std", "best-epoch mean ± std", "n"]
+    axes = summary.get("axes", [])
+    head = ["model", "norm"] + axes + [f"seed {s}" for s in seeds] + ["final mean ± std", "best-epoch mean ± std", "n"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell in summary["cells"].values():
         by_seed = {r["seed"]: r["test_acc"] for r in cell["runs"]}
-        row = [cell["model"], cell["norm"]] + [f"{by_seed[s]:.2f}" if s in by_seed else "–" for s in seeds]
+        row = [cell["model"], cell["norm"]] + [str(cell["axes"].get(a)) for a in axes]
+        row += [f"{by_seed[s]:.2f}" if s in by_seed else "–" for s in seeds]
         row += [fmt_pm(cell["final_mean"], cell["final_std"]), fmt_pm(cell["best_mean"], cell["best_std"]), str(cell["n"])]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
+def per_group_table(summary: Dict[str, Any]) -> List[str]:
+    """Best-epoch and final accuracy per group (recording device), mean over seeds, if recorded."""
+    groups = sorted({g for c in summary["cells"].values() for r in c["runs"] for g in r.get("per_group_acc", {})})
+    if not groups:
+        return []
+    head = ["cell", "accuracy"] + groups
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, cell in summary["cells"].items():
+        for label, field in (("best epoch", "best_per_group_acc"), ("final", "per_group_acc")):
+            vals = []
+            for g in groups:
+                xs = [r[field][g] for r in cell["runs"] if g in r.get(field, {})]
+                vals.append(f"{sum(xs) / len(xs):.2f}" if xs else "–")
+            lines.append("| " + " | ".join([key, label] + vals) + " |")
+    return lines
+
+
 def difference_table(summary: Dict[str, Any]) -> List[str]:
-    lines = ["| comparison | paired seeds | mean difference (pp) | 95% CI (t) | note |", "|---|---|---|---|---|"]
+    lines = ["| comparison | paired seeds | mean difference (pp) | 95% CI (t) | p (paired t) | "
+             "detectable at 80% power (pp) | seeds to detect 0.5 pp | note |", "|---|---|---|---|---|---|---|---|"]
     for key, d in summary["differences"].items():
         ci = "–" if d["ci_low"] is None else f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
         mean = "–" if d["mean"] is None else f"{d['mean']:+.2f}"
-        lines.append(f"| {key} | {d['n']} | {mean} | {ci} | {d.get('note', '')} |")
+        mde = f"{d['mde_80']:.2f}" if d.get("mde_80") is not None else "–"
+        need = str(d["seeds_for_0_5"]) if d.get("seeds_for_0_5") is not None else "–"
+        lines.append(f"| {key} | {d['n']} | {mean} | {ci} | {_p(d.get('p_value'))} | {mde} | {need} | {d.get('note', '')} |")
     return lines
+
+
+def axis_tables(summary: Dict[str, Any]) -> List[str]:
+    """One table per grid axis: each norm − BN against the axis value (other axes fixed)."""
+    out: List[str] = []
+    for axis in summary.get("axes", []):
+        out += [f"### L2BN − BN against `{axis}`", "",
+                f"| model | norm | other axes | {axis} | paired seeds | mean (pp) | 95% CI | p |", "|---|---|---|---|---|---|---|---|"]
+        rows = sorted(summary["differences"].values(),
+                      key=lambda d: (d["model"], d["norm"], _axes_str({k: v for k, v in d["axes"].items() if k != axis}),
+                                     _sortable(d["axes"].get(axis))))
+        for d in rows:
+            ci = "–" if d["ci_low"] is None else f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+            mean = "–" if d["mean"] is None else f"{d['mean']:+.2f}"
+            others = _axes_str({k: v for k, v in d["axes"].items() if k != axis}) or "–"
+            out.append(f"| {d['model']} | {d['norm']} | {others} | {d['axes'].get(axis)} | {d['n']} | {mean} | {ci} | {_p(d.get('p_value'))} |")
+        out.append("")
+    return out
+
+
+def _sortable(v: Any) -> Any:
+    return (0, v) if isinstance(v, (int, float)) else (1, str(v))
 
 
 def verdict(summary: Dict[str, Any]) -> List[str]:
@@ -34,10 +89,47 @@ def verdict(summary: Dict[str, Any]) -> List[str]:
         if d["ci_low"] is None:
             out.append(f"- {key}: not enough paired seeds to judge.")
         elif d["ci_low"] > 0:
-            out.append(f"- {key}: L2BN better; the 95% interval excludes 0 ({d['mean']:+.2f} pp).")
+            out.append(f"- {key}: better than BN; the 95% interval excludes 0 ({d['mean']:+.2f} pp, p = {_p(d['p_value'])}).")
         elif d["ci_high"] < 0:
-            out.append(f"- {key}: L2BN worse; the 95% interval excludes 0 ({d['mean']:+.2f} pp).")
+            out.append(f"- {key}: worse than BN; the 95% interval excludes 0 ({d['mean']:+.2f} pp, p = {_p(d['p_value'])}).")
         else:
-            out.append(f"- {key}: no significant difference at 95% ({d['mean']:+.2f} pp, interval contains 0); "
-                       "the paper's claim of an improvement is not supported by this run.")
+            mde = f"; with this spread {d['n']} seeds detect only differences of about {d['mde_80']:.2f} pp (80% power), " \
+                  f"and {d['seeds_for_0_5']} seeds would be needed for 0.5 pp" if d.get("mde_80") is not None else ""
+            out.append(f"- {key}: no significant difference at 95% ({d['mean']:+.2f} pp, p = {_p(d['p_value'])}{mde}).")
+    return out
+
+
+def mechanism_table(summary: Dict[str, Any]) -> List[str]:
+    """Paired differences (norm − BN, same seed) of the mechanism metrics, with 95% CIs."""
+    mech = summary.get("mechanism", {})
+    if not mech:
+        return []
+    lines = ["| comparison | metric | BN | other | paired difference | 95% CI | p |", "|---|---|---|---|---|---|---|"]
+    labels = dict(MECHANISM_METRICS)
+    for key, metrics in mech.items():
+        for metric, d in metrics.items():
+            ci = "–" if d["ci_low"] is None else f"[{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]"
+            lines.append(f"| {key} | {labels[metric]} | {d['bn']:.4g} | {d['l2']:.4g} | {d['mean']:+.4g} | {ci} | {_p(d.get('p_value'))} |")
+    return lines
+
+
+def mechanism_claims(summary: Dict[str, Any]) -> List[str]:
+    """Whether the paper's claims (higher compactness, larger centroid angles and Fisher ratio
+    with L2BN) hold, judged by the paired 95% interval."""
+    out = []
+    for key, metrics in summary.get("mechanism", {}).items():
+        for metric, what in (("compactness", "intra-class compactness"), ("discrepancy_mean_deg", "inter-class discrepancy"),
+                             ("fisher_ratio", "Fisher ratio")):
+            d = metrics.get(metric)
+            if d is None:
+                continue
+            if d["ci_low"] is None:
+                verdict_ = "cannot be judged (fewer than 2 paired seeds)"
+            elif d["ci_low"] > 0:
+                verdict_ = "is higher (95% CI excludes 0): supports the paper's claim"
+            elif d["ci_high"] < 0:
+                verdict_ = "is lower (95% CI excludes 0): contradicts the paper's claim"
+            else:
+                verdict_ = "does not differ significantly: does not settle the claim"
+            out.append(f"- {key}: {what} {verdict_} ({d['mean']:+.4g}, p = {_p(d.get('p_value'))}).")
     return out

@@ -1,4 +1,6 @@
-"""Small, exact statistics for seed-level results."""
+"""Small, exact statistics for seed-level results: paired differences with t-intervals, the
+paired t-test's p-value, and power (minimum detectable effect, seeds needed) from the noncentral
+t distribution (scipy)."""
 
 from __future__ import annotations
 
@@ -37,10 +39,12 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     m, s = mean_std(d)
     out: Dict[str, object] = {"n": n, "mean": m, "std": s, "diffs": d, "confidence": confidence}
     if n < 2 or s is None:
-        out.update(ci_low=None, ci_high=None, note=f"only {n} paired seed(s): no confidence interval")
+        out.update(ci_low=None, ci_high=None, p_value=None, note=f"only {n} paired seed(s): no confidence interval")
         return out
     half = t_quantile(0.5 + confidence / 2, n - 1) * s / math.sqrt(n)
-    out.update(ci_low=m - half, ci_high=m + half)
+    out.update(ci_low=m - half, ci_high=m + half, p_value=paired_t_pvalue(m, s, n))
+    if s > 0:
+        out.update(mde_80=min_detectable_effect(s, n), seeds_for_0_5=seeds_needed(0.5, s))
     if n < 5:
         out["note"] = f"{n} seeds: the t-interval is wide; use more seeds for a firm conclusion"
     else:
@@ -52,3 +56,64 @@ def fmt_pm(m: Optional[float], s: Optional[float], digits: int = 2) -> str:
     if m is None:
         return "–"
     return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def paired_t_pvalue(mean: float, std: float, n: int) -> float:
+    """Two-sided p-value of the paired t-test of ``mean == 0`` (``n`` pairs, sample std ``std``).
+
+    >>> round(paired_t_pvalue(1.0, 1.0, 4), 4)   # t = 2, 3 degrees of freedom
+    0.1393
+    """
+    from scipy.stats import t
+
+    if n < 2:
+        raise ValueError(f"a paired t-test needs at least 2 pairs, got {n}")
+    if std == 0:
+        return 1.0 if mean == 0 else 0.0
+    return float(2 * t.sf(abs(mean) / (std / math.sqrt(n)), n - 1))
+
+
+def power(effect: float, std: float, n: int, alpha: float = 0.05) -> float:
+    """Power of the two-sided paired t-test at level ``alpha`` to detect a true mean difference
+    ``effect`` with ``n`` pairs whose differences have standard deviation ``std``.
+
+    >>> round(power(1.0, 1.0, 10), 3)   # G*Power: 0.803
+    0.803
+    """
+    from scipy.stats import nct, t
+
+    if n < 2:
+        return 0.0
+    df = n - 1
+    crit = t.ppf(1 - alpha / 2, df)
+    nc = abs(effect) / (std / math.sqrt(n))
+    upper, lower = float(nct.sf(crit, df, nc)), float(nct.cdf(-crit, df, nc))
+    upper = 1.0 if math.isnan(upper) else upper  # far in the tail: scipy may return NaN
+    lower = 0.0 if math.isnan(lower) else lower
+    return min(1.0, upper + lower)
+
+
+def min_detectable_effect(std: float, n: int, target: float = 0.8, alpha: float = 0.05) -> float:
+    """Smallest true difference the paired t-test detects with probability ``target`` (``n`` pairs).
+
+    >>> round(min_detectable_effect(1.0, 10), 3)
+    0.996
+    """
+    from scipy.optimize import brentq
+
+    if n < 2:
+        return math.inf
+    return float(brentq(lambda e: power(e, std, n, alpha) - target, 1e-9 * std, 50 * std, xtol=1e-9 * std))
+
+
+def seeds_needed(effect: float, std: float, target: float = 0.8, alpha: float = 0.05, limit: int = 10_000) -> int:
+    """Fewest paired seeds with which a true difference ``effect`` is detected with probability
+    ``target`` (two-sided, level ``alpha``), for differences of standard deviation ``std``.
+
+    >>> seeds_needed(1.0, 1.0)
+    10
+    """
+    n = 2
+    while n < limit and power(effect, std, n, alpha) < target:
+        n += 1
+    return n

@@ -1,0 +1,181 @@
+"""Experiments: train → analyze → report over a grid of models × norms × seeds × any config axis.
+
+Each run lives in ``OUT/<model>-<norm>[-<key>=<value>...]-seed<k>/``. A run whose
+``result.json`` says ``complete`` for the same recipe (:meth:`TrainConfig.recipe`) is not
+trained again and an unfinished one is resumed from its ``last.pt``, so a sweep can be stopped
+at any point and continued later with the same command. Runs are ordered seed-major (every cell
+gets seeds 0, 1, … before the next seed), so a stopped sweep has balanced cells.
+
+The summary (``summary.json``, ``report.md``, ``report.html``) gives per-seed accuracy, mean ±
+std per cell, and for each norm the paired difference against BN per model and grid point with a
+95% t-interval, the paired t-test's p-value and power; with ``analyze`` every run is probed
+(``analysis.json``) and the report gains the mechanism section with paired CIs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .io import read_json
+from .train.config import FIELDS, TrainConfig, check_keys, conflict_message, recipe_conflicts, saved_config
+
+__all__ = ["PRESETS", "compare", "plan_runs", "parse_grid", "run_dir", "ExperimentError"]
+
+# The main job: Fashion-MNIST, a small CIFAR-style ResNet, 3 seeds per norm, < 10 min on 2 CPU cores.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "quick": dict(
+        dataset="fashion-mnist", models=["resnet8"], norms=["bn", "l2bn"], seeds=[0, 1, 2], grid={},
+        note="Preset 'quick': chosen so that the default comparison fits in 10 minutes on 2 CPU cores.",
+        train=dict(epochs=5, batch_size=128, train_subset=20000, lr=0.1, weight_decay=5e-4,
+                   schedule="cosine", warmup_epochs=0.5, width=1),
+    ),
+    "paper": dict(
+        dataset="fashion-mnist", models=["resnet20"], norms=["bn", "l2bn", "l2bn-rms"], seeds=[0, 1, 2, 3, 4], grid={},
+        note="Preset 'paper': ResNet-20 on all 60,000 Fashion-MNIST images, 20 epochs, three norms.",
+        train=dict(epochs=20, batch_size=128, lr=0.1, weight_decay=5e-4, schedule="cosine", warmup_epochs=1),
+    ),
+    "batch-size": dict(
+        dataset="fashion-mnist", models=["resnet8"], norms=["bn", "l2bn", "l2bn-rms"], seeds=[0, 1, 2],
+        grid={"batch_size": [16, 32, 64, 128]},
+        note="Preset 'batch-size': the main job's ResNet-8 setting at batch 16-128, learning rate scaled linearly "
+             "from 0.1 at batch 128 (lr_ref_batch=128).",
+        train=dict(epochs=5, batch_size=128, train_subset=20000, lr=0.1, lr_ref_batch=128, weight_decay=5e-4,
+                   schedule="cosine", warmup_epochs=0.5),
+    ),
+    "depth": dict(
+        dataset="fashion-mnist", models=["resnet8", "resnet20", "resnet56"], norms=["bn", "l2bn", "l2bn-rms"],
+        seeds=[0, 1, 2], grid={},
+        note="Preset 'depth': ResNet-8/20/56 at the main job's budget, three norms.",
+        train=dict(epochs=5, batch_size=128, train_subset=20000, lr=0.1, weight_decay=5e-4,
+                   schedule="cosine", warmup_epochs=0.5),
+    ),
+}
+
+
+class ExperimentError(ValueError):
+    """A grid or run directory that cannot be used (bad axis, a directory holding another recipe)."""
+
+
+def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
+    """``["batch_size=16,32", "lr=0.1,0.05"]`` → ``{"batch_size": [16, 32], "lr": [0.1, 0.05]}``,
+    each value converted to the config field's type.
+
+    Example:
+        >>> parse_grid(["batch_size=16,32", "mixup=0,0.4"])
+        {'batch_size': [16, 32], 'mixup': [0.0, 0.4]}
+    """
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    grid: Dict[str, List[Any]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ExperimentError(f"--grid {item!r}: expected KEY=V1,V2,... (e.g. batch_size=16,32,64)")
+        key, vals = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        check_keys({key: None}, "--grid")
+        if key in ("model", "norm", "seed"):
+            raise ExperimentError(f"--grid {key}: use --models/--norms/--seeds for that axis")
+        t = hints[key]
+        base = next((a for a in typing.get_args(t) if a is not type(None)), t) if typing.get_origin(t) else t
+        conv = {bool: lambda s: s.strip().lower() in ("1", "true", "yes", "on")}.get(base, base)
+        try:
+            grid[key] = [conv(v.strip()) for v in vals.split(",") if v.strip()]
+        except (TypeError, ValueError) as e:
+            raise ExperimentError(f"--grid {item!r}: values must be {getattr(base, '__name__', base)} ({e})") from None
+        if not grid[key]:
+            raise ExperimentError(f"--grid {item!r}: no values")
+    return grid
+
+
+def _fmt(v: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(v))
+
+
+def run_dir(out: Path, model: str, norm: str, seed: int, point: Optional[Dict[str, Any]] = None) -> Path:
+    """The directory of one run: ``OUT/<model>-<norm>[-<key>=<value>...]-seed<k>``."""
+    tag = "".join(f"-{k}={_fmt(v)}" for k, v in (point or {}).items())
+    return Path(out) / f"{model}-{norm}{tag}-seed{seed}"
+
+
+def plan_runs(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequence[int], dataset: str,
+              train_overrides: Dict[str, Any], grid: Optional[Dict[str, List[Any]]] = None,
+              data_dir: Optional[str] = None) -> List[Tuple[str, TrainConfig]]:
+    """(label, config) of every run, seed-major: all cells get seed ``s`` before seed ``s+1``."""
+    grid = grid or {}
+    check_keys(train_overrides, "recipe")
+    points = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())] if grid else [{}]
+    plan = []
+    for seed in seeds:
+        for model in models:
+            for point in points:
+                for norm in norms:
+                    d = run_dir(Path(out), model, norm, seed, point)
+                    cfg = TrainConfig(**{**train_overrides, **point, "dataset": dataset, "data_dir": data_dir, "model": model,
+                                         "norm": norm, "seed": seed, "out": str(d), "resume": True})
+                    label = " ".join([model, norm, *(f"{k}={v}" for k, v in point.items()), f"seed {seed}"])
+                    plan.append((label, cfg))
+    return plan
+
+
+def _status(cfg: TrainConfig) -> str:
+    """``done`` (finished with this recipe), ``resume`` (started) or ``new``; a directory holding
+    another recipe raises :class:`ExperimentError`."""
+    saved = saved_config(cfg.out)
+    if saved is None:
+        return "new"
+    conflicts = recipe_conflicts(saved, {**cfg.recipe(), "epochs": cfg.epochs})
+    if conflicts:
+        raise ExperimentError(conflict_message(cfg.out, conflicts))
+    res = Path(cfg.out) / "result.json"
+    if res.is_file():
+        try:
+            r = read_json(res, "run result")
+        except ValueError:
+            return "resume"
+        if r.get("status") == "complete" and r.get("epochs") == cfg.epochs:
+            return "done"
+    return "resume"
+
+
+def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequence[int], dataset: str,
+            train_overrides: Dict[str, Any], grid: Optional[Dict[str, List[Any]]] = None, data_dir: Optional[str] = None,
+            note: str = "", analyze: bool = True, title: str = "") -> Dict[str, Any]:
+    """Train every run of the grid not yet finished, analyse it, then write the report.
+
+    Returns the summary (also written to ``OUT/summary.json``).
+    """
+    from .analysis.analyze import analyze_run
+    from .report.build import build_report
+    from .train import train
+
+    bad = [k for k in train_overrides if k not in FIELDS]
+    if bad:
+        check_keys({k: None for k in bad}, "recipe")
+    plan = plan_runs(out, models, norms, seeds, dataset, train_overrides, grid, data_dir)
+    states = [_status(cfg) for _, cfg in plan]  # refuse a conflicting directory before any training
+    out_p = Path(out)
+    out_p.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    n_done = sum(s == "done" for s in states)
+    print(f"{len(plan)} runs ({n_done} finished earlier) -> {out_p}", flush=True)
+    for i, ((label, cfg), state) in enumerate(zip(plan, states)):
+        tag = f"[{i + 1}/{len(plan)}] {label}"
+        if state == "done":
+            continue
+        print(f"{tag}: {'resuming' if state == 'resume' else 'training'} -> {cfg.out}", flush=True)
+        train(cfg)
+    dirs = [cfg.out for _, cfg in plan]
+    if analyze:
+        for i, d in enumerate(dirs):
+            a, ck = Path(d) / "analysis.json", Path(d) / "last.pt"
+            if a.is_file() and a.stat().st_mtime >= ck.stat().st_mtime:
+                continue
+            print(f"[{i + 1}/{len(dirs)}] analysing {d}", flush=True)
+            analyze_run(d, data_dir=data_dir)
+    build_report(dirs, str(out_p), title=title, note=note, extra={"compare_wall_time_s": time.time() - t0})
+    return read_json(out_p / "summary.json", "summary")

@@ -1,0 +1,142 @@
+"""Loading finished runs and summarising them: cells (model × norm × grid-axis values), paired
+differences against BN with t-intervals, p-values and power, and the same for the mechanism
+metrics of ``analysis.json``.
+
+A *grid axis* is any recipe key that differs between the runs given, other than the model,
+norm and seed (e.g. ``batch_size`` in a batch-size sweep); it is found from the runs' saved
+configs, so ``l2bn report`` over any set of runs groups them the way ``l2bn compare`` made them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..factory import canonical_norm
+from ..io import JSONFileError, read_json
+from .stats import mean_std, paired_difference
+
+__all__ = ["ReportError", "load_runs", "summarize_runs", "grid_axes", "MECHANISM_METRICS", "BASELINE"]
+
+BASELINE = "bn"
+#: (key in the summary, label, how to read it from analysis.json)
+MECHANISM_METRICS: Tuple[Tuple[str, str], ...] = (
+    ("compactness", "intra-class compactness"),
+    ("discrepancy_mean_deg", "mean centroid angle (deg)"),
+    ("fisher_ratio", "Fisher ratio"),
+    ("norm_cv", "norm CV (mean over layers)"),
+    ("knn_accuracy", "k-NN accuracy (%)"),
+)
+_NOT_AXES = {"model", "norm", "seed"}
+
+
+class ReportError(ValueError):
+    """A run directory cannot be reported on (missing or corrupt result.json, unfinished run, ...)."""
+
+
+def load_runs(run_dirs: Sequence[str]) -> List[Dict[str, Any]]:
+    """Read ``result.json`` (and ``analysis.json`` if present) of each finished run directory."""
+    from ..train.config import TrainConfig
+
+    runs = []
+    for d in run_dirs:
+        p = Path(d) / "result.json"
+        if not p.is_file():
+            raise ReportError(f"{d}: no result.json (is this a finished `l2bn train` run directory?)")
+        try:
+            r = read_json(p, "run result")
+            a = Path(d) / "analysis.json"
+            analysis = read_json(a, "analysis") if a.is_file() else None
+        except JSONFileError as e:
+            raise ReportError(str(e)) from None
+        if not isinstance(r, dict) or r.get("status") != "complete":
+            raise ReportError(f"{d}: run is not complete (status {r.get('status') if isinstance(r, dict) else None!r})")
+        if not isinstance(r.get("config"), dict) or "test_acc" not in r:
+            raise ReportError(f"{p}: not an l2bn result (no 'config'/'test_acc')")
+        cfg = TrainConfig(**{k: v for k, v in r["config"].items() if k in TrainConfig.__dataclass_fields__})
+        r["recipe"] = cfg.recipe()
+        r["norm"] = canonical_norm(cfg.norm)
+        r["dir"] = str(Path(d))
+        if analysis is not None and analysis.get("norm_spread"):
+            spread = analysis["norm_spread"]
+            analysis["norm_cv"] = sum(s["cv"] for s in spread.values()) / len(spread)
+        r["analysis"] = analysis
+        runs.append(r)
+    return runs
+
+
+def grid_axes(runs: List[Dict[str, Any]]) -> List[str]:
+    """Recipe keys (besides model, norm, seed) whose values differ between ``runs``."""
+    keys = sorted({k for r in runs for k in r["recipe"]} - _NOT_AXES)
+    return [k for k in keys if len({repr(r["recipe"].get(k)) for r in runs}) > 1]
+
+
+def _cell_key(model: str, norm: str, axes: Dict[str, Any]) -> str:
+    return "/".join([model, norm] + [f"{k}={v}" for k, v in axes.items()])
+
+
+def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> Dict[str, Any]:
+    """Per-cell statistics and paired differences against BN (paired by seed).
+
+    Run directories are recorded relative to ``rel_to`` (the report's folder) when given.
+    """
+    axes = grid_axes(runs)
+    models = list(dict.fromkeys(r["config"]["model"] for r in runs))
+    norms = list(dict.fromkeys(r["norm"] for r in runs))
+    if BASELINE in norms:
+        norms = [BASELINE] + [n for n in norms if n != BASELINE]
+    seeds = sorted({r["config"]["seed"] for r in runs})
+    points = sorted({tuple(r["recipe"].get(k) for k in axes) for r in runs}, key=repr)
+
+    def where(d: str) -> str:
+        return os.path.relpath(d, rel_to) if rel_to else d
+
+    cells: Dict[str, Any] = {}
+    for m in models:
+        for pt in points:
+            ax = dict(zip(axes, pt))
+            for n in norms:
+                rs = sorted((r for r in runs if r["config"]["model"] == m and r["norm"] == n
+                             and all(r["recipe"].get(k) == v for k, v in ax.items())), key=lambda r: r["config"]["seed"])
+                if not rs:
+                    continue
+                fm, fs = mean_std([r["test_acc"] for r in rs])
+                bm, bs = mean_std([r["best_test_acc"] for r in rs])
+                cells[_cell_key(m, n, ax)] = {
+                    "model": m, "norm": n, "axes": ax, "n": len(rs), "final_mean": fm, "final_std": fs,
+                    "best_mean": bm, "best_std": bs,
+                    "runs": [{"seed": r["config"]["seed"], "test_acc": r["test_acc"], "best_test_acc": r["best_test_acc"],
+                              "wall_time_s": r["wall_time_s"], "dir": where(r["dir"]),
+                              **({"best_per_group_acc": r["best_per_group_acc"], "per_group_acc": r["per_group_acc"]}
+                                 if "per_group_acc" in r else {})} for r in rs],
+                    "_runs": rs,
+                }
+    diffs: Dict[str, Any] = {}
+    mech: Dict[str, Any] = {}
+    for key, cell in cells.items():
+        if cell["norm"] == BASELINE:
+            continue
+        base = cells.get(_cell_key(cell["model"], BASELINE, cell["axes"]))
+        if base is None:
+            continue
+        a = {r["config"]["seed"]: r for r in cell["_runs"]}
+        b = {r["config"]["seed"]: r for r in base["_runs"]}
+        common = sorted(set(a) & set(b))
+        dkey = f"{key}-{BASELINE}"
+        diffs[dkey] = {"model": cell["model"], "norm": cell["norm"], "axes": cell["axes"], "seeds": common,
+                       **paired_difference([a[s]["test_acc"] for s in common], [b[s]["test_acc"] for s in common])}
+        both = [s for s in common if a[s]["analysis"] and b[s]["analysis"]]
+        if both:
+            mech[dkey] = {}
+            for metric, _ in MECHANISM_METRICS:
+                if all(metric in a[s]["analysis"] and metric in b[s]["analysis"] for s in both):
+                    mech[dkey][metric] = {
+                        "seeds": both, "l2": mean_std([a[s]["analysis"][metric] for s in both])[0],
+                        "bn": mean_std([b[s]["analysis"][metric] for s in both])[0],
+                        **paired_difference([a[s]["analysis"][metric] for s in both], [b[s]["analysis"][metric] for s in both]),
+                    }
+    for cell in cells.values():
+        cell.pop("_runs")
+    return {"cells": cells, "differences": diffs, "mechanism": mech, "axes": axes, "models": models,
+            "norms": norms, "seeds": seeds}
