@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -14,3 +16,18 @@ def composite(bn: torch.nn.Module, x: torch.Tensor, unit_rms: bool = False) -> t
     if unit_rms:
         u = u * (x[0].numel() ** 0.5)
     return bn(u)
+
+
+# Under CI (CI=true) nothing the README promises may be missing: a skipped test is a failure
+# that says what is missing, so the final line of a green CI run always shows 0 skipped.
+_STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if _STRICT and rep.skipped and not hasattr(rep, "wasxfail"):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"skipped under CI=true, which must not happen (a dependency is missing?): {reason}"

@@ -83,7 +83,16 @@ def test_probes_have_no_side_effects(norm):
     assert all(len(m._forward_pre_hooks) == 0 and len(m._forward_hooks) == 0 for m in net.modules())
     net.eval()
     torch.testing.assert_close(net(x), ref)
-    assert feats.shape == (16, 64) and len(summary) == sum(1 for _ in summary)
+    from torch.nn.modules.batchnorm import _NormBase
+
+    norm_names = [n for n, m in net.named_modules() if isinstance(m, _NormBase)]
+    assert feats.shape == (16, 64) and list(summary) == norm_names and len(norm_names) == 9
+    # the probe measures each layer's input: the stem norm sees conv1's output
+    with torch.no_grad():
+        first_in = net.conv1(x) if hasattr(net, "conv1") else None
+    if first_in is not None:
+        n = first_in.flatten(1).norm(dim=1)
+        assert summary[norm_names[0]]["mean"] == pytest.approx(float(n.mean()), rel=1e-4)
     first = next(iter(summary.values()))
     assert first["count"] == 16 and first["mean"] > 0 and len(first["hist_log10"]) == 80
 
@@ -152,10 +161,10 @@ def test_analyze_errors(tmp_path, two_runs):
     # a checkpoint of another model: swap the config's model name
     bad = tmp_path / "bad"
     shutil.copytree(two_runs[0], bad)
-    state = torch.load(bad / "last.pt", weights_only=False)
+    state = torch.load(bad / "last.pt", weights_only=True)
     state["config"]["model"] = "resnet14"
     torch.save(state, bad / "last.pt")
-    with pytest.raises(CheckpointError, match="does not match the model"):
+    with pytest.raises(CheckpointError, match="does not fit the model: .* missing keys"):
         analyze_run(str(bad))
 
 
@@ -169,12 +178,23 @@ def test_report_renders_in_chromium(tmp_path, two_runs):
     assert "95% CI" in md and "compactness" in md.lower() and "Look for" in md
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5
+    assert "<script" not in html  # the shipped page carries no test hook
+    s = json.loads((out / "summary.json").read_text())
+    assert "mechanism" in s and s["differences"]["resnet8/l2bn-bn"]["n"] == 2
+    assert "p (paired t)" in md and "seeds to detect 0.5 pp" in md
+    # the test adds its own probe script to a copy of the page
+    hook = ("<script>window.__errors=[];window.addEventListener('error',e=>window.__errors.push(String(e.message||e)),true);"
+            "window.addEventListener('load',()=>{const im=[...document.images];"
+            "document.body.dataset.images=im.length;document.body.dataset.imagesOk=im.filter(i=>i.complete&&i.naturalWidth>0).length;"
+            "document.body.dataset.errors=window.__errors.length;});</script>")
+    probe = out / "probe.html"
+    probe.write_text(html.replace("</head>", hook + "</head>", 1))
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     assert chromium, "chromium is required for this test (apt-get install chromium; scripts/install.sh does it)"
     dom = subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=5000", "--dump-dom", (out / "report.html").as_uri()],
+         f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
         capture_output=True, text=True, timeout=120,
     ).stdout
     assert 'data-images="5"' in dom and 'data-images-ok="5"' in dom and 'data-errors="0"' in dom, dom[:500]
@@ -183,3 +203,8 @@ def test_report_renders_in_chromium(tmp_path, two_runs):
 def test_report_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "l2bn", "report", str(tmp_path), "-o", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and "no result.json" in r.stderr
+    assert not (tmp_path / "o").exists()  # nothing half-written
+    (tmp_path / "result.json").write_text('{"status": "complete", "test_acc": ')
+    r = subprocess.run([sys.executable, "-m", "l2bn", "report", str(tmp_path), "-o", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "result.json: corrupt run result" in r.stderr and not (tmp_path / "o").exists()

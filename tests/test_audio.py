@@ -68,7 +68,8 @@ def test_dcase_loader_split_labels_devices(tmp_path):
     assert b.train_x.shape[1:] == (1, 128, 1 + int(44100 * 0.5) // 1024)
     rows = list(csv.DictReader(open(root / "evaluation_setup" / "fold1_evaluate.csv"), delimiter="\t"))
     assert [b.classes[int(i)] for i in b.test_y] == [r["scene_label"] for r in rows]
-    assert b.transform == "deltas" and b.augment == "tcrop400"
+    assert b.transform == "deltas" and b.augment == "tcrop400-each"  # an independent crop per clip (Hu et al.)
+    assert b.input_shape == (3, 128, b.train_x.shape[-1] - 8)
 
 
 def test_dcase_missing_file_names_row(tmp_path):
@@ -105,6 +106,45 @@ def test_deltas_formula_and_stacking():
     assert torch.allclose(d[..., t - 2], expect)
     s = stack_deltas(torch.randn(2, 1, 8, 30))
     assert s.shape == (2, 3, 8, 22)
+
+
+def test_stft_edge_padding_is_reflect_as_librosa_0_6():
+    """Hu et al. ran librosa.feature.melspectrogram with the defaults of librosa 0.6/0.7:
+    center=True, pad_mode="reflect". Both modes match librosa called with that mode; they differ
+    in the edge frames only (here, where the clip's min and max are interior)."""
+    assert FrontEnd().pad_mode == "reflect" and FrontEnd().cache_dtype == "float32"
+    fe_r, fe_c = FrontEnd(seconds=1.0), FrontEnd(seconds=1.0, pad_mode="constant")
+    rng = np.random.default_rng(1)
+    y = (0.1 * rng.standard_normal(fe_r.n_samples)).astype(np.float32)
+    r, c = logmel(torch.from_numpy(y), fe_r)[0].numpy(), logmel(torch.from_numpy(y), fe_c)[0].numpy()
+    assert np.abs(r - logmel_librosa(y, fe_r)).max() < 2e-3 and np.abs(c - logmel_librosa(y, fe_c)).max() < 2e-3
+    if r.argmin() % r.shape[1] not in (0, r.shape[1] - 1) and c.argmin() % c.shape[1] not in (0, c.shape[1] - 1):
+        assert np.abs(r[:, 1:-1] - c[:, 1:-1]).max() < 1e-5
+    assert np.abs(r[:, 0] - c[:, 0]).max() > 0.05 and np.abs(r[:, -1] - c[:, -1]).max() > 0.01
+    with pytest.raises(ValueError, match="pad_mode"):
+        FrontEnd(pad_mode="edge")
+    assert FrontEnd(pad_mode="constant").key() != FrontEnd().key()  # a different cache file
+
+
+def test_float16_storage_quantizes_the_deltas():
+    """Why features are cached in float32: float16 rounds the [0, 1] log-mel to steps of up to
+    2^-11, and the delta / delta-delta regressions inherit errors of that size."""
+    fe = FrontEnd(seconds=2.0)
+    y = torch.from_numpy((0.1 * np.random.default_rng(2).standard_normal(fe.n_samples)).astype(np.float32))
+    lm = logmel(y, fe)[:, None]
+    exact = stack_deltas(lm)
+    assert torch.equal(stack_deltas(lm.float()), exact)
+    half = stack_deltas(lm.half().float())
+    err = (half - exact).abs()
+    assert float(err[:, 0].max()) > 1e-4  # static: up to 2^-12
+    assert float(err[:, 2].max()) > 1e-5 and float(err[:, 2].max()) / float(exact[:, 2].std()) > 1e-3
+
+
+def test_feature_cache_is_float32(tmp_path):
+    p = tmp_path / "c.wav"
+    sf.write(p, (0.1 * np.random.default_rng(0).standard_normal(8000)).astype(np.float32), 16000)
+    fe = FrontEnd(sample_rate=16000, seconds=0.5, n_fft=512, hop_length=128, n_mels=32)
+    assert extract([p], fe, tmp_path / "cache", progress=False).dtype == torch.float32
 
 
 def test_cache_reused_and_invalidated(tmp_path, monkeypatch):

@@ -62,12 +62,16 @@ def test_torchvision_models(name):
         torch.testing.assert_close(y_conv, ref(x), rtol=1e-7, atol=1e-7)
     for (k, a), b in zip(conv.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=k)
+    trained = {k: v.clone() for k, v in conv.state_dict().items()}  # after the training-mode step
     back = l2bn.revert(conv)
     assert _count(back, _L2NormBase) == 0 and _count(back, _BatchNorm) == n_bn
-    plain = copy.deepcopy(back).eval()
+    assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
+    for k, v in back.state_dict().items():  # revert keeps the L2 model's current values
+        assert torch.equal(v, trained[k]), k
+    # ... and computes plain BN with them: the original model loaded with those values
     model2 = copy.deepcopy(model).eval()
-    model2.load_state_dict(back.state_dict())
-    torch.testing.assert_close(plain(x), model2(x))
+    model2.load_state_dict(trained)
+    torch.testing.assert_close(back.eval()(x), model2(x), rtol=1e-9, atol=1e-9)
 
 
 def test_copies_not_aliases_and_keeps_flags():

@@ -165,7 +165,17 @@ def test_compare_tiny_and_skip(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["cells"]["resnet8/bn"]["n"] == 2 and s["cells"]["resnet8/l2bn"]["n"] == 2
     d = s["differences"]["resnet8/l2bn-bn"]
-    assert d["n"] == 2 and d["ci_low"] <= d["mean"] <= d["ci_high"]
+    from scipy import stats
+
+    acc = {c: {r["seed"]: r["test_acc"] for r in s["cells"][f"resnet8/{c}"]["runs"]} for c in ("bn", "l2bn")}
+    diffs = [acc["l2bn"][k] - acc["bn"][k] for k in (0, 1)]
+    assert d["n"] == 2 and d["diffs"] == pytest.approx(diffs)
+    lo, hi = stats.t.interval(0.95, 1, loc=sum(diffs) / 2, scale=stats.sem(diffs))
+    assert (d["ci_low"], d["ci_high"]) == pytest.approx((lo, hi))
+    assert d["p_value"] == pytest.approx(stats.ttest_rel([acc["l2bn"][k] for k in (0, 1)], [acc["bn"][k] for k in (0, 1)]).pvalue)
+    text = (out / "summary.json").read_text() + (out / "report.md").read_text()
+    assert str(tmp_path) not in text  # run directories are recorded relative to the output folder
+    assert s["cells"]["resnet8/bn"]["runs"][0]["dir"] == "resnet8-bn-seed0"
     assert "Paired difference" in (out / "report.md").read_text()
     r2 = cli(*args)
     assert r2.returncode == 0

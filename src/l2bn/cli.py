@@ -92,7 +92,8 @@ def _compare(args: argparse.Namespace) -> int:
         dataset = args.dataset or train_kw.pop("dataset", None) or preset["dataset"]
         train_kw.pop("dataset", None)
         models = args.models or ([train_kw["model"]] if args.config and "model" in train_kw else preset["models"])
-        norms = args.norms or preset["norms"]
+        cfg_norm = train_kw.get("norm") if args.config else None
+        norms = args.norms or (["bn", cfg_norm] if cfg_norm and cfg_norm != "bn" else preset["norms"])
         seeds = args.seeds if args.seeds is not None else preset["seeds"]
         for k in ("model", "norm", "seed", "out", "data_dir", "resume", "test_only"):
             train_kw.pop(k, None)

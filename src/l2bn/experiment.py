@@ -14,6 +14,7 @@ std per cell, and for each norm the paired difference against BN per model and g
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 import time
@@ -168,7 +169,7 @@ def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequen
         if state == "done":
             continue
         print(f"{tag}: {'resuming' if state == 'resume' else 'training'} -> {cfg.out}", flush=True)
-        train(cfg)
+        train(dataclasses.replace(cfg, resume=state == "resume"))
     dirs = [cfg.out for _, cfg in plan]
     if analyze:
         for i, d in enumerate(dirs):

@@ -18,12 +18,14 @@ from .probes import FeatureProbe, NormInputProbe
 
 
 @torch.no_grad()
-def probe_model(model: nn.Module, batches: Any, feature_layer: Optional[str] = None, max_features: int = 10_000):
+def probe_model(model: nn.Module, batches: Any, feature_layer: Optional[Any] = None, max_features: int = 10_000):
     """Run ``model`` (in eval mode) over ``batches`` of (x, y) with both probes attached.
 
     The model's train/eval mode is restored and all hooks are removed afterwards.
     Returns ``(norm_summary, features, labels, accuracy %)``.
     """
+    if feature_layer is None:
+        feature_layer = getattr(model, "feature_layer", None)  # e.g. the DCASE nets' pooled features
     was_training = model.training
     model.eval()
     labels, correct, total = [], 0, 0
@@ -56,7 +58,7 @@ def analyze_run(run_dir: str, data_dir: Optional[str] = None, max_examples: int 
         CheckpointError: no checkpoint in ``run_dir``, or one that does not match its config.
     """
     from ..data import load_dataset
-    from ..data.loaders import make_loaders
+    from ..data.loaders import make_test_loader
     from ..models import build_model
 
     run = Path(run_dir)
@@ -75,8 +77,7 @@ def analyze_run(run_dir: str, data_dir: Optional[str] = None, max_examples: int 
     if data.in_memory:
         n = min(max_examples, len(data.test_y))
         data = dataclasses.replace(data, test_x=data.test_x[:n], test_y=data.test_y[:n])
-    _, test = make_loaders(data, dev, 128, workers=cfg.workers, eval_batch_size=500 if data.in_memory else 128)
-    batches = test.batches(0)
+    batches = make_test_loader(data, dev, 500 if data.in_memory else 128, workers=cfg.workers).batches(0)
     norm_summary, feats, labels, acc = probe_model(model, batches, max_features=max_examples)
     metrics = feature_metrics(feats, labels, knn=knn)
     pca = _pca2d(feats)

@@ -2,8 +2,10 @@
 ``audio-folder`` (WAVs + ``labels.csv``) and ``spoken-digits`` (synthetic, generated offline).
 
 Features: cached log-mel (:mod:`l2bn.audio`), held in memory as (N, 1, mels, frames); deltas
-are stacked to 3 channels on the training device (``transform="deltas"``) and training uses
-random temporal crops (``augment="tcrop<F>"``).
+are stacked to 3 channels on the training device (``transform="deltas"``: 431 -> 423 frames for
+DCASE) and training uses random temporal crops (:mod:`l2bn.data.augment`): for
+``dcase2020-1a`` an independent 400-frame window per clip (``tcrop400-each``, as Hu et al.);
+evaluation uses the full 423 frames.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ def device_of(filename: str) -> str:
 def load_dcase2020_1a(data_dir: Optional[str] = None, **options) -> DataBundle:
     """The official development layout: ``audio/*.wav``, ``meta.csv`` and
     ``evaluation_setup/fold1_{train,evaluate}.csv`` (tab-separated, header ``filename
-    scene_label``); the official fold-1 split; per-device test groups."""
+    scene_label``); the official fold-1 split (13,965 / 2,970 clips); per-device test groups.
+    Hu et al.'s front-end (:class:`l2bn.audio.FrontEnd` defaults, reflect edge padding, float32
+    cache); inputs (3, 128, 423); training augmentation ``tcrop400-each``."""
     from ..audio import FrontEnd
 
     if not data_dir:
@@ -84,7 +88,7 @@ def load_dcase2020_1a(data_dir: Optional[str] = None, **options) -> DataBundle:
         name="dcase2020-1a", num_classes=len(classes), input_shape=(3, fe.n_mels, fe.n_frames - 8),
         train_x=xtr, train_y=torch.tensor([cidx[r["scene_label"]] for r in train_rows]),
         test_x=xte, test_y=torch.tensor([cidx[r["scene_label"]] for r in test_rows]),
-        mean=(0.0,), std=(1.0,), augment="tcrop400", transform="deltas", classes=classes, source=str(root),
+        mean=(0.0,), std=(1.0,), augment="tcrop400-each", transform="deltas", classes=classes, source=str(root),
         test_groups=[device_of(r["filename"]) for r in test_rows],
     )
 
@@ -134,7 +138,8 @@ def load_audio_folder(data_dir: Optional[str] = None, **options) -> DataBundle:
     return _load_folder(Path(data_dir), _fe(FrontEnd(), options), "audio-folder")
 
 
-SPOKEN_DIGITS_FE = dict(sample_rate=16000, seconds=1.0, n_fft=512, hop_length=128, n_mels=64)
+# The demo keeps the zero edge padding its published numbers were made with (DCASE uses reflect).
+SPOKEN_DIGITS_FE = dict(sample_rate=16000, seconds=1.0, n_fft=512, hop_length=128, n_mels=64, pad_mode="constant")
 
 
 @register_dataset("spoken-digits")

@@ -18,7 +18,7 @@ from torch import Tensor
 from . import augment as aug
 from .registry import DataBundle
 
-__all__ = ["TensorBatches", "LoaderBatches", "epoch_generator", "make_loaders"]
+__all__ = ["TensorBatches", "LoaderBatches", "epoch_generator", "make_loaders", "make_test_loader"]
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
@@ -35,7 +35,7 @@ class TensorBatches:
 
     def __init__(self, x: Tensor, y: Tensor, data: DataBundle, device: torch.device, batch_size: int, *,
                  train: bool, seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False,
-                 max_steps: int = 0) -> None:
+                 max_steps: int = 0, pairs: bool = False) -> None:
         self.x = x.to(device)
         self.y = y.to(device)
         shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -48,7 +48,11 @@ class TensorBatches:
         self.rank, self.world_size = rank, world_size
         self.channels_last = channels_last and x.dim() == 4
         n = len(self.y) // world_size if train else len(self.y)
-        self.steps = (n // batch_size) if train else math.ceil(n / batch_size)
+        self.pairs = pairs and train
+        if self.pairs:  # Hu et al.'s mixup generator: 2B clips per step, ceil(n / B) steps (~2 passes)
+            self.steps = math.ceil(n / batch_size)
+        else:
+            self.steps = (n // batch_size) if train else math.ceil(n / batch_size)
         if train and max_steps:
             self.steps = min(self.steps, max_steps)
         if train and self.steps == 0:
@@ -72,8 +76,10 @@ class TensorBatches:
             idx = perm[self.rank * per:(self.rank + 1) * per].to(self.x.device)
         else:
             idx = torch.arange(n, device=self.x.device)
+        if self.pairs:
+            rows = idx[aug.pair_batch_indices(len(idx), self.bs, self.steps, gen).to(idx.device)]
         for s in range(self.steps):
-            b = idx[s * self.bs:(s + 1) * self.bs]
+            b = rows[s] if self.pairs else idx[s * self.bs:(s + 1) * self.bs]
             x = aug.transform(self.transform, (self.x[b].float() - self.mean) / self.std)
             if self.train:
                 x = aug.apply(self.augment, x, gen)
@@ -130,17 +136,26 @@ class LoaderBatches:
 
 def make_loaders(data: DataBundle, device: torch.device, batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, workers: int = 0, channels_last: bool = False, max_steps: int = 0,
-                 eval_batch_size: Optional[int] = None) -> Tuple[Any, Any]:
+                 eval_batch_size: Optional[int] = None, pairs: bool = False) -> Tuple[Any, Any]:
     """(train, test) loaders for ``data``: tensors on ``device`` when the dataset is in memory,
     else ``DataLoader``s. The test loader is not sharded (every rank sees every example)."""
+    te = make_test_loader(data, device, eval_batch_size or (max(256, batch_size) if data.in_memory else batch_size),
+                          workers=workers, channels_last=channels_last)
     if data.in_memory:
         tr: Any = TensorBatches(data.train_x, data.train_y, data, device, batch_size, train=True, seed=seed,
-                                rank=rank, world_size=world_size, channels_last=channels_last, max_steps=max_steps)
-        te: Any = TensorBatches(data.test_x, data.test_y, data, device, eval_batch_size or max(256, batch_size),
-                                train=False, channels_last=channels_last)
+                                rank=rank, world_size=world_size, channels_last=channels_last, max_steps=max_steps,
+                                pairs=pairs)
     else:
+        if pairs:
+            raise ValueError("mixup_mode 'pairs' needs an in-memory dataset (not an image folder)")
         tr = LoaderBatches(data.train_set, device, batch_size, train=True, seed=seed, rank=rank, world_size=world_size,
                            workers=workers, channels_last=channels_last, max_steps=max_steps)
-        te = LoaderBatches(data.test_set, device, eval_batch_size or batch_size, train=False, workers=workers,
-                           channels_last=channels_last)
     return tr, te
+
+
+def make_test_loader(data: DataBundle, device: torch.device, batch_size: int, *, workers: int = 0,
+                     channels_last: bool = False) -> Any:
+    """The (unsharded, unshuffled, unaugmented) test loader of ``data``."""
+    if data.in_memory:
+        return TensorBatches(data.test_x, data.test_y, data, device, batch_size, train=False, channels_last=channels_last)
+    return LoaderBatches(data.test_set, device, batch_size, train=False, workers=workers, channels_last=channels_last)

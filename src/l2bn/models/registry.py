@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from torch import nn
 
@@ -41,7 +41,7 @@ def create_model(
 
 
 def build_model(name: str, norm: str, *, num_classes: int, input_shape: Sequence[int], width: int = 1,
-                sync: bool = False) -> nn.Module:
+                sync: bool = False, bn_eps: Optional[float] = None, bn_momentum: Optional[float] = None) -> nn.Module:
     """Build model ``name`` for a dataset with ``num_classes`` classes and inputs of
     ``input_shape`` (``(C, H, W)`` or ``(F,)``); ``sync`` asks the factory for the synchronised
     twin of ``norm`` (``l2bn`` → ``sync-l2bn``).
@@ -60,4 +60,9 @@ def build_model(name: str, norm: str, *, num_classes: int, input_shape: Sequence
         if not name.startswith("resnet"):
             raise ValueError(f"width={width} is only supported by the CIFAR ResNets (resnet8 ... resnet110), not {name!r}")
         kw["width"] = width
+    for key, val in (("bn_eps", bn_eps), ("bn_momentum", bn_momentum)):
+        if val is not None:
+            if not name.startswith("dcase-"):
+                raise ValueError(f"{key} is only taken by the dcase-* models, not {name!r}")
+            kw[key] = val
     return create_model(name, num_classes, int(input_shape[0]), canonical_norm(norm, sync), **kw)

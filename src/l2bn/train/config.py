@@ -48,6 +48,10 @@ class TrainConfig:
     min_lr: float = 0.0
     label_smoothing: float = 0.0
     mixup: float = 0.0  # alpha of Beta(alpha, alpha); 0: off
+    mixup_mode: str = "batch"  # batch: one lambda, partners from the same batch | pairs: Hu et al. (see below)
+    augment: str = ""  # overrides the dataset's training augmentation (l2bn.data.augment names, "+"-joined)
+    bn_eps: Optional[float] = None  # norm-layer eps / momentum for the models that take them (dcase-*)
+    bn_momentum: Optional[float] = None
     # numerics / speed
     amp: str = "none"  # none | bf16 | fp16
     channels_last: bool = False
@@ -112,6 +116,11 @@ class TrainConfig:
             drop.add("lr_ref_batch")
         if not self.lr_decay:
             drop.add("lr_decay")
+        if not self.augment:
+            drop.add("augment")
+        if not self.mixup:
+            drop.add("mixup_mode")
+        drop |= {k for k in ("bn_eps", "bn_momentum") if getattr(self, k) is None}
         return {k: v for k, v in r.items() if k not in drop}
 
     def dataset_options(self) -> Dict[str, Any]:

@@ -8,6 +8,7 @@ and resumed from ``last.pt`` ends with exactly the metrics of an uninterrupted r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import DataBundle, load_dataset
+from ..data import augment as aug
 from ..data.loaders import epoch_generator, make_loaders
 from ..factory import canonical_norm
 from ..io import write_json
@@ -50,7 +52,7 @@ def resolve_device(name: str) -> torch.device:
 def model_for_config(cfg: TrainConfig, data: DataBundle, sync: bool = False) -> nn.Module:
     """The model of ``cfg`` for ``data`` (norm layers from the factory; ``sync`` for DDP)."""
     return build_model(cfg.model, cfg.norm, num_classes=data.num_classes, input_shape=data.input_shape,
-                       width=cfg.width, sync=sync)
+                       width=cfg.width, sync=sync, bn_eps=cfg.bn_eps, bn_momentum=cfg.bn_momentum)
 
 
 def norm_census(model: nn.Module) -> Dict[str, int]:
@@ -128,15 +130,21 @@ def train_one_epoch(net: nn.Module, loader: Any, opt: torch.optim.Optimizer, sch
     mix_gen = epoch_generator(cfg.seed, epoch, stream=1)
     mix_rng = np.random.default_rng([cfg.seed, epoch])
     bar = _progress(cfg, env, len(loader), f"epoch {epoch + 1}/{cfg.epochs}")
+    pairs = cfg.mixup > 0 and cfg.mixup_mode == "pairs"
     for step, (x, y) in enumerate(loader.batches(epoch)):
-        if cfg.mixup > 0:  # mixup (Zhang et al. 2018): convex pairs within the batch
+        if pairs:  # Hu et al.: 2B clips -> B mixes, one lambda per sample, partners from the second B
+            x, y, y2, lam_n = aug.mixup_pairs(x, y, cfg.mixup, mix_gen)
+        elif cfg.mixup > 0:  # mixup (Zhang et al. 2018): one lambda, partners from the same batch
             lam = float(mix_rng.beta(cfg.mixup, cfg.mixup))
             perm = torch.randperm(len(y), generator=mix_gen).to(device)
             x = lam * x + (1 - lam) * x[perm]
         with _autocast(cfg, device):
             logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            if cfg.mixup > 0:
+            if pairs:
+                loss = aug.mixup_cross_entropy(logits.float(), y, y2, lam_n.float(), cfg.label_smoothing)
+            else:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            if cfg.mixup > 0 and not pairs:
                 loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y[perm], label_smoothing=cfg.label_smoothing)
         if not torch.isfinite(loss.detach()).item():
             if bar is not None:
@@ -149,7 +157,8 @@ def train_one_epoch(net: nn.Module, loader: Any, opt: torch.optim.Optimizer, sch
         scaler.update()
         sched.step()
         tot[0] += loss.detach() * len(y)
-        tot[1] += (logits.detach().argmax(1) == y).sum()
+        pred = logits.detach().argmax(1)
+        tot[1] += (lam_n * (pred == y) + (1 - lam_n) * (pred == y2)).sum() if pairs else (pred == y).sum()
         tot[2] += len(y)
         if bar is not None:
             bar.update(1)
@@ -228,6 +237,12 @@ def _fit(cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_star
     data = load_dataset(cfg.dataset, cfg.data_dir, verify_data=cfg.verify_data, **cfg.dataset_options())
     if cfg.train_subset:
         data = data.subset_train(cfg.train_subset, seed=0)
+    if cfg.augment:
+        data = dataclasses.replace(data, augment=cfg.augment)
+    if cfg.mixup_mode not in ("batch", "pairs"):
+        raise ValueError(f"unknown mixup_mode {cfg.mixup_mode!r}; choose batch or pairs")
+    if cfg.mixup_mode == "pairs" and cfg.mixup <= 0:
+        raise ValueError("mixup_mode 'pairs' needs mixup > 0 (the Beta(alpha, alpha) parameter)")
     sync = cfg.sync_bn and env.enabled
     if sync and canonical_norm(cfg.norm) == "bn" and device.type != "cuda":
         raise RuntimeError("--sync-bn with --norm bn needs CUDA (nn.SyncBatchNorm refuses CPU tensors); "
@@ -236,7 +251,8 @@ def _fit(cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_star
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_b, test_b = make_loaders(data, device, cfg.batch_size, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                                   workers=cfg.workers, channels_last=cfg.channels_last, max_steps=cfg.max_steps_per_epoch)
+                                   workers=cfg.workers, channels_last=cfg.channels_last, max_steps=cfg.max_steps_per_epoch,
+                                   pairs=cfg.mixup > 0 and cfg.mixup_mode == "pairs")
 
     # optimizer, schedule, resume
     opt = make_optimizer(cfg, model)
