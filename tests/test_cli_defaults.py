@@ -140,11 +140,13 @@ def test_compare_bad_input_is_one_line(tmp_path):
     _one_line_error(cli("compare", "--grid", "batch_size=16,abc", "--out", str(tmp_path / "o")), "values must be int")
     assert not (tmp_path / "o").exists()
     # a corrupt checkpoint in an unfinished run that compare would resume
+    args = ("compare", "--dataset", "digits", "--models", "resnet8", "--norms", "bn", "--seeds", "0", "--epochs", "1",
+            "--no-analyze", "--out", str(tmp_path / "c2"))
+    _ok(cli(*args))
     run = tmp_path / "c2" / "resnet8-bn-seed0"
-    run.mkdir(parents=True)
+    (run / "result.json").unlink()  # as if killed after its last checkpoint
     (run / "last.pt").write_bytes(b"\x80\x02garbage")
-    _one_line_error(cli("compare", "--dataset", "digits", "--models", "resnet8", "--norms", "bn", "--seeds", "0",
-                        "--epochs", "1", "--out", str(tmp_path / "c2")), "last.pt: corrupt or unreadable checkpoint")
+    _one_line_error(cli(*args), "last.pt: corrupt or unreadable checkpoint")
 
 
 def test_train_bad_data_dir_names_it(tmp_path):

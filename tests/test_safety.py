@@ -115,3 +115,25 @@ def test_mismatch_error_is_short(run_dir):
     msg = str(e.value)
     assert "saved for model 'resnet8' norm 'l2bn'" in msg and "asks for model 'resnet20' norm 'bn'" in msg
     assert "missing keys" in msg and "(+" in msg and len(msg) < 600 and "\n" not in msg
+
+
+def test_resume_loads_the_rng_state_on_the_cpu(run_dir, tmp_path, monkeypatch):
+    """On a GPU, mapping a checkpoint to the device moved the CPU RNG state there and
+    torch.set_rng_state refused it. Simulated without a GPU: a load mapped anywhere but the CPU
+    hands back an RNG state that set_rng_state rejects, as a CUDA tensor would be."""
+    import l2bn.train.checkpoint as ck
+
+    real = torch.load
+
+    def load(*a, map_location=None, **kw):
+        state = real(*a, map_location="cpu", **kw)
+        if map_location != "cpu" and isinstance(state, dict) and "rng" in state:
+            state["rng"]["torch"] = state["rng"]["torch"].float()  # what set_rng_state cannot take
+        return state
+
+    monkeypatch.setattr(ck.torch, "load", load)
+    d = tmp_path / "R"
+    shutil.copytree(run_dir, d)
+    res = train(TrainConfig(dataset="digits", model="resnet8", norm="l2bn", epochs=2, batch_size=64, lr=0.05, out=str(d),
+                            progress=False, tensorboard=False, threads=1, resume=True))
+    assert res["epochs"] == 2 and len(res["history"]) == 2

@@ -137,10 +137,15 @@ def _report(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    report = bench.run(
-        device=args.device, threads=args.threads, reps=args.reps, compile=not args.no_compile,
-        resnet=not args.no_resnet, json_path=args.json, quick=args.quick,
-    )
+    try:
+        report = bench.run(
+            device=args.device, threads=args.threads, reps=args.reps, compile=not args.no_compile,
+            resnet=not args.no_resnet, json_path=args.json, quick=args.quick, rounds=args.rounds,
+            dtype=args.dtype, shapes={"cpu": bench.SHAPES, "gpu": bench.GPU_SHAPES}.get(args.shapes),
+            channels_last=args.channels_last, bandwidth=args.bandwidth, backend=args.backend,
+        )
+    except ValueError as e:
+        return _fail("bench", e)
     print(report)
     if args.markdown:
         with open(args.markdown, "w") as f:
@@ -190,10 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark L2BN against BatchNorm and the naive composite")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    b.add_argument("--reps", type=int, default=20, help="timed repetitions per variant")
+    b.add_argument("--reps", type=int, default=20, help="timed repetitions per variant in each round")
+    b.add_argument("--rounds", type=int, default=None,
+                   help="independent rounds; ratios are the median and 25th-75th percentile of per-round ratios (default: 5, --quick 3)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="activation dtype")
+    b.add_argument("--shapes", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="shape set (default: gpu on CUDA, else cpu)")
+    b.add_argument("--channels-last", action="store_true", help="4-D inputs in channels_last (NHWC) layout")
+    b.add_argument("--bandwidth", action=argparse.BooleanOptionalAction, default=None,
+                   help="achieved GB/s of large shapes vs y.copy_(x) (default: on for CUDA)")
+    b.add_argument("--backend", default=None, help="L2BN backend for the layers (sets L2BN_BACKEND; default: auto)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
-    b.add_argument("--no-resnet", action="store_true", help="skip the ResNet-56 training-step benchmark")
-    b.add_argument("--quick", action="store_true", help="two shapes and a small ResNet batch (smoke run)")
+    b.add_argument("--no-resnet", action="store_true", help="skip the ResNet-56 and ResNet-8 model rows")
+    b.add_argument("--quick", action="store_true", help="two shapes, 3 rounds and small ResNet batches (smoke run)")
     b.add_argument("--json", default=None, help="also write the measurements as JSON")
     b.add_argument("--markdown", default=None, help="also write the table as markdown")
     b.set_defaults(func=_bench)

@@ -18,47 +18,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .modules import L2BatchNorm1d, L2BatchNorm2d, L2BatchNorm3d, _L2NormBase
+from .norm_act import L2BatchNormAct2d, SyncL2BatchNormAct
 from .sync import SyncL2BatchNorm
 
 __all__ = ["convert", "revert", "L2BatchNormAct2d", "SyncL2BatchNormAct"]
 
 Selector = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]
-
-
-class _NormActMixin:
-    """BN forward followed by ``drop`` then ``act`` (timm's norm-act contract, same keys)."""
-
-    def __init__(self, num_features: int, *args: Any, drop: Optional[nn.Module] = None,
-                 act: Optional[nn.Module] = None, **kwargs: Any) -> None:
-        super().__init__(num_features, *args, **kwargs)  # type: ignore[call-arg]
-        self.drop = drop if drop is not None else nn.Identity()
-        self.act = act if act is not None else nn.Identity()
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self.act(self.drop(super().forward(input)))  # type: ignore[misc]
-
-
-class L2BatchNormAct2d(_NormActMixin, L2BatchNorm2d):
-    """:class:`L2BatchNorm2d` followed by ``drop`` and ``act`` — the L2 form of timm's
-    ``BatchNormAct2d`` (same state-dict keys). Made by :func:`convert`.
-
-    Example:
-        >>> import torch
-        >>> m = L2BatchNormAct2d(8, act=torch.nn.ReLU())
-        >>> bool((m(torch.randn(4, 8, 3, 3)) >= 0).all())
-        True
-    """
-
-
-class SyncL2BatchNormAct(_NormActMixin, SyncL2BatchNorm):
-    """:class:`SyncL2BatchNorm` followed by ``drop`` and ``act`` (timm's ``SyncBatchNormAct``).
-
-    Example:
-        >>> import torch
-        >>> m = SyncL2BatchNormAct(8, act=torch.nn.ReLU())
-        >>> m(torch.randn(4, 8, 3, 3)).shape
-        torch.Size([4, 8, 3, 3])
-    """
 
 
 _PLAIN = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .io import read_json
-from .train.config import FIELDS, TrainConfig, check_keys, conflict_message, recipe_conflicts, saved_config
+from .train.config import (
+    FIELDS,
+    TrainConfig,
+    check_keys,
+    conflict_message,
+    recipe_conflicts,
+    saved_config,
+)
 
 __all__ = ["PRESETS", "compare", "plan_runs", "parse_grid", "run_dir", "ExperimentError"]
 
@@ -174,8 +181,8 @@ def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequen
     if analyze:
         for i, d in enumerate(dirs):
             a, ck = Path(d) / "analysis.json", Path(d) / "last.pt"
-            if a.is_file() and a.stat().st_mtime >= ck.stat().st_mtime:
-                continue
+            if a.is_file() and (not ck.is_file() or a.stat().st_mtime >= ck.stat().st_mtime):
+                continue  # analysed after its last checkpoint (or a committed result without checkpoints)
             print(f"[{i + 1}/{len(dirs)}] analysing {d}", flush=True)
             analyze_run(d, data_dir=data_dir)
     build_report(dirs, str(out_p), title=title, note=note, extra={"compare_wall_time_s": time.time() - t0})

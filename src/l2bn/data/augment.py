@@ -203,7 +203,7 @@ def transform(name: str, x: Tensor) -> Tensor:
     if name == "none":
         return x
     if name == "deltas":
-        from ..audio.features import stack_deltas
+        from .audio.features import stack_deltas
 
         return stack_deltas(x)
     raise ValueError(f"unknown input transform {name!r}; expected 'none' or 'deltas'")

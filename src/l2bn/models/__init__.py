@@ -6,7 +6,7 @@
     272474
 """
 
-from . import audio, cifar_resnet, dcase, mlp, mobilenetv2, torchvision_models, vgg, wrn  # noqa: E402,F401  (register)
+from . import audio_cnn, cifar_resnet, dcase, mlp, mobilenetv2, torchvision_models, vgg, wrn  # noqa: E402,F401  (register)
 from .registry import MODELS, build_model, create_model, list_models, register_model
 
 __all__ = ["MODELS", "build_model", "create_model", "list_models", "register_model"]

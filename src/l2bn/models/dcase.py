@@ -3,7 +3,12 @@
 These are the Keras models of the authors' released code (Ingrid725/ASC_L2BN @ 55b5024, itself
 Hu et al.'s MihawkHu/DCASE2020_task1 ``task1a/10class`` models plus an ``l2bn`` switch),
 ported to PyTorch with the same layers, widths, strides, paddings, shortcuts, heads, dropout,
-BN ``center``/``scale`` flags, bias-free convolutions and He-normal initialisation:
+BN ``center``/``scale`` flags, bias-free convolutions and He-normal initialisation.
+
+Why one file: the three networks share their building blocks (TensorFlow-"same" convolutions
+and pools, the Keras He-normal init, the BN switch that decides where L2BN goes, the channel
+attention of the two FCNNs) and are checked together against one reference table; splitting
+them would scatter one port of one codebase over four files.
 
 =================  ===========================  ==================  =====================
 registry name      Keras builder                trainable params    BN running-stat size
@@ -498,8 +503,8 @@ def measure_norm_layers(model: nn.Module, x: Tensor) -> List[Dict[str, Any]]:
 
 def _synthetic_scenes(n: int, frames: int, seed: int = 0) -> Tensor:
     """``(n, 3, 128, frames)`` features of synthetic 10-s "scenes" (tones, chirps, noise bursts)
-    through the real front-end (:func:`l2bn.audio.logmel`, deltas)."""
-    from ..audio.features import FrontEnd, logmel, stack_deltas
+    through the real front-end (:func:`l2bn.data.audio.logmel`, deltas)."""
+    from ..data.audio.features import FrontEnd, logmel, stack_deltas
 
     fe = FrontEnd()
     g = torch.Generator().manual_seed(seed)

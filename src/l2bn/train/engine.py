@@ -1,5 +1,6 @@
-"""The training loop: :func:`train` reads top to bottom; :func:`train_one_epoch` and
-:func:`evaluate` are its two halves (torchvision's reference layout, airbench's loader-on-device).
+"""One run, top to bottom: :func:`fit` builds data, model, loaders, optimizer and schedule,
+restores a checkpoint, then alternates :func:`l2bn.train.loop.train_one_epoch` and
+:func:`l2bn.train.loop.evaluate`, writing metrics and atomic checkpoints after every epoch.
 
 All randomness of epoch ``e`` is derived from ``(seed, e)``, so a run killed after any epoch
 and resumed from ``last.pt`` ends with exactly the metrics of an uninterrupted run. Under
@@ -16,29 +17,23 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data import DataBundle, load_dataset
-from ..data import augment as aug
-from ..data.loaders import epoch_generator, make_loaders
+from ..data.loaders import make_loaders
 from ..factory import canonical_norm
 from ..io import write_json
 from ..models import build_model
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from .config import RunConfigError, TrainConfig, conflict_message, recipe_conflicts, saved_config
-from .distributed import DistEnv, all_reduce_sum, cleanup, init_distributed
-from .optim import fast_forward, inverse_time_decay, make_optimizer, make_scheduler
+from .distributed import DistEnv, cleanup, init_distributed
+from .loop import TrainingDiverged, evaluate, train_one_epoch
+from .optim import fast_forward, make_optimizer, make_scheduler
 
 __all__ = ["train", "fit", "train_one_epoch", "evaluate", "TrainingDiverged", "model_for_config"]
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,14 +57,6 @@ def norm_census(model: nn.Module) -> Dict[str, int]:
     return dict(Counter(type(m).__name__ for m in model.modules() if isinstance(m, _NormBase)))
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.amp == "none":
-        return torch.autocast(device.type, enabled=False)
-    if cfg.amp not in ("bf16", "fp16"):
-        raise ValueError(f"unknown amp mode {cfg.amp!r}; choose none, bf16 or fp16")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
-
-
 @dataclass
 class _State:
     """What a checkpoint restores besides the model/optimizer: counters and history."""
@@ -79,97 +66,6 @@ class _State:
     best_epoch: int = -1
     best_per_group: Dict[str, float] = field(default_factory=dict)
     history: List[Dict[str, Any]] = field(default_factory=list)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, cfg: TrainConfig, device: torch.device, env: DistEnv,
-             groups: Optional[List[str]] = None) -> Tuple[float, float, Dict[str, float]]:
-    """(loss, accuracy %, accuracy % per group) on the test split; rank r evaluates every
-    world_size-th batch. ``groups`` names a group (e.g. a recording device) per test example."""
-    model.eval()
-    tot = torch.zeros(3, dtype=torch.float64, device=device)
-    n = len(groups) if groups else 0
-    hit = torch.zeros(n, dtype=torch.float64, device=device)
-    seen = torch.zeros(n, dtype=torch.float64, device=device)
-    start = 0
-    for i, (x, y) in enumerate(loader.batches(0)):
-        lo, start = start, start + len(y)
-        if i % env.world_size != env.rank:
-            continue
-        with _autocast(cfg, device):
-            out = model(x)
-        ok = out.argmax(1) == y
-        tot[0] += F.cross_entropy(out.float(), y, reduction="sum")
-        tot[1] += ok.sum()
-        tot[2] += len(y)
-        if n:
-            hit[lo:start] = ok.double()
-            seen[lo:start] = 1
-    all_reduce_sum(tot, env)
-    per_group: Dict[str, float] = {}
-    if n:
-        all_reduce_sum(hit, env)
-        all_reduce_sum(seen, env)
-        for g in sorted(set(groups)):
-            idx = torch.tensor([j for j, gg in enumerate(groups) if gg == g], device=device)
-            per_group[g] = float(100.0 * hit[idx].sum() / seen[idx].sum().clamp_min(1))
-    return float(tot[0] / tot[2]), float(100.0 * tot[1] / tot[2]), per_group
-
-
-def train_one_epoch(net: nn.Module, loader: Any, opt: torch.optim.Optimizer, sched: Any, scaler: Any,
-                    cfg: TrainConfig, device: torch.device, env: DistEnv, epoch: int, step0: int) -> Dict[str, float]:
-    """One pass over the training batches of ``epoch``; returns loss, accuracy and throughput.
-
-    Raises:
-        TrainingDiverged: the loss became NaN or infinite.
-    """
-    t0 = time.time()
-    torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout etc.: a function of (seed, epoch)
-    net.train()
-    tot = torch.zeros(3, dtype=torch.float64, device=device)
-    mix_gen = epoch_generator(cfg.seed, epoch, stream=1)
-    mix_rng = np.random.default_rng([cfg.seed, epoch])
-    bar = _progress(cfg, env, len(loader), f"epoch {epoch + 1}/{cfg.epochs}")
-    pairs = cfg.mixup > 0 and cfg.mixup_mode == "pairs"
-    for step, (x, y) in enumerate(loader.batches(epoch)):
-        if pairs:  # Hu et al.: 2B clips -> B mixes, one lambda per sample, partners from the second B
-            x, y, y2, lam_n = aug.mixup_pairs(x, y, cfg.mixup, mix_gen)
-        elif cfg.mixup > 0:  # mixup (Zhang et al. 2018): one lambda, partners from the same batch
-            lam = float(mix_rng.beta(cfg.mixup, cfg.mixup))
-            perm = torch.randperm(len(y), generator=mix_gen).to(device)
-            x = lam * x + (1 - lam) * x[perm]
-        with _autocast(cfg, device):
-            logits = net(x)
-            if pairs:
-                loss = aug.mixup_cross_entropy(logits.float(), y, y2, lam_n.float(), cfg.label_smoothing)
-            else:
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            if cfg.mixup > 0 and not pairs:
-                loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y[perm], label_smoothing=cfg.label_smoothing)
-        if not torch.isfinite(loss.detach()).item():
-            if bar is not None:
-                bar.close()
-            raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: training diverged.")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        with inverse_time_decay(opt, cfg.lr_decay, step0 + step):
-            scaler.step(opt)
-        scaler.update()
-        sched.step()
-        tot[0] += loss.detach() * len(y)
-        pred = logits.detach().argmax(1)
-        tot[1] += (lam_n * (pred == y) + (1 - lam_n) * (pred == y2)).sum() if pairs else (pred == y).sum()
-        tot[2] += len(y)
-        if bar is not None:
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{float(tot[0] / tot[2]):.3f}")
-    if bar is not None:
-        bar.close()
-    all_reduce_sum(tot, env)
-    dt = time.time() - t0
-    return {"train_loss": float(tot[0] / tot[2]), "train_acc": float(100 * tot[1] / tot[2]),
-            "epoch_time_s": dt, "throughput": float(tot[2]) / max(dt, 1e-9)}
 
 
 def _check_run_dir(cfg: TrainConfig) -> None:
@@ -383,14 +279,3 @@ def _tensorboard(cfg: TrainConfig, out: Path) -> Any:
         print("note: tensorboard not installed; skipping TensorBoard logs (pip install tensorboard)", file=sys.stderr)
         return None
     return SummaryWriter(str(out / "tb"))
-
-
-def _progress(cfg: TrainConfig, env: DistEnv, total: int, desc: str) -> Any:
-    """A tqdm bar on an interactive terminal only (``disable=None``): logs and CI output stay clean."""
-    if not (cfg.progress and env.is_main):
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, disable=None)

@@ -31,7 +31,7 @@ def extract(files: Sequence[Path], fe: FrontEnd, cache_dir: Path, batch: int = 3
             progress: bool = True) -> Tensor:
     """(N, 1, n_mels, frames) log-mel of ``files`` in ``fe.cache_dtype`` (float32 by default: float16
     would quantize the delta-deltas), from the cache when it is valid."""
-    from ..io import atomic_write_bytes
+    from ...io import atomic_write_bytes
 
     files = [Path(f) for f in files]
     cache_dir = Path(cache_dir)

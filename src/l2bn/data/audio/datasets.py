@@ -1,7 +1,7 @@
 """Audio datasets: ``dcase2020-1a`` (TAU Urban Acoustic Scenes 2020 Mobile, development set),
 ``audio-folder`` (WAVs + ``labels.csv``) and ``spoken-digits`` (synthetic, generated offline).
 
-Features: cached log-mel (:mod:`l2bn.audio`), held in memory as (N, 1, mels, frames); deltas
+Features: cached log-mel (:mod:`l2bn.data.audio.cache`), held in memory as (N, 1, mels, frames); deltas
 are stacked to 3 channels on the training device (``transform="deltas"``: 431 -> 423 frames for
 DCASE) and training uses random temporal crops (:mod:`l2bn.data.augment`): for
 ``dcase2020-1a`` an independent 400-frame window per clip (``tcrop400-each``, as Hu et al.);
@@ -17,14 +17,14 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .registry import DataBundle, DataNotFoundError, register_dataset
+from ..registry import DataBundle, DataNotFoundError, register_dataset
 
 AUDIO_DATASETS = {"dcase2020-1a", "audio-folder", "spoken-digits"}
 DCASE_DEVICES = ["a", "b", "c", "s1", "s2", "s3", "s4", "s5", "s6"]
 
 
 def _fe(defaults, options: Dict) -> object:
-    from ..audio import FrontEnd
+    from .features import FrontEnd
 
     base = dataclasses.asdict(defaults) if defaults is not None else {}
     base.update({k: v for k, v in options.items() if v})
@@ -42,7 +42,7 @@ def _read_rows(path: Path, delimiter: str) -> List[Dict[str, str]]:
 
 
 def _features(root: Path, names: List[str], fe, label_file: Path, progress: bool = True) -> torch.Tensor:
-    from ..audio.cache import extract
+    from .cache import extract
 
     files = []
     for i, n in enumerate(names):
@@ -63,9 +63,9 @@ def load_dcase2020_1a(data_dir: Optional[str] = None, **options) -> DataBundle:
     """The official development layout: ``audio/*.wav``, ``meta.csv`` and
     ``evaluation_setup/fold1_{train,evaluate}.csv`` (tab-separated, header ``filename
     scene_label``); the official fold-1 split (13,965 / 2,970 clips); per-device test groups.
-    Hu et al.'s front-end (:class:`l2bn.audio.FrontEnd` defaults, reflect edge padding, float32
+    Hu et al.'s front-end (:class:`l2bn.data.audio.FrontEnd` defaults, reflect edge padding, float32
     cache); inputs (3, 128, 423); training augmentation ``tcrop400-each``."""
-    from ..audio import FrontEnd
+    from .features import FrontEnd
 
     if not data_dir:
         raise DataNotFoundError("dcase2020-1a needs --data-dir pointing at TAU-urban-acoustic-scenes-2020-mobile-development/")
@@ -131,7 +131,7 @@ def _load_folder(root: Path, fe, name: str, seed: int = 0) -> DataBundle:
 def load_audio_folder(data_dir: Optional[str] = None, **options) -> DataBundle:
     """Any folder of WAVs with ``labels.csv`` (``filename,label[,split]``); DCASE front-end
     defaults unless overridden (``--sample-rate``, ``--n-mels``, ...)."""
-    from ..audio import FrontEnd
+    from .features import FrontEnd
 
     if not data_dir:
         raise DataNotFoundError("audio-folder needs --data-dir (a folder with labels.csv and the WAV files)")
@@ -146,8 +146,8 @@ SPOKEN_DIGITS_FE = dict(sample_rate=16000, seconds=1.0, n_fft=512, hop_length=12
 def load_spoken_digits(data_dir: Optional[str] = None, **options) -> DataBundle:
     """The synthetic espeak-ng digits (generated on first use into ``data_dir`` or
     ``~/.cache/l2bn/spoken-digits``): 16 kHz, 1 s, 64 mel bands, hop 128."""
-    from ..audio import FrontEnd
-    from ..audio.spoken_digits import ensure
+    from .features import FrontEnd
+    from .spoken_digits import ensure
 
     root = ensure(data_dir)
     b = _load_folder(root, _fe(FrontEnd(**SPOKEN_DIGITS_FE), options), "spoken-digits")

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Mutation testing of the L2BN core with mutmut (3.x): a surviving mutant that changes a result
+# is a missing test.
+#
+#   scripts/mutation.sh                       # kernels/, functional.py, modules.py, sync.py
+#   scripts/mutation.sh src/l2bn/kernels/fused.py src/l2bn/functional.py
+#
+# It works on a scratch copy (MUT_DIR, default /tmp/l2bn-mutation): the working tree is never
+# modified. The copy gets its own setup.cfg [mutmut] section; mutmut mutates the copy's src/ and
+# runs the fast unit tests below against each mutant (only the tests that reach the mutated
+# function). Results: `cd $MUT_DIR && mutmut results` / `mutmut show <name>`.
+#
+# Environment:
+#   MUT_JOBS    parallel test processes (default 2)
+#   MUT_TESTS   pytest arguments selecting the tests (default: the fast float64 unit tests of
+#               the reference and fused backends; the compiled backend's tests compile graphs
+#               and the torchrun tests start processes, both too slow to run per mutant)
+#   MUT_EXAMPLES  hypothesis examples per property test (default 20)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+MUTMUT=$(dirname "$PY")/mutmut
+if [ ! -x "$MUTMUT" ]; then
+  "$PY" -m pip install -q mutmut
+fi
+DIR=${MUT_DIR:-/tmp/l2bn-mutation}
+JOBS=${MUT_JOBS:-2}
+if [ "$#" -gt 0 ]; then
+  TARGETS=("$@")
+else
+  TARGETS=(src/l2bn/kernels/*.py src/l2bn/functional.py src/l2bn/modules.py src/l2bn/sync.py)
+fi
+DEFAULT_TESTS=(
+  "tests/test_functional.py"
+  "tests/test_backends.py::test_backend_matches_reference_float64"
+  "tests/test_backends.py::test_backend_zero_sample"
+  "tests/test_backends.py::test_empty_batch_like_batchnorm"
+  "tests/test_backends.py::test_tiny_norm_float64_small_l2_eps"
+  "tests/test_backends.py::test_extreme_scale_float32_finite_and_accurate"
+  "tests/test_backends.py::test_output_keeps_memory_format"
+  "tests/test_layers.py"
+  "tests/test_sync.py::test_eval_without_running_stats_never_communicates"
+  "tests/test_sync.py::test_sync_without_process_group_is_plain_l2bn"
+  "tests/test_dropin.py::test_gradient_penalty_step_matches_composite"
+  "tests/test_dropin.py::test_forward_ad_matches_composite"
+  "tests/test_dropin.py::test_double_backward_through_sync_is_refused"
+  "tests/test_dropin.py::test_func_grad_jvp_jacrev"
+  "tests/test_dropin.py::test_vmap_model_ensemble"
+  "-k" "not compiled and not compile and not many_layer_shapes"
+)
+if [ -n "${MUT_TESTS:-}" ]; then
+  read -r -a TESTS <<< "$MUT_TESTS"
+else
+  TESTS=("${DEFAULT_TESTS[@]}")
+fi
+
+rm -rf "$DIR"
+mkdir -p "$DIR"
+cp -r src tests "$DIR"/
+find "$DIR" -name __pycache__ -prune -exec rm -rf {} +
+rm -rf "$DIR"/src/*.egg-info
+{
+  echo "[mutmut]"
+  echo "source_paths = src/"
+  printf 'only_mutate =\n'
+  for t in "${TARGETS[@]}"; do printf '    %s\n' "$t"; done
+  printf 'pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -p\n    no:logging\n    -q\n    --hypothesis-seed=0\n'
+  printf 'pytest_add_cli_args_test_selection =\n'
+  for t in "${TESTS[@]}"; do printf '    %s\n' "$t"; done
+} > "$DIR/setup.cfg"
+cd "$DIR"
+export L2BN_HYPOTHESIS_EXAMPLES=${MUT_EXAMPLES:-20} OMP_NUM_THREADS=1
+# the progress spinner is redrawn with carriage returns: drop its lines (summary below)
+nice "$MUTMUT" run --max-children "$JOBS" 2>&1 | tr '\r' '\n' | grep -v "^⠋\|^⠙\|^⠹\|^⠸\|^⠼\|^⠴\|^⠦\|^⠧\|^⠇\|^⠏" || true
+"$MUTMUT" results --all true > results.txt 2>&1 || "$MUTMUT" results > results.txt 2>&1 || true
+echo "== per file: killed / total (survived, timeout, no tests)"
+"$PY" - <<'EOF'
+import collections, re
+counts = collections.defaultdict(collections.Counter)
+for line in open("results.txt"):
+    m = re.match(r"\s*([\w.]+)__mutmut_\d+: (.+)", line.strip())
+    if not m:
+        continue
+    name, status = m.groups()
+    counts[name.split(".x")[0].split("ǁ")[0]][status.strip()] += 1
+total = collections.Counter()
+for mod, c in sorted(counts.items()):
+    n = sum(c.values())
+    total.update(c)
+    print(f"{mod:40s} killed {c['killed']:4d} / {n:4d}  survived {c['survived']:3d}  timeout {c['timeout']:3d}  no tests {c['no tests']:3d}")
+n = sum(total.values())
+if n:
+    print(f"{'all':40s} killed {total['killed']:4d} / {n:4d} ({100 * total['killed'] / n:.0f}%)")
+EOF
+echo "survivors: grep survived $DIR/results.txt; mutmut show <name> (in $DIR)"

@@ -1,0 +1,97 @@
+"""Experiments over grids: parsing, run planning, a sweep stopped by SIGKILL and continued with
+the same command ends exactly like an uninterrupted one, and the report's per-axis section."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from l2bn.experiment import ExperimentError, parse_grid, plan_runs, run_dir
+from l2bn.train.config import TrainConfig
+
+ENV = dict(os.environ, L2BN_BACKEND="fused", OMP_NUM_THREADS="1")
+
+
+def test_parse_grid_types_and_errors():
+    assert parse_grid(["batch_size=16,32", "lr=0.1,0.05", "nesterov=true,false", "amp=none,bf16"]) == {
+        "batch_size": [16, 32], "lr": [0.1, 0.05], "nesterov": [True, False], "amp": ["none", "bf16"]}
+    with pytest.raises(ValueError, match="unknown config key 'batch_sise'.*did you mean 'batch_size'"):
+        parse_grid(["batch_sise=16"])
+    with pytest.raises(ExperimentError, match="values must be int"):
+        parse_grid(["batch_size=16,x"])
+    with pytest.raises(ExperimentError, match="use --models/--norms/--seeds"):
+        parse_grid(["norm=bn,l2bn"])
+    with pytest.raises(ExperimentError, match="expected KEY=V1,V2"):
+        parse_grid(["batch_size"])
+
+
+def test_plan_is_seed_major_with_one_directory_per_cell(tmp_path):
+    plan = plan_runs(str(tmp_path), ["resnet8"], ["bn", "l2bn"], [0, 1], "digits", {"epochs": 1},
+                     grid={"batch_size": [16, 32]})
+    assert len(plan) == 8
+    seeds = [cfg.seed for _, cfg in plan]
+    assert seeds == [0] * 4 + [1] * 4  # every cell gets seed 0 before any gets seed 1
+    assert plan[1][1].out == str(run_dir(tmp_path, "resnet8", "l2bn", 0, {"batch_size": 16}))
+    assert plan[1][1].out.endswith("resnet8-l2bn-batch_size=16-seed0")
+    assert {cfg.batch_size for _, cfg in plan} == {16, 32} and len({cfg.out for _, cfg in plan}) == 8
+
+
+def test_linear_lr_scaling():
+    assert TrainConfig(lr=0.1, batch_size=32, lr_ref_batch=128).effective_lr() == pytest.approx(0.025)
+    assert TrainConfig(lr=0.1, batch_size=32).effective_lr() == 0.1
+
+
+def _cmd(out, seeds=("0",)):
+    return [sys.executable, "-m", "l2bn", "compare", "--dataset", "digits", "--models", "resnet8", "--norms", "bn", "l2bn",
+            "--seeds", *seeds, "--grid", "batch_size=32,64", "--lr-ref-batch", "64", "--epochs", "2", "--lr", "0.05",
+            "--train-subset", "512", "--warmup-epochs", "0", "--no-analyze", "--threads", "1", "--out", str(out)]
+
+
+def _histories(out):
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_time_s", "throughput")} for e in h]  # noqa: E731
+    return {p.parent.name: strip(json.loads(p.read_text())["history"]) for p in sorted(out.glob("*/result.json"))}
+
+
+def test_sweep_killed_and_continued_equals_uninterrupted(tmp_path):
+    ref = subprocess.run(_cmd(tmp_path / "ref"), env=ENV, capture_output=True, text=True, timeout=900)
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
+    out = tmp_path / "cut"
+    proc = subprocess.Popen(_cmd(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = out / "resnet8-l2bn-batch_size=32-seed0"  # the second run of the plan
+    deadline = time.time() + 600
+    while time.time() < deadline and not (second / "last.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists(), "the sweep finished before it could be killed"
+    again = subprocess.run(_cmd(out), env=ENV, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "(1 finished earlier)" in again.stdout and "resuming" in again.stdout
+    assert _histories(out) == _histories(tmp_path / "ref")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["axes"] == ["batch_size"] and (out / "axis_batch_size.png").is_file()
+    assert set(s["differences"]) == {"resnet8/l2bn/batch_size=32-bn", "resnet8/l2bn/batch_size=64-bn"}
+    md = (out / "report.md").read_text()
+    assert "L2BN − BN against `batch_size`" in md and "Grid axes: batch_size" in md
+    # the linear scaling rule: batch 32 trains at half the reference learning rate
+    r32 = json.loads((out / "resnet8-bn-batch_size=32-seed0" / "result.json").read_text())
+    r64 = json.loads((out / "resnet8-bn-batch_size=64-seed0" / "result.json").read_text())
+    assert r32["config"]["lr_ref_batch"] == 64 and r32["train_examples"] == r64["train_examples"] == 512
+    # adding a seed later trains only the new runs
+    more = subprocess.run(_cmd(out, seeds=("0", "1")), env=ENV, capture_output=True, text=True, timeout=900)
+    assert more.returncode == 0 and "8 runs (4 finished earlier)" in more.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert all(d["n"] == 2 and d["p_value"] is not None for d in s["differences"].values())
+
+
+def test_a_directory_with_another_recipe_is_refused(tmp_path):
+    first = subprocess.run(_cmd(tmp_path / "o"), env=ENV, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0
+    cmd = _cmd(tmp_path / "o")
+    cmd[cmd.index("--lr") + 1] = "0.2"
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 2 and "lr: saved 0.05, given 0.2" in r.stderr and "keeps one recipe" in r.stderr
