@@ -66,3 +66,16 @@ def test_checker_sees_an_upward_import(tmp_path):
     """The import walker resolves relative imports (a checker that saw nothing would pass)."""
     got = dict(_imports(SRC / "train" / "engine.py"))
     assert "models" in got and "io" in got and "data.loaders" in got
+
+
+def test_committed_outputs_hold_no_absolute_paths():
+    """Reports and summaries under docs/ record run directories relative to their folder."""
+    import re
+
+    docs = Path(__file__).parent.parent / "docs"
+    bad = []
+    for p in list(docs.rglob("*.json")) + list(docs.rglob("*.md")) + list(docs.rglob("*.html")):
+        text = p.read_text(errors="ignore")
+        if re.search(r'"(/tmp/|/work/|/root/|/home/)', text) or re.search(r"\((/tmp/|/work/|/root/|/home/)", text):
+            bad.append(str(p.relative_to(docs)))
+    assert not bad, f"absolute paths of another machine in: {bad}"
