@@ -16,6 +16,7 @@
 #               the reference and fused backends; the compiled backend's tests compile graphs
 #               and the torchrun tests start processes, both too slow to run per mutant)
 #   MUT_EXAMPLES  hypothesis examples per property test (default 20)
+#   MUT_NAMES   space-separated mutant names: run only these (e.g. the survivors of a previous run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -39,12 +40,19 @@ DEFAULT_TESTS=(
   "tests/test_backends.py::test_tiny_norm_float64_small_l2_eps"
   "tests/test_backends.py::test_extreme_scale_float32_finite_and_accurate"
   "tests/test_backends.py::test_output_keeps_memory_format"
+  "tests/test_backends.py::test_backend_low_precision"
+  "tests/test_backends.py::test_fused_l2_batch_norm_returns_the_statistics_used"
   "tests/test_layers.py"
   "tests/test_sync.py::test_eval_without_running_stats_never_communicates"
   "tests/test_sync.py::test_sync_without_process_group_is_plain_l2bn"
+  "tests/test_sync.py::test_sync_training_equals_the_union_batch"
+  "tests/test_sync.py::test_forward_ad_and_double_backward_through_sync_are_refused"
   "tests/test_dropin.py::test_gradient_penalty_step_matches_composite"
   "tests/test_dropin.py::test_forward_ad_matches_composite"
   "tests/test_dropin.py::test_double_backward_through_sync_is_refused"
+  "tests/test_dropin.py::test_double_backward_with_non_default_options"
+  "tests/test_dropin.py::test_double_backward_parameters_only"
+  "tests/test_dropin.py::test_forward_ad_parameter_tangents_only_and_stats_not_differentiable"
   "tests/test_dropin.py::test_func_grad_jvp_jacrev"
   "tests/test_dropin.py::test_vmap_model_ensemble"
   "-k" "not compiled and not compile and not many_layer_shapes"
@@ -72,7 +80,8 @@ rm -rf "$DIR"/src/*.egg-info
 cd "$DIR"
 export L2BN_HYPOTHESIS_EXAMPLES=${MUT_EXAMPLES:-20} OMP_NUM_THREADS=1
 # the progress spinner is redrawn with carriage returns: drop its lines (summary below)
-nice "$MUTMUT" run --max-children "$JOBS" 2>&1 | tr '\r' '\n' | grep -v "^⠋\|^⠙\|^⠹\|^⠸\|^⠼\|^⠴\|^⠦\|^⠧\|^⠇\|^⠏" || true
+# shellcheck disable=SC2086
+nice "$MUTMUT" run --max-children "$JOBS" ${MUT_NAMES:-} 2>&1 | tr '\r' '\n' | grep -v "^⠋\|^⠙\|^⠹\|^⠸\|^⠼\|^⠴\|^⠦\|^⠧\|^⠇\|^⠏" || true
 "$MUTMUT" results --all true > results.txt 2>&1 || "$MUTMUT" results > results.txt 2>&1 || true
 echo "== per file: killed / total (survived, timeout, no tests)"
 "$PY" - <<'EOF'
@@ -83,6 +92,8 @@ for line in open("results.txt"):
     if not m:
         continue
     name, status = m.groups()
+    if status.strip() == "not checked":  # not run (MUT_NAMES selected others)
+        continue
     counts[name.split(".x")[0].split("ǁ")[0]][status.strip()] += 1
 total = collections.Counter()
 for mod, c in sorted(counts.items()):

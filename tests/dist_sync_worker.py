@@ -58,6 +58,17 @@ def main(out_path: str) -> None:
         sync.eval()
         ref.eval()
         results[f"{shape_tail}-{unit_rms}-eval"] = float((sync(x_full[lo:hi]) - ref(x_full)[lo:hi]).abs().max())
+    # evaluation without running statistics is local, as in nn.SyncBatchNorm: ranks may run a
+    # different number of evaluation batches without a collective hanging
+    c = 4
+    sync = l2bn.SyncL2BatchNorm(c, track_running_stats=False, dtype=torch.float64).eval()
+    local = l2bn.L2BatchNorm2d(c, track_running_stats=False, dtype=torch.float64).eval()
+    err = 0.0
+    for _ in range(rank + 1):  # rank 0: one batch, rank 1: two
+        xe = torch.randn(2 + rank, c, 3, 3, dtype=torch.float64)
+        err = max(err, float((sync(xe) - local(xe)).abs().max()))
+    results["eval-no-running-stats-local"] = err
+    dist.barrier()
     if rank == 0:
         with open(out_path, "w") as f:
             for k, v in results.items():

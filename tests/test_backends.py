@@ -1,57 +1,59 @@
 """Every backend against the reference: values, gradients, running statistics, memory."""
 
+import dataclasses
 import warnings
 
 import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from l2bn_checks import assert_close_per_sample
 
 from l2bn.functional import l2_batch_norm
-from l2bn.kernels import backends, compiled
+from l2bn.kernels import backends
 from l2bn.kernels.reference import l2_batch_norm_reference
 
 FAST = ["fused", "compiled"]
+ALL = ["reference", "fused", "compiled"]
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 6e-2, torch.float16: 1.5e-2}
 
 
-def _run(backend, x, w, b, rm, rv, training, unit_rms=False):
+def _run(backend, x, w, b, rm, rv, training, unit_rms=False, g=None):
     x = x.detach().clone().requires_grad_()
     params = [p.detach().clone().requires_grad_() for p in (w, b)]
     y = (l2_batch_norm_reference if backend == "reference" else l2_batch_norm)(
         x, rm, rv, *params, training, 0.1, 1e-5, unit_rms=unit_rms,
         **({} if backend == "reference" else {"backend": backend}),
     )
-    g = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(y.dtype)
-    y.backward(g)
+    if g is None:  # a random upstream gradient: d(sum y)/dx is exactly 0 in training
+        g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y.backward(g.to(y.dtype))
     return y, x.grad, params[0].grad, params[1].grad
 
 
 def _compare(backend, x, training=True, unit_rms=False, dtype=None):
+    """Output and input gradient per sample (relative to the sample's own scale), parameter
+    gradients, and both running statistics, against the float64 reference on the same input."""
     dtype = dtype or x.dtype
     c = x.shape[1]
     pdt = torch.float64 if dtype == torch.float64 else torch.float32
     w = torch.linspace(0.5, 1.5, c, dtype=pdt)
     b = torch.linspace(-0.3, 0.3, c, dtype=pdt)
     rm1, rv1 = torch.full((c,), 0.01, dtype=pdt), torch.full((c,), 0.9, dtype=pdt)
-    rm2, rv2 = rm1.clone(), rv1.clone()
-    out = _run(backend, x.to(dtype), w, b, rm1, rv1, training, unit_rms)
+    rm2, rv2 = rm1.double().clone(), rv1.double().clone()  # .double() of float64 is no copy
+    xr = x.to(dtype)
+    out = _run(backend, xr, w, b, rm1, rv1, training, unit_rms)
     # reference in float64 on the same (rounded) input
-    ref = _run("reference", x.to(dtype).double(), w.double(), b.double(), rm2.double(), rv2.double(), training, unit_rms)
+    ref = _run("reference", xr.double(), w.double(), b.double(), rm2, rv2, training, unit_rms)
     tol = TOL[dtype]
     assert out[0].dtype == dtype and out[1].dtype == dtype
-    for name, a, r in zip(("y", "dx", "dw", "db"), out, ref):
-        scale = max(1.0, float(r.detach().abs().max()))
-        torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol * scale, msg=f"{backend} {name}")
-    if training:
-        torch.testing.assert_close(rm1.double(), rm2.double() * 0 + _ref_stats(x.to(dtype), unit_rms)[0] * 0.1 + 0.009, rtol=tol, atol=tol)
-
-
-def _ref_stats(x, unit_rms):
-    rm = torch.zeros(x.shape[1], dtype=torch.float64)
-    rv = torch.ones(x.shape[1], dtype=torch.float64)
-    l2_batch_norm_reference(x.double(), rm, rv, None, None, True, 1.0, 1e-5, unit_rms=unit_rms)
-    return rm, rv
+    assert_close_per_sample(out[0], ref[0], tol, f"{backend} y")
+    assert_close_per_sample(out[1], ref[1], 5 * tol, f"{backend} dx")
+    for name, a, r in zip(("dw", "db"), out[2:], ref[2:]):
+        torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol * float(r.abs().max()), msg=f"{backend} {name}")
+    # running statistics, both of them, for every backend (unchanged in eval)
+    torch.testing.assert_close(rm1.double(), rm2, rtol=tol, atol=tol * float(rm2.abs().max()))
+    torch.testing.assert_close(rv1.double(), rv2, rtol=tol, atol=tol * float(rv2.abs().max()))
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -60,8 +62,20 @@ def _ref_stats(x, unit_rms):
 def test_backend_matches_reference_float64(backend, shape, training):
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=torch.float64) * 3 + 1
-    x[0] = 0  # a zero sample
-    x[1] *= 1e4
+    x[1] *= 1e4  # unequal sample norms
+    x[2] *= 1e-4
+    _compare(backend, x, training)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("shape", [(16, 4), (8, 4, 33), (6, 5, 7, 9), (4, 3, 3, 5, 4)])
+@pytest.mark.parametrize("training", [True, False])
+def test_backend_zero_sample(backend, shape, training):
+    """An all-zero sample (norm below l2_eps: u = x / l2_eps, no radial term) next to ordinary
+    ones; its gradient (about 1/l2_eps larger) is compared on its own scale."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 1
+    x[0] = 0
     _compare(backend, x, training)
 
 
@@ -81,8 +95,13 @@ def test_backend_half_max_values(backend):
     x[2, :, ::2] = 1.0
     x.requires_grad_()
     y = l2_batch_norm(x, None, None, training=True, backend=backend)
-    y.float().sum().backward()
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    y.backward(g.half())
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    ref = _run("reference", x.detach().double(), torch.ones(3, dtype=torch.float64),
+               torch.zeros(3, dtype=torch.float64), None, None, True, g=g.double())
+    assert_close_per_sample(y, ref[0], 1e-2, "y")
+    assert_close_per_sample(x.grad, ref[1], 2e-2, "dx")
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -94,6 +113,21 @@ def test_backend_layouts(backend):
     y = l2_batch_norm(cl, None, None, training=True, backend=backend)
     assert y.is_contiguous(memory_format=torch.channels_last)
     _compare(backend, torch.randn(6, 9, 7, 5, dtype=torch.float64).transpose(1, 3))
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("fmt,shape", [(torch.channels_last, (4, 3, 5, 6)), (torch.channels_last_3d, (3, 2, 3, 4, 5))])
+@pytest.mark.parametrize("training", [True, False])
+def test_output_keeps_memory_format(backend, fmt, shape, training):
+    """l2_batch_norm promises the input's memory format, for every backend (the reference
+    returned a contiguous tensor)."""
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    c = shape[1]
+    y = l2_batch_norm(x, torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64),
+                      training=training, backend=backend)
+    assert y.is_contiguous(memory_format=fmt), y.stride()
+    y.backward(torch.randn_like(y))
+    assert x.grad.shape == x.shape
 
 
 @st.composite
@@ -147,8 +181,8 @@ def test_saved_bytes_like_batchnorm(backend, shape):
 
 def test_unavailable_backend(monkeypatch):
     x = torch.randn(64, 8, 16, 16)
-    monkeypatch.setattr(compiled, "_unavailable", lambda t: "no C++ compiler (test)")
-    monkeypatch.setitem(backends._REGISTRY, "compiled", (compiled.compiled_l2_batch_norm, compiled._unavailable))
+    entry = dataclasses.replace(backends._REGISTRY["compiled"], unavailable=lambda t: "no C++ compiler (test)")
+    monkeypatch.setitem(backends._REGISTRY, "compiled", entry)
     monkeypatch.setattr(backends, "_warned", set())
     with pytest.raises(RuntimeError, match="'compiled' is not available: no C\\+\\+ compiler"):
         l2_batch_norm(x, None, None, training=True, backend="compiled")
@@ -165,3 +199,102 @@ def test_auto_selection():
     assert backends.select(None, big) == "compiled"
     assert backends.select(None, big.double()) == "fused"
     assert backends.select(None, torch.randn(4, 3)) == "fused"
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("shape", [(0, 5), (0, 5, 9), (0, 5, 2, 2), (0, 3, 2, 2, 2), (4, 3, 0)])
+def test_empty_batch_like_batchnorm(backend, shape):
+    """N = 0 in training: empty output, running statistics untouched, backward works (zero
+    parameter gradients), exactly as BN (fused wrote NaN into running_var, compiled raised)."""
+    c = shape[1]
+    bn = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[len(shape)](c)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 1.5)
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    w = torch.rand(c).add(0.5).requires_grad_()
+    b = torch.randn(c).requires_grad_()
+    for training in (True, False):
+        x = torch.randn(shape, requires_grad=True)
+        y = l2_batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, backend=backend)
+        y_bn = bn.train(training)(x)
+        assert y.shape == y_bn.shape == x.shape
+        torch.testing.assert_close(rm, bn.running_mean, rtol=0, atol=0)
+        torch.testing.assert_close(rv, bn.running_var, rtol=0, atol=0)
+        (y * 2).sum().backward()
+        assert x.grad.shape == x.shape
+        assert torch.equal(w.grad, torch.zeros(c)) and torch.equal(b.grad, torch.zeros(c))
+        w.grad = b.grad = None
+
+
+def test_compiled_keeps_compiling_after_empty_batch():
+    """An empty batch must not make the compiled backend give up on that layout for good."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "torch.compile of ... failed ...; using the eager kernels"
+        for n in (0, 6, 0, 6):
+            x = torch.randn(n, 4, 5, 5, requires_grad=True)
+            y = l2_batch_norm(x, torch.zeros(4), torch.ones(4), training=True, backend="compiled")
+            y.backward(torch.randn_like(y))
+
+
+def _scale_case(backend, x, l2_eps, training=True):
+    """y and dx of a backend against the reference evaluated in float64 on the same input."""
+    c = x.shape[1]
+    w, b = torch.linspace(0.5, 1.5, c), torch.linspace(-0.3, 0.3, c)
+    xi = x.detach().clone().requires_grad_()
+    rm, rv = torch.zeros(c, dtype=x.dtype), torch.ones(c, dtype=x.dtype)
+    y = l2_batch_norm(xi, rm, rv, w.to(x.dtype), b.to(x.dtype), training, l2_eps=l2_eps, backend=backend)
+    g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y.backward(g.to(y.dtype))
+    xr = x.detach().double().requires_grad_()
+    yr = l2_batch_norm_reference(xr, None if training else rm.double(), None if training else rv.double(),
+                                 w.double(), b.double(), training, l2_eps=l2_eps)
+    yr.backward(g)
+    return y, xi.grad, yr, xr.grad
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("training", [True, False])
+def test_tiny_norm_float64_small_l2_eps(backend, training):
+    """float64, l2_eps = 1e-20, sample norms ~1e-17: the radial term must not be clamped (the
+    compiled backend clamped r^2 at 1e-30, 7% off)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64) * 1e-18
+    y, dx, yr, dxr = _scale_case(backend, x, 1e-20, training)
+    assert_close_per_sample(y, yr, 1e-9, "y")
+    assert_close_per_sample(dx, dxr, 1e-8, "dx")
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("scale", [1e18, 1e19, 1e-18])
+@pytest.mark.parametrize("training", [True, False])
+def test_extreme_scale_float32_finite_and_accurate(backend, scale, training):
+    """float32 samples with |x| ~ 1e19 (squares overflow), 1e18 (the compiled one-pass sums
+    overflow) and 1e-18 (squares subnormal) are normalized as accurately as ordinary ones; the
+    reference composite itself is finite but wrong at 1e19 (its norm overflows)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 5, 5) * scale
+    x[1] *= 7  # unequal norms
+    y, dx, yr, dxr = _scale_case(backend, x, 1e-30, training)
+    assert_close_per_sample(y, yr, 1e-5, "y")
+    assert_close_per_sample(dx, dxr, 1e-4, "dx")
+
+
+def test_fused_l2_batch_norm_returns_the_statistics_used():
+    """The kernel-level entry point: ``(y, mean, biased_var, count)`` of the normalized input
+    in training, the running statistics in evaluation."""
+    from l2bn.kernels import fused_l2_batch_norm
+    from l2bn.kernels.reference import l2_normalize_samples
+
+    x = torch.randn(6, 3, 4, 5, dtype=torch.float64)
+    w, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    u = l2_normalize_samples(x, unit_rms=True)
+    y, mean, var, count = fused_l2_batch_norm(x, w, b, None, None, 1e-3, 1e-12, True)
+    torch.testing.assert_close(mean, u.mean((0, 2, 3)))
+    torch.testing.assert_close(var, u.var((0, 2, 3), unbiased=False))
+    assert float(count) == 6 * 20
+    torch.testing.assert_close(y, l2_batch_norm_reference(x, None, None, w, b, True, eps=1e-3, unit_rms=True))
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    y, mean, var, count = fused_l2_batch_norm(x, w, b, rm, rv, 1e-3, 1e-12, False)
+    assert torch.equal(mean, rm) and torch.equal(var, rv) and float(count) == 120
+    torch.testing.assert_close(y, l2_batch_norm_reference(x, rm, rv, w, b, False, eps=1e-3))

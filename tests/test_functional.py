@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from l2bn.functional import available_backends, l2_batch_norm
@@ -55,6 +55,8 @@ def cases(draw):
 
 @settings(max_examples=int(__import__("os").environ.get("L2BN_HYPOTHESIS_EXAMPLES", 60)), deadline=None)
 @given(cases())
+@example((4, 3, [5, 5], 1e8, True, False, True, False, False, 0))  # large norms: small gradients
+@example((4, 3, [5, 5], 1e-6, False, True, True, True, True, 1))
 def test_fused_matches_reference_property(case):
     n, c, spatial, scale, training, unit_rms, affine, zero_sample, channels_last, seed = case
     torch.manual_seed(seed)
@@ -79,15 +81,28 @@ def test_fused_matches_reference_property(case):
     inputs = [x] + ([w, b] if affine else [])
     d = torch.autograd.grad(y, inputs, g)
     d_ref = torch.autograd.grad(y_ref, inputs, g)
-    # Bound on the size of the intermediate terms of the input gradient: |g| |w| k / sqrt(eps),
-    # k = s / min_n |x_n|. With (near-)constant normalized channels the exact gradient is a
-    # cancellation of such terms, so float64 agreement is judged relative to this bound.
-    norms = x.detach().flatten(1).norm(dim=1)
-    k = (x[0].numel() ** 0.5 if unit_rms else 1.0) / float(norms[norms > 0].min())
-    wmax = float(w.detach().abs().max()) if affine else 1.0
-    bound = float(g.abs().max()) * max(wmax, 1.0) * max(k, 1.0) / 1e-5**0.5
-    for a, r in zip(d, d_ref):
-        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-10 * bound)
+    assert_grads_close(x.detach(), g, w, unit_rms, d, d_ref)
+
+
+def assert_grads_close(x, g, w, unit_rms, d, d_ref, l2_eps=1e-12, eps=1e-5):
+    """Input gradient per sample, against a bound on the size of the terms of that sample's
+    gradient, |g| max(|w|, 1) k_n / sqrt(eps) with k_n = s / max(|x_n|, l2_eps): every term of
+    dx_n scales with k_n, and with (near-)constant normalized channels the exact gradient is a
+    cancellation of such terms, so float64 agreement is judged relative to this bound (plus
+    1e-6 of the sample's own largest entry). Parameter gradients: sums over the batch of
+    |g| times normalized values of size up to sqrt(count)."""
+    n = x.shape[0]
+    s = x[0].numel() ** 0.5 if unit_rms else 1.0
+    k = s / x.flatten(1).norm(dim=1).clamp_min(l2_eps)
+    wmax = float(w.detach().abs().max()) if w is not None else 1.0
+    bound = float(g.abs().max()) * max(wmax, 1.0) * k / eps**0.5
+    a, r = d[0].flatten(1), d_ref[0].flatten(1)
+    err = (a - r).abs().amax(1)
+    allowed = 1e-10 * bound + 1e-6 * r.abs().amax(1)
+    assert bool((err <= allowed).all()), (err / allowed).tolist()
+    count = x.numel() // x.shape[1]
+    for a, r in zip(d[1:], d_ref[1:]):
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-10 * float(g.abs().sum()) * count**0.5 / n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -99,3 +114,92 @@ def test_fused_low_precision_close_to_float64(dtype):
     tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     assert y.dtype == dtype
     torch.testing.assert_close(y.double(), y64, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused", "compiled"])
+def test_eps_checked_like_batch_norm(backend):
+    """eps <= 0 was accepted; F.batch_norm refuses it in training (positive) and eval
+    (non-negative) with ValueError, and so do we, before any backend runs."""
+    x = torch.randn(4, 3, 2, 2)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    for eps in (0.0, -1.0):
+        with pytest.raises(ValueError, match="eps must be positive during training") as bn:
+            torch.nn.functional.batch_norm(x, rm, rv, training=True, eps=eps)
+        with pytest.raises(ValueError, match="eps must be positive during training, but got") as ours:
+            l2_batch_norm(x, rm.clone(), rv.clone(), training=True, eps=eps, backend=backend)
+        assert type(ours.value) is type(bn.value)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        torch.nn.functional.batch_norm(x, rm, rv, training=False, eps=-1.0)
+    with pytest.raises(ValueError, match="eps must be non-negative, but got -1.0"):
+        l2_batch_norm(x, rm, rv, training=False, eps=-1.0, backend=backend)
+    # eps = 0 in evaluation is allowed, as by BN
+    assert torch.isfinite(l2_batch_norm(x, rm, rv, training=False, eps=0.0, backend=backend)).all()
+    for l2_eps in (0.0, -1e-12, float("nan")):
+        with pytest.raises(ValueError, match="l2_eps must be positive"):
+            l2_batch_norm(x, None, None, training=True, l2_eps=l2_eps, backend=backend)
+    with pytest.raises(TypeError, match="momentum must be a real number, got str"):
+        l2_batch_norm(x, rm, rv, training=True, momentum="0.1", backend=backend)
+    with pytest.raises(TypeError, match="eps must be a real number, got NoneType"):
+        l2_batch_norm(x, rm, rv, training=True, eps=None, backend=backend)
+    with pytest.raises(ValueError, match="running_var has 4 elements"):
+        l2_batch_norm(x, rm, torch.ones(4), training=False, backend=backend)
+
+
+def test_reference_keeps_memory_format():
+    """The reference backend returned a contiguous output for a channels_last input."""
+    x = torch.randn(4, 3, 5, 6).contiguous(memory_format=torch.channels_last)
+    for training in (True, False):
+        y = l2_batch_norm(x, torch.zeros(3), torch.ones(3), training=training, backend="reference")
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, l2_batch_norm(x, torch.zeros(3), torch.ones(3), training=training, backend="fused"))
+
+
+def test_argument_errors_name_the_problem():
+    x = torch.randn(4, 3, 2)
+    with pytest.raises(TypeError, match="expected a Tensor input, got list"):
+        l2_batch_norm([1.0, 2.0], None, None, training=True)
+    with pytest.raises(ValueError, match=r"at least 2 dims, got 1D input of shape \(4,\)"):
+        l2_batch_norm(torch.randn(4), None, None, training=True)
+    with pytest.raises(TypeError, match="floating-point input .* got torch.int64"):
+        l2_batch_norm(torch.ones(4, 3, dtype=torch.long), None, None, training=True)
+    for name, kw in (("running_mean", dict(running_mean=torch.zeros(2), running_var=torch.ones(3))),
+                     ("running_var", dict(running_mean=torch.zeros(3), running_var=torch.ones(5))),
+                     ("weight", dict(running_mean=None, running_var=None, weight=torch.ones(4))),
+                     ("bias", dict(running_mean=None, running_var=None, bias=torch.zeros(1)))):
+        n = next(t.numel() for k, t in kw.items() if k == name)
+        with pytest.raises(ValueError, match=rf"input has 3 channels \(dim 1 of shape \(4, 3, 2\)\) but {name} has {n} elements"):
+            l2_batch_norm(x, training=True, **kw)
+    with pytest.raises(TypeError, match="l2_eps must be a real number, got str"):
+        l2_batch_norm(x, None, None, training=True, l2_eps="1e-12")
+    with pytest.raises(TypeError, match="momentum must be a real number, got bool"):
+        l2_batch_norm(x, None, None, training=True, momentum=True)
+    msg = (r"l2_batch_norm: running_mean and running_var are required when training=False "
+           r"\(pass training=True to use batch statistics\)")
+    for rm, rv in ((None, None), (torch.zeros(3), None), (None, torch.ones(3))):
+        with pytest.raises(ValueError, match=msg):
+            l2_batch_norm(x, rm, rv, training=False)
+
+
+def test_defaults_are_batch_norms():
+    """training=False, momentum=0.1, eps=1e-5, l2_eps=1e-12, unit_rms=False by default, as
+    F.batch_norm (plus the l2 step)."""
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    x[0] = 1e-13  # norm below the default l2_eps
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    u = torch.nn.functional.normalize(x.flatten(1), dim=1, eps=1e-12).view_as(x)
+    torch.testing.assert_close(l2_batch_norm(x, rm, rv), torch.nn.functional.batch_norm(u, rm, rv))
+    rm2, rv2 = rm.clone(), rv.clone()
+    y = l2_batch_norm(x, rm, rv, training=True)
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(u, rm2, rv2, training=True))
+    torch.testing.assert_close((rm, rv), (rm2, rv2))
+
+
+@pytest.mark.parametrize("backend", ["fused", "compiled", "reference"])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (1, 1, 1, 1)])
+def test_single_element_samples_in_eval(backend, shape):
+    """Evaluation of a batch of one (BN allows it), down to a single entry."""
+    c = shape[1]
+    x = torch.randn(shape, dtype=torch.float64) * 3
+    rm, rv = torch.randn(c, dtype=torch.float64) * 0.1, torch.rand(c, dtype=torch.float64) + 0.5
+    u = torch.nn.functional.normalize(x.flatten(1), dim=1).view_as(x)
+    torch.testing.assert_close(l2_batch_norm(x, rm, rv, backend=backend), torch.nn.functional.batch_norm(u, rm, rv))

@@ -126,9 +126,16 @@ def test_channels_last_and_noncontiguous():
     xcl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     y = layer(xcl)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(y, composite(bn, x))
-    y.sum().backward()
+    xr = x.clone().requires_grad_()
+    y_ref = composite(bn, xr)
+    torch.testing.assert_close(y, y_ref)
+    # a random upstream gradient: d(sum y)/dx is exactly 0 in training, it proves nothing
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
     assert xcl.grad.shape == x.shape
+    torch.testing.assert_close(xcl.grad, xr.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(layer.weight.grad, bn.weight.grad, rtol=1e-9, atol=1e-9)
     # non-contiguous: a transposed and a strided view
     base = torch.randn(5, 8, 7, 6, dtype=torch.float64).transpose(1, 3)
     assert not base.is_contiguous()
@@ -272,3 +279,40 @@ def test_many_layer_shapes_share_compiled_kernels():
             y.sum().backward()
             ref = l2bn.functional.l2_batch_norm(x.detach(), None, None, m.weight, m.bias, True, backend="reference")
             torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_constructor_checks_like_batchnorm():
+    """num_features, eps, momentum and l2_eps are checked with BN's error types."""
+    for cls, bn in ((l2bn.L2BatchNorm2d, nn.BatchNorm2d), (l2bn.L2BatchNorm1d, nn.BatchNorm1d)):
+        with pytest.raises(RuntimeError) as bn_err:
+            bn(-1)
+        with pytest.raises(RuntimeError, match="num_features must be non-negative, got -1"):
+            cls(-1)
+        assert "negative" in str(bn_err.value)
+        with pytest.raises(TypeError):
+            bn(2.5)
+        with pytest.raises(TypeError, match="num_features must be an int, got float"):
+            cls(2.5)
+        with pytest.raises(TypeError, match="momentum must be a float or None, got str"):
+            cls(3, momentum="fast")
+        with pytest.raises(TypeError, match="eps must be a float, got str"):
+            cls(3, eps="small")
+        with pytest.raises(ValueError, match="l2_eps must be positive"):
+            cls(3, l2_eps=0.0)
+        assert cls(0).num_features == 0 and cls(3, momentum=None).momentum is None
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0])
+def test_nonpositive_eps_raises_at_forward_like_batchnorm(eps):
+    """BN accepts eps <= 0 at construction and raises ValueError at the forward in training
+    ("eps must be positive"); in evaluation eps = 0 is fine and eps < 0 is refused."""
+    x = torch.randn(4, 3, 2, 2)
+    for mod in (nn.BatchNorm2d(3, eps=eps), l2bn.L2BatchNorm2d(3, eps=eps)):
+        with pytest.raises(ValueError, match="eps must be positive during training"):
+            mod(x)
+        mod.eval()
+        if eps == 0.0:
+            assert torch.isfinite(mod(x)).all()
+        else:
+            with pytest.raises(ValueError, match="eps must be non-negative"):
+                mod(x)

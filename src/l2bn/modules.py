@@ -15,6 +15,7 @@ drop the l2 step.
 from __future__ import annotations
 
 import inspect
+import numbers
 from typing import Any, Optional
 
 import torch.fx
@@ -39,6 +40,25 @@ def _check_input(input: Tensor, expected_dims: tuple, num_features: int, name: s
             f"shape {tuple(input.shape)}"
         )
     return input
+
+
+def _check_args(name: str, num_features: Any, eps: Any, momentum: Any, l2_eps: Any) -> None:
+    """Constructor checks, with BN's error types: ``num_features`` an int (``TypeError``) and
+    not negative (``RuntimeError``, as ``torch.empty`` raises it for BN), ``eps`` and
+    ``momentum`` numbers (``momentum`` may be ``None``), ``l2_eps`` positive (``ValueError``).
+    ``eps`` itself is checked at the forward, as BN does (positive in training, non-negative in
+    evaluation)."""
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+        raise TypeError(f"{name}: num_features must be an int, got {type(num_features).__name__}")
+    if num_features < 0:
+        raise RuntimeError(f"{name}: num_features must be non-negative, got {num_features}")
+    for arg, val in (("eps", eps), ("momentum", momentum), ("l2_eps", l2_eps)):
+        if val is None and arg == "momentum":
+            continue
+        if isinstance(val, bool) or not isinstance(val, numbers.Real):
+            raise TypeError(f"{name}: {arg} must be a float{' or None' if arg == 'momentum' else ''}, got {type(val).__name__}")
+    if not l2_eps > 0:
+        raise ValueError(f"{name}: l2_eps must be positive (the lower bound of a sample's norm), got {l2_eps}")
 
 
 # Symbolic tracing (torch.fx, torchvision's feature extraction) records these as calls
@@ -66,6 +86,7 @@ class _L2NormBase(_NormBase):
         unit_rms: bool = False,
         l2_eps: float = 1e-12,
     ) -> None:
+        _check_args(type(self).__name__, num_features, eps, momentum, l2_eps)
         kw = {"bias": bias} if _NORMBASE_HAS_BIAS else {}
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **kw

@@ -30,7 +30,8 @@ class SyncL2BatchNorm(_L2NormBase):
 
     Outside an initialised process group, or with a group of one process, it behaves exactly
     like :class:`l2bn.L2BatchNorm2d` (and its 1d/3d siblings): no error, no communication.
-    Evaluation uses the running statistics and never communicates.
+    Evaluation never communicates: it uses the running statistics, or with
+    ``track_running_stats=False`` each rank's own batch statistics (as ``nn.SyncBatchNorm``).
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype, unit_rms,
@@ -73,6 +74,11 @@ class SyncL2BatchNorm(_L2NormBase):
     _expected_dims = (2, 3, 4, 5)
 
     def _process_group(self) -> Any:
+        # As nn.SyncBatchNorm: only training synchronises. In evaluation without running
+        # statistics (track_running_stats=False) each rank normalizes with its own batch, so
+        # uneven evaluation batch counts across ranks cannot hang a collective.
+        if not self.training:
+            return None
         if not (dist.is_available() and dist.is_initialized()):
             return None
         group = self.process_group if self.process_group is not None else dist.group.WORLD

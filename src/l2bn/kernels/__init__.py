@@ -1,6 +1,14 @@
-"""L2BN kernels: ``reference`` (the spec), ``fused`` (one-pass autograd.Function) and backends."""
+"""L2BN kernels: ``reference`` (the spec), ``algebra`` (the (N, C) math, once), ``engine`` (bulk
+passes and engines), ``fused`` (the autograd Function), ``compiled`` (the engines compiled) and
+``backends`` (the one table)."""
 
-from .fused import fused_l2_batch_norm
-from .reference import l2_batch_norm_reference, l2_normalize_samples
+from .fused import fused_l2_batch_norm, l2_batch_norm_fast
+from .reference import l2_batch_norm_reference, l2_normalize_samples, reference_backend
 
-__all__ = ["fused_l2_batch_norm", "l2_batch_norm_reference", "l2_normalize_samples"]
+__all__ = [
+    "fused_l2_batch_norm",
+    "l2_batch_norm_fast",
+    "l2_batch_norm_reference",
+    "l2_normalize_samples",
+    "reference_backend",
+]

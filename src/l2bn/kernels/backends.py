@@ -1,44 +1,72 @@
-"""Backend registry for :func:`l2bn.functional.l2_batch_norm`.
+"""The one table of L2BN backends used by :func:`l2bn.functional.l2_batch_norm`.
 
-A backend is a callable with the signature of :func:`l2bn.kernels.fused.fused_l2_batch_norm`.
-``"reference"`` and ``"fused"`` are always available; others register themselves with
-:func:`register` and say whether they can run on a given input.
+Every backend is a callable with one signature, that of :data:`BackendFn` — the arguments of
+:func:`l2bn.functional.l2_batch_norm` after validation; it returns the output and updates the
+running statistics in place as BN does:
+
+* ``"reference"`` — the composite ``F.batch_norm(F.normalize(x))``
+  (:func:`l2bn.kernels.reference.reference_backend`);
+* ``"fused"`` — one-pass statistics and fused backward with ATen ops
+  (:func:`l2bn.kernels.fused.l2_batch_norm_fast`);
+* ``"compiled"`` — the fused algorithm compiled by ``torch.compile``; registers itself from
+  :mod:`l2bn.kernels.compiled`.
+
+Each entry also says whether it can run on a given input and, for automatic selection, whether
+it should.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 from torch import Tensor
 
-__all__ = ["register", "available_backends", "select", "get"]
+from .fused import l2_batch_norm_fast
+from .reference import reference_backend
 
-# name -> (function, availability check on an input; returns None if usable, else the reason)
-_REGISTRY: Dict[str, Tuple[Optional[Callable], Callable[[Tensor], Optional[str]]]] = {
-    "reference": (None, lambda x: None),
-    "fused": (None, lambda x: None),
+__all__ = ["Backend", "BackendFn", "register", "available_backends", "select", "get"]
+
+#: ``fn(input, running_mean, running_var, weight, bias, training, momentum, eps, l2_eps,
+#: unit_rms, process_group) -> output``
+BackendFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registered backend: the function, why it cannot run on an input (``None``: it can),
+    and optionally whether automatic selection should use it for an input."""
+
+    fn: BackendFn
+    unavailable: Callable[[Tensor], Optional[str]]
+    prefer: Optional[Callable[[Tensor], bool]] = None
+
+
+def _always(x: Any) -> Optional[str]:
+    return None
+
+
+_REGISTRY: Dict[str, Backend] = {
+    "reference": Backend(reference_backend, _always),
+    "fused": Backend(l2_batch_norm_fast, _always),
 }
 _AUTO_ORDER: List[str] = ["fused"]
-# name -> whether automatic selection should use it for this input (when available)
-_PREFER: Dict[str, Callable[[Tensor], bool]] = {}
 _warned: set = set()
 
 
 def register(
     name: str,
-    fn: Callable,
-    unavailable_reason: Callable[[Tensor], Optional[str]],
+    fn: BackendFn,
+    unavailable_reason: Callable[[Tensor], Optional[str]] = _always,
     *,
     auto_priority: Optional[int] = None,
     prefer: Optional[Callable[[Tensor], bool]] = None,
 ) -> None:
     """Register backend ``name``; with ``auto_priority`` automatic selection tries it at that
     position, for the inputs where ``prefer(x)`` is true."""
-    _REGISTRY[name] = (fn, unavailable_reason)
-    if prefer is not None:
-        _PREFER[name] = prefer
+    _REGISTRY[name] = Backend(fn, unavailable_reason, prefer)
     if auto_priority is not None and name not in _AUTO_ORDER:
         _AUTO_ORDER.insert(auto_priority, name)
 
@@ -54,11 +82,14 @@ def available_backends() -> List[str]:
     return list(_REGISTRY)
 
 
-def get(name: str) -> Callable:
-    fn = _REGISTRY[name][0]
-    if fn is None:
-        raise KeyError(name)
-    return fn
+def get(name: str) -> BackendFn:
+    """The function of backend ``name`` (``KeyError`` if there is none).
+
+    Example:
+        >>> get("fused").__name__
+        'l2_batch_norm_fast'
+    """
+    return _REGISTRY[name].fn
 
 
 def select(requested: Optional[str], x: Tensor) -> str:
@@ -73,14 +104,15 @@ def select(requested: Optional[str], x: Tensor) -> str:
             raise ValueError(
                 f"unknown L2BN backend {name!r}; choose one of {sorted(_REGISTRY)} or 'auto'"
             )
-        reason = _REGISTRY[name][1](x)
+        reason = _REGISTRY[name].unavailable(x)
         if reason is not None:
             raise RuntimeError(f"L2BN backend {name!r} is not available: {reason}")
         return name
     for cand in _AUTO_ORDER:
-        if cand in _PREFER and not _PREFER[cand](x):
+        entry = _REGISTRY[cand]
+        if entry.prefer is not None and not entry.prefer(x):
             continue
-        reason = _REGISTRY[cand][1](x)
+        reason = entry.unavailable(x)
         if reason is None:
             return cand
         key = (cand, reason)

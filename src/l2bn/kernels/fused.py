@@ -1,60 +1,130 @@
-"""One-pass L2BN as an ``autograd.Function``: BN's memory traffic, BN's saved tensors.
+r"""The autograd Function of the fast backends (``fused``, ``compiled``) and its entry points.
 
-The math (training mode, ``x`` of shape ``(N, C, *S)``, ``M = prod(S)``, see
-``shared/DESIGN.md``):
+The computation itself is :mod:`l2bn.kernels.engine` (bulk passes and engines) on top of
+:mod:`l2bn.kernels.algebra` (the ``(N, C)`` math). This module decides, per call, what runs:
 
-* one reduction over ``x`` gives per-(n, c) mean ``m`` and biased variance ``v``;
-* ``r_n^2 = M * sum_c (v + m^2)``, ``k_n = s / max(r_n, eps_2)`` with ``s = 1`` (paper) or
-  ``sqrt(C*M)`` (unit RMS);
-* the statistics of ``u = k x`` follow on ``(N, C)`` tensors: per-(n, c) means ``k m`` and
-  variances ``k^2 v``, combined over ``n`` with Chan's parallel formula (no
-  ``E[x^2] - E[x]^2`` cancellation);
-* the output is one elementwise pass ``y = x * A[n, c] + B[c]``.
+* :class:`L2BatchNormFunction`: the engine's training or evaluation forward; a first-order
+  backward through the engine's fused backward; **double backward** (any backward run with
+  ``create_graph=True``) recomputes the reference composite
+  :func:`l2bn.kernels.reference.l2_batch_norm_reference` from the saved input and
+  differentiates it with a graph, so higher derivatives are exact, never detached.
+  :class:`L2BatchNormFunctionFwAD` adds **forward-mode AD** (``jvp``, from
+  :func:`l2bn.kernels.algebra.tangent_coeffs` and the same bulk passes).
+* **Scale safety**: the fast statistics can overflow (float32 samples of norm above ~1.8e19) or
+  underflow (norms below ~1e-16 when ``l2_eps`` is smaller still). On CPU the per-sample norms
+  are checked after the (cheap) statistics pass, and the affected batch is recomputed from
+  :math:`\sigma_n x_n` with a per-sample power of two :math:`\sigma_n` (exact scaling), forward
+  and backward. On other devices the check would need a host synchronisation and is skipped.
+* With a ``process_group`` the per-channel statistics are combined across processes in the
+  forward (all-gather of count, mean and M2) and the two per-channel gradient sums are
+  all-reduced in the backward, as ``nn.SyncBatchNorm`` does (gloo on CPU, NCCL on CUDA).
 
-Backward needs per-(n, c) sums of ``g`` and ``g * x`` and then one elementwise pass
-``dx = g * P[n, c] + x * Q[n, c] + R[n, c]``. Only ``x`` and ``O(N * C)`` statistics are saved
-for backward — the naive composite also keeps the normalized copy of ``x``.
-
-With a ``process_group`` the per-channel statistics are combined across processes in the
-forward (all-gather of count, mean and M2) and the two per-channel gradient sums are
-all-reduced in the backward, as ``nn.SyncBatchNorm`` does. This works with any backend
-(gloo on CPU, NCCL on CUDA).
+Why one file: forward, backward, double backward and ``jvp`` share one saved-tensor layout and
+the scale decision taken in the forward; the entry points at the end are their only callers.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .reference import accumulate_dtype
+from . import algebra
+from .algebra import SampleNorms
+from .engine import (
+    EAGER,
+    EAGER_KERNELS,
+    Engine,
+    _ncm,
+    _numel,
+    backward_core,
+    eval_forward,
+    finish_train,
+    local_stats,
+    train_forward,
+)
+from .reference import accumulate_dtype, l2_batch_norm_reference
 
-__all__ = ["FusedL2BatchNorm", "fused_l2_batch_norm"]
+__all__ = [
+    "EAGER",
+    "L2BatchNormFunction",
+    "L2BatchNormFunctionFwAD",
+    "l2_batch_norm_fast",
+    "fused_l2_batch_norm",
+    "in_functorch_transform",
+]
 
 
-def _as_ncm(x: Tensor) -> Tuple[Tensor, Tuple[int, ...], int]:
-    """View ``x`` as having at least one spatial dim; return it, the spatial dims and M."""
-    xs = x.unsqueeze(-1) if x.dim() == 2 else x
-    dims = tuple(range(2, xs.dim()))
-    m = 1
-    for s in xs.shape[2:]:
-        m *= s
-    return xs, dims, m
 
 
-def _bshape(t: Tensor, ndim: int) -> Tensor:
-    """Reshape an (N, C) or (C,) tensor so it broadcasts against an ``ndim``-D input."""
-    if t.dim() == 1:
-        return t.reshape((1, -1) + (1,) * (ndim - 2))
-    return t.reshape(t.shape + (1,) * (ndim - 2))
+# ------------------------------------------------------------------------- transforms
+
+_maybe_current_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
 
 
-def _combine_across(
-    count: int, mean: Tensor, m2: Tensor, process_group: Any
-) -> Tuple[Tensor, Tensor, Tensor]:
+def in_functorch_transform() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) is active (also the ``vmap``
+    behind ``torch.autograd.grad(..., is_grads_batched=True)``); never true while
+    ``torch.compile`` traces.
+
+    Example:
+        >>> in_functorch_transform()
+        False
+        >>> bool(torch.func.vmap(lambda t: t * in_functorch_transform())(torch.ones(2)).all())
+        True
+    """
+    if _maybe_current_level is None or torch.compiler.is_compiling():
+        return False
+    return _maybe_current_level() is not None
+
+
+# ------------------------------------------------------------------------- scale safety
+
+
+def _norm_range(acc: torch.dtype, d: int) -> Tuple[float, float]:
+    """Sample norms outside ``[lo, hi]`` may lose accuracy in ``acc``: above ``hi`` squares can
+    overflow (and ``k^2`` underflows in backward), below ``lo`` squares of the entries are
+    subnormal enough to matter."""
+    fi = torch.finfo(acc)
+    return math.sqrt(max(d, 1) * fi.tiny / fi.eps), math.sqrt(fi.max) / 4
+
+
+def needs_rescale(r: Tensor, acc: torch.dtype, d: int, l2_eps: float) -> bool:
+    """Whether any sample norm ``r`` (as computed by the fast pass) is out of the safe range.
+
+    Only checked on CPU outside compilation: elsewhere it would synchronise with the device.
+    NaN counts as out of range (an overflow inside the pass gives inf - inf).
+    """
+    if r.device.type != "cpu" or r.numel() == 0 or torch.compiler.is_compiling():
+        return False
+    lo, hi = _norm_range(acc, d)
+    ok = r <= hi
+    if l2_eps < lo:  # norms in [l2_eps, lo) are used as computed: they must be accurate
+        ok = ok & ((r >= lo) | (r < l2_eps))
+    return not bool(ok.all())
+
+
+def pow2_scale(xs: Tensor, acc: torch.dtype) -> Tensor:
+    r"""Per-sample power of two :math:`\sigma_n` with :math:`\max|\sigma_n x_n| \in [1/2, 1)`
+    (1 for an all-zero or non-finite sample); scaling by it is exact.
+
+    Example:
+        >>> x = torch.tensor([[3e30, 1.0], [0.0, 0.0]])
+        >>> s = pow2_scale(x, torch.float32)
+        >>> s.log2().tolist(), round((s[0] * x[0, 0]).item(), 4)
+        ([-102.0, 0.0], 0.5916)
+    """
+    amax = xs.abs().amax(dim=tuple(range(1, xs.dim()))).to(acc)
+    return torch.exp2(-torch.frexp(amax).exponent.to(acc))
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _combine_across(count: int, mean: Tensor, m2: Tensor, process_group: Any) -> Tuple[Tensor, Tensor, Tensor]:
     """All-gather per-rank (count, mean, M2) of each channel and combine them (Chan et al.)."""
     import torch.distributed as dist
 
@@ -63,80 +133,39 @@ def _combine_across(
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local, group=process_group)
     allst = torch.stack(gathered)  # (W, 3, C)
-    counts, means, m2s = allst[:, 0], allst[:, 1], allst[:, 2]
-    total = counts.sum(0)
-    gmean = (counts * means).sum(0) / total
-    gm2 = (m2s + counts * (means - gmean) ** 2).sum(0)
+    total, gmean, gm2 = algebra.combine_moments(allst[:, 0], allst[:, 1], allst[:, 2])
     return total[0], gmean, gm2
 
 
-def _row_mean_var(xs: Tensor, dims: Tuple[int, ...], m_sp: int, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """Per-(n, c) mean and biased variance in ``acc``, two-pass (centred) for stability.
+def _all_reducer(process_group: Any) -> Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]:
+    def reduce(g_c: Tensor, su_c: Tensor) -> Tuple[Tensor, Tensor]:
+        import torch.distributed as dist
 
-    ``torch.var_mean`` over trailing dims is ~10x slower than a sum on CPU, so the variance is
-    the squared l2 norm of the centred values (a vectorised reduction) divided by M.
+        both = torch.stack([g_c, su_c])
+        dist.all_reduce(both, group=process_group)
+        return both[0], both[1]
+
+    return reduce
+
+
+def _forward_ad_active() -> bool:
+    return _fwad._current_level >= 0 and not torch.compiler.is_compiling()
+
+
+def _apply(*args: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    fn = L2BatchNormFunctionFwAD if _forward_ad_active() else L2BatchNormFunction
+    return fn.apply(*args)
+
+
+class L2BatchNormFunction(torch.autograd.Function):
+    """L2BN forward and backward for the fast backends; use :func:`l2_batch_norm_fast`.
+
+    Returns ``(y, mean, biased_var, count)`` of the statistics used (the last three are not
+    differentiable). First-order backward runs the engine's fused backward; a backward with
+    ``create_graph=True`` differentiates the reference composite instead (exact higher-order
+    derivatives; see :func:`_higher_order_backward`). Forward-mode AD:
+    :class:`L2BatchNormFunctionFwAD`.
     """
-    xa = xs if xs.dtype == acc else xs.to(acc)
-    m = xa.mean(dims)
-    d = xa - _bshape(m, xa.dim())
-    if d.is_contiguous():
-        m2 = torch.linalg.vector_norm(d, dim=dims).square()
-    else:
-        m2 = (d * d).sum(dims)
-    return m, m2 / m_sp
-
-
-def _affine_apply(xs: Tensor, amat: Tensor, bvec: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """``y = x * A[n, c] + B[c]`` in one elementwise pass."""
-    y = torch.addcmul(_bshape(bvec, xs.dim()), xs, _bshape(amat, xs.dim()))
-    return y if y.dtype == out_dtype else y.to(out_dtype)
-
-
-def _grad_sums(gs: Tensor, xs: Tensor, dims: Tuple[int, ...], acc: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """Per-(n, c) sums of ``g`` and ``g * x`` in ``acc``."""
-    if gs.dtype != acc:
-        gs, xs = gs.to(acc), xs.to(acc)
-    return gs.sum(dims), (gs * xs).sum(dims)
-
-
-def _grad_apply(gs: Tensor, xs: Tensor, p: Tensor, q: Tensor, r: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """``dx = g * P[n, c] + x * Q[n, c] + R[n, c]``."""
-    nd = xs.dim()
-    dx = torch.addcmul(_bshape(r, nd), xs, _bshape(q, nd))
-    dx.addcmul_(gs, _bshape(p, nd))
-    return dx if dx.dtype == out_dtype else dx.to(out_dtype)
-
-
-def unsaved_row_stats(xs: Tensor, acc: torch.dtype, row_stats: Any = None) -> Tuple[Tensor, Tensor]:
-    """Per-(n, c) mean and variance that forward did not save: for one entry per (n, c) (an
-    (N, C) input) they are x itself and 0; otherwise ``row_stats`` recomputes them."""
-    if xs[0, 0].numel() == 1:
-        m = xs.reshape(xs.shape[0], xs.shape[1]).to(acc)
-        return m, torch.zeros_like(m)
-    dims = tuple(range(2, xs.dim()))
-    return (row_stats or _row_mean_var)(xs, dims, xs[0, 0].numel(), acc)
-
-
-class Kernels:
-    """The four bulk passes of L2BN; everything else works on ``(N, C)`` tensors.
-
-    ``EAGER`` uses ATen ops; :mod:`l2bn.kernels.compiled` provides versions generated by
-    ``torch.compile`` (C++/OpenMP on CPU, Triton on CUDA).
-    """
-
-    def __init__(self, row_stats: Any, affine_apply: Any, grad_sums: Any, grad_apply: Any) -> None:
-        self.row_stats = row_stats
-        self.affine_apply = affine_apply
-        self.grad_sums = grad_sums
-        self.grad_apply = grad_apply
-
-
-EAGER = Kernels(_row_mean_var, _affine_apply, _grad_sums, _grad_apply)
-KERNELS = {"fused": EAGER}
-
-
-class FusedL2BatchNorm(torch.autograd.Function):
-    """Fused L2BN forward/backward. Use :func:`fused_l2_batch_norm`, not this class directly."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -150,108 +179,224 @@ class FusedL2BatchNorm(torch.autograd.Function):
         l2_eps: float,
         unit_rms: bool,
         process_group: Any,
-        kernels: str,
+        engine: Engine,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        kern = KERNELS[kernels]
         acc = accumulate_dtype(x.dtype)
-        xs, dims, m_sp = _as_ncm(x)
+        xs = _ncm(x)
         n, c = xs.shape[0], xs.shape[1]
-        m, v = kern.row_stats(xs, dims, m_sp, acc)  # (N, C) each
-        sq = (v + m * m).sum(1) * m_sp  # (N,) squared l2 norm of each sample
-        r = sq.sqrt()
-        scale = math.sqrt(c * m_sp) if unit_rms else 1.0
-        k = scale / r.clamp_min(l2_eps)  # (N,)
-        use_batch_stats = stat_mean is None
-        if use_batch_stats:
-            mk = m * k[:, None]
-            vk = v * (k * k)[:, None]
-            if n > 0:
-                mu = mk.mean(0)
-                m2 = (vk.mean(0) + ((mk - mu) ** 2).mean(0)) * (n * m_sp)
-            else:
-                mu = m.new_zeros(c)
-                m2 = m.new_zeros(c)
-            if process_group is not None:
-                count, mu, m2 = _combine_across(n * m_sp, mu, m2, process_group)
-            else:
-                count = torch.tensor(float(n * m_sp), dtype=acc, device=x.device)
-            var = m2 / count
+        m_sp = _numel(xs.shape[2:])
+        s = algebra.unit_scale(c * m_sp, unit_rms)
+        w = weight.to(acc) if weight is not None else None
+        b = bias.to(acc) if bias is not None else None
+        batch_stats = stat_mean is None
+        # empty inputs never reach a compiled graph (sizes 0 would specialise it)
+        eng = engine if xs.numel() > 0 else EAGER
+        sigma: Optional[Tensor] = None
+        mk = vk = var_saved = None
+        if batch_stats and process_group is None:
+            y, r, k, mk, vk, mu, var, invstd = eng.train(xs, w, b, eps, l2_eps, s)
+            if needs_rescale(r, acc, c * m_sp, l2_eps):
+                sigma = pow2_scale(xs, acc)
+                y, r, k, mk, vk, mu, var, invstd = train_forward(xs, w, b, eps, l2_eps, s, EAGER_KERNELS, sigma)
+            count = torch.tensor(float(n * m_sp), dtype=acc, device=x.device)
+        elif batch_stats:
+            norms = local_stats(xs, acc, s, l2_eps, eng.kernels.row_stats)
+            if needs_rescale(norms.r, acc, c * m_sp, l2_eps):  # before any collective
+                sigma = pow2_scale(xs, acc)
+                norms = local_stats(xs, acc, s, l2_eps, EAGER_KERNELS.row_stats, sigma)
+            r, k, mk, vk = norms
+            mu, m2 = algebra.batch_moments(mk, vk, m_sp)
+            count, mu, m2 = _combine_across(n * m_sp, mu, m2, process_group)
+            y, var, invstd = finish_train(xs, norms, w, b, eps, mu, m2, count, eng.kernels.affine_apply)
         else:
             assert stat_var is not None
-            mu = stat_mean.to(acc)
-            var = stat_var.to(acc)
+            y, r, k, mu, var, invstd = eng.evaluate(xs, w, b, stat_mean, stat_var, eps, l2_eps, s)
+            if needs_rescale(r, acc, c * m_sp, l2_eps):
+                sigma = pow2_scale(xs, acc)
+                y, r, k, mu, var, invstd = eval_forward(xs, w, b, stat_mean, stat_var, eps, l2_eps, s, EAGER_KERNELS, sigma)
             count = torch.tensor(float(n * m_sp), dtype=acc, device=x.device)
-        invstd = torch.rsqrt(var + eps)
-        gamma = weight.to(acc) if weight is not None else torch.ones_like(invstd)
-        beta = bias.to(acc) if bias is not None else torch.zeros_like(invstd)
-        a_c = gamma * invstd
-        amat = a_c[None, :] * k[:, None]  # (N, C)
-        bvec = beta - mu * a_c  # (C,)
-        y = kern.affine_apply(xs, amat, bvec, x.dtype)
+            var_saved = var
         if x.dim() == 2:
             y = y.squeeze(-1)
 
-        # With one entry per (n, c) (an MLP's (N, C) input) the row statistics are x itself and
+        # With one entry per (n, c) (an MLP's (N, C) input) the row statistics of u are k x and
         # 0: recompute them in backward rather than save two more tensors of x's size.
-        row = (m, v) if m_sp > 1 else (None, None)
-        ctx.save_for_backward(x, weight, k, r, *row, mu, invstd, count)
-        ctx.use_batch_stats = use_batch_stats
-        ctx.l2_eps = l2_eps
-        ctx.process_group = process_group
-        ctx.m_sp = m_sp
-        ctx.kernels = kernels
+        keep = batch_stats and m_sp != 1
+        saved = (x, weight, k, r, mk if keep else None, vk if keep else None, mu, invstd, count, var_saved, sigma)
+        ctx.save_for_backward(*saved)
+        if _forward_ad_active():
+            ctx.save_for_forward(*saved)
+        ctx.batch_stats = batch_stats
+        ctx.eps, ctx.l2_eps, ctx.unit_rms = eps, l2_eps, unit_rms
+        ctx.process_group = process_group if batch_stats else None
+        ctx.engine = engine
+        ctx.param_dtypes = (
+            weight.dtype if weight is not None else acc,
+            bias.dtype if bias is not None else acc,
+        )
         ctx.mark_non_differentiable(mu, var, count)
         return y, mu, var, count
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, gy: Tensor, _gmu: Any, _gvar: Any, _gcount: Any):  # type: ignore[override]
-        x, weight, k, r, m, v, mu, invstd, count = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _higher_order_backward(ctx, gy)
+        x, weight, k, r, mk, vk, mu, invstd, count, _var, sigma = ctx.saved_tensors
+        need_dx, need_w, need_b = ctx.needs_input_grad[:3]
         acc = invstd.dtype
-        xs, dims, m_sp = _as_ncm(x)
-        if m is None:
-            m, v = unsaved_row_stats(xs, acc)
-        gs = gy.unsqueeze(-1) if gy.dim() == 2 else gy
-        kern = KERNELS[ctx.kernels]
-        g_nc, gx_nc = kern.grad_sums(gs, xs, dims, acc)  # (N, C): sum_s g, sum_s g x
-        g_c = g_nc.sum(0)
-        su_c = (k[:, None] * gx_nc).sum(0)  # sum g u
-        gamma = weight.to(acc) if weight is not None else torch.ones_like(invstd)
-        a_c = gamma * invstd
-        grad_weight = grad_bias = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = ((su_c - mu * g_c) * invstd).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = g_c.to(weight.dtype if weight is not None else acc)
+        xs, gs = _ncm(x), _ncm(gy)
+        w = weight.to(acc) if weight is not None else None
+        pg = ctx.process_group
+        if pg is None and sigma is None and xs.numel() > 0:
+            dx, gw, gb = ctx.engine.backward(
+                gs, xs, w, k, r, mk, vk, mu, invstd, ctx.l2_eps, ctx.unit_rms, ctx.batch_stats, need_dx
+            )
+        else:
+            kern = ctx.engine.kernels if sigma is None and xs.numel() > 0 else EAGER_KERNELS
+            dx, gw, gb = backward_core(
+                gs, xs, w, k, r, mk, vk, mu, invstd, ctx.l2_eps, ctx.unit_rms, ctx.batch_stats, need_dx, kern,
+                count=count if pg is not None else None,
+                all_reduce=_all_reducer(pg) if pg is not None else None,
+                sigma=sigma,
+            )
+        if dx is not None and x.dim() == 2:
+            dx = dx.squeeze(-1)
+        grad_w = gw.to(ctx.param_dtypes[0]) if weight is not None and need_w else None
+        grad_b = gb.to(ctx.param_dtypes[1]) if need_b else None
+        return dx, grad_w, grad_b, None, None, None, None, None, None, None
 
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            if ctx.use_batch_stats:
-                if ctx.process_group is not None:
-                    import torch.distributed as dist
 
-                    both = torch.stack([g_c, su_c])
-                    dist.all_reduce(both, group=ctx.process_group)
-                    g_c, su_c = both[0], both[1]
-                h_c = (su_c - mu * g_c) * invstd
-                b_c = -a_c * h_c * invstd / count
-                c_c = -a_c * g_c / count - b_c * mu
-            else:
-                b_c = torch.zeros_like(a_c)
-                c_c = torch.zeros_like(a_c)
-            s1 = m * m_sp
-            s2 = (v + m * m) * m_sp
-            # t_n = sum over the sample of (dL/du) * x
-            t = (a_c * gx_nc + b_c * k[:, None] * s2 + c_c * s1).sum(1)
-            mask = r >= ctx.l2_eps
-            radial = torch.where(mask, k * t / (r * r).clamp_min(1e-300 if acc == torch.float64 else 1e-30), 0.0)
-            p = k[:, None] * a_c
-            q = (k * k)[:, None] * b_c - radial[:, None]
-            rr = k[:, None] * c_c
-            grad_x = kern.grad_apply(gs, xs, p, q, rr, x.dtype)
-            if x.dim() == 2:
-                grad_x = grad_x.squeeze(-1)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+class L2BatchNormFunctionFwAD(L2BatchNormFunction):
+    """:class:`L2BatchNormFunction` with forward-mode AD (``jvp``), used inside a
+    ``torch.autograd.forward_ad.dual_level``. A separate class because ``torch.compile`` cannot
+    trace a Function that defines ``jvp``."""
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Optional[Tensor], dw: Optional[Tensor], db: Optional[Tensor],  # type: ignore[override]
+            *_: Any):
+        """Tangent of ``y``; running statistics are not differentiable inputs (as in BN)."""
+        if ctx.process_group is not None:
+            raise NotImplementedError(
+                "l2_batch_norm: forward-mode AD through synchronised batch statistics "
+                "(process_group) is not supported"
+            )
+        x, weight, k, r, mk, vk, mu, invstd, count, _var, _sigma = ctx.saved_tensors
+        acc = invstd.dtype
+        xs = _ncm(x)
+        n, c = xs.shape[0], xs.shape[1]
+        m_sp = _numel(xs.shape[2:])
+        if mk is None:
+            mk = xs.reshape(n, c).to(acc) * k[:, None] if m_sp == 1 else k.new_zeros(n, c)
+            vk = torch.zeros_like(mk)
+        d_nc = xd_nc = None
+        dxs = torch.zeros_like(xs) if dx is None else _ncm(dx)
+        if dx is not None:
+            d_nc, xd_nc = EAGER_KERNELS.grad_sums(dxs, xs, tuple(range(2, xs.dim())), acc)
+        w = weight.to(acc) if weight is not None else None
+        p, q, rr = algebra.tangent_coeffs(
+            d_nc, xd_nc, SampleNorms(r, k, mk, vk), mu, invstd, w, dw, db,
+            count, m_sp, r >= ctx.l2_eps, ctx.batch_stats,
+        )
+        dy = EAGER_KERNELS.grad_apply(dxs, xs, p, q, rr, x.dtype)
+        return dy.reshape(x.shape), None, None, None
+
+
+def _higher_order_backward(ctx: Any, gy: Tensor) -> Tuple[Optional[Tensor], ...]:
+    """Backward with ``create_graph=True``: differentiate the reference composite, recomputed
+    from the saved input, with a graph — exact second (and higher) derivatives.
+
+    Batch statistics are recomputed from ``x``; evaluation uses the saved running statistics.
+    Synchronised batch statistics would need differentiable collectives: refused, not detached.
+    """
+    if ctx.process_group is not None:
+        raise NotImplementedError(
+            "l2_batch_norm: double backward (create_graph=True) through synchronised batch "
+            "statistics (process_group) is not supported"
+        )
+    x, weight, _k, _r, _mk, _vk, mu, _invstd, _count, var, _sigma = ctx.saved_tensors
+    need_dx, need_w, need_b = ctx.needs_input_grad[:3]
+    acc = accumulate_dtype(x.dtype)
+    targets = [t for t, need in ((x, need_dx), (weight, need_w)) if need and t is not None]
+    grads: list = []
+    if targets:
+        with torch.enable_grad():
+            w = weight.to(acc) if weight is not None else None
+            y = l2_batch_norm_reference(
+                x, None if ctx.batch_stats else mu, None if ctx.batch_stats else var, w, None,
+                ctx.batch_stats, 0.0, ctx.eps, l2_eps=ctx.l2_eps, unit_rms=ctx.unit_rms,
+            )
+        grads = list(torch.autograd.grad(y, targets, gy, create_graph=True))
+    dx = grads.pop(0) if need_dx else None
+    dw = grads.pop(0).to(ctx.param_dtypes[0]) if need_w and weight is not None else None
+    db = None
+    if need_b:
+        db = gy.sum([d for d in range(gy.dim()) if d != 1], dtype=acc).to(ctx.param_dtypes[1])
+    return dx, dw, db, None, None, None, None, None, None, None
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    momentum: float,
+    static_count: Optional[int],
+) -> None:
+    r"""BN's update: :math:`\hat x \leftarrow (1 - m) \hat x + m x_t` with the unbiased variance.
+
+    An empty batch (``count`` 0) leaves the statistics unchanged, as BN does. ``static_count``
+    is the count when it is known without looking at ``count`` (no process group).
+    """
+    with torch.no_grad():
+        if static_count is not None:
+            if static_count == 0:
+                return
+            unbiased = var * (static_count / max(static_count - 1, 1))
+            running_mean.copy_(running_mean * (1 - momentum) + mean * momentum)
+            running_var.copy_(running_var * (1 - momentum) + unbiased * momentum)
+            return
+        unbiased = var * (count / (count - 1).clamp_min(1))
+        keep = count == 0
+        running_mean.copy_(torch.where(keep, running_mean, running_mean * (1 - momentum) + mean * momentum))
+        running_var.copy_(torch.where(keep, running_var, running_var * (1 - momentum) + unbiased * momentum))
+
+
+def l2_batch_norm_fast(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    l2_eps: float,
+    unit_rms: bool,
+    process_group: Any = None,
+    *,
+    engine: Engine = EAGER,
+) -> Tensor:
+    """The backend entry point of the fast backends (signature shared by every backend in
+    :mod:`l2bn.kernels.backends`): :class:`L2BatchNormFunction` plus BN's running-statistics
+    update.
+
+    Example:
+        >>> x = torch.randn(8, 4, 5, 5)
+        >>> rm, rv = torch.zeros(4), torch.ones(4)
+        >>> y = l2_batch_norm_fast(x, rm, rv, None, None, True, 0.1, 1e-5, 1e-12, False)
+        >>> ref = l2_batch_norm_reference(x, None, None, training=True)
+        >>> torch.allclose(y, ref, atol=1e-5)
+        True
+    """
+    if not training:
+        return _apply(input, weight, bias, running_mean, running_var, eps, l2_eps, unit_rms, None, engine)[0]
+    y, mean, var, count = _apply(input, weight, bias, None, None, eps, l2_eps, unit_rms, process_group, engine)
+    if running_mean is not None and running_var is not None:
+        static = None if process_group is not None else input.shape[0] * _numel(input.shape[2:])
+        update_running_stats(running_mean, running_var, mean, var, count, momentum, static)
+    return y
 
 
 def fused_l2_batch_norm(
@@ -264,14 +409,17 @@ def fused_l2_batch_norm(
     l2_eps: float,
     unit_rms: bool,
     process_group: Any = None,
-    kernels: str = "fused",
+    engine: Engine = EAGER,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Run the fused L2BN; returns ``(y, mean, biased_var, count)`` of the statistics used.
 
     ``stat_mean``/``stat_var`` ``None`` means batch statistics (training); otherwise they are the
-    running statistics used in evaluation. ``kernels`` names the bulk-pass implementation
-    (``"fused"``: ATen ops; ``"compiled"``: generated by ``torch.compile``).
+    running statistics used in evaluation.
+
+    Example:
+        >>> y, mean, var, count = fused_l2_batch_norm(torch.randn(6, 3, 4), None, None, None, None,
+        ...                                           1e-5, 1e-12, False)
+        >>> y.shape, mean.shape, float(count)
+        (torch.Size([6, 3, 4]), torch.Size([3]), 24.0)
     """
-    return FusedL2BatchNorm.apply(
-        input, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, kernels
-    )
+    return _apply(input, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, engine)

@@ -2,19 +2,23 @@
 
 Every faster path in :mod:`l2bn.kernels` is tested against :func:`l2_batch_norm_reference`.
 It is also what the paper's authors ship: ``F.normalize(x.reshape(N, -1))`` followed by
-batch normalization.
+batch normalization — computed here as ``F.normalize`` does (``x / max(||x||, eps)``) with the
+norm over all non-batch dims at once, so there is no reshape and the output keeps the input's
+memory format (channels_last in, channels_last out). Being plain ATen ops, it supports every
+autograd mode and ``torch.func`` transform, and is what those run (see
+:mod:`l2bn.functional`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["l2_normalize_samples", "l2_batch_norm_reference", "accumulate_dtype"]
+__all__ = ["l2_normalize_samples", "l2_batch_norm_reference", "reference_backend", "accumulate_dtype"]
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,9 +47,10 @@ def l2_normalize_samples(
     if input.dim() < 2:
         raise ValueError(f"expected an input with a batch dimension and at least one more, got {input.dim()}D")
     x = input.to(accumulate_dtype(input.dtype))
-    u = F.normalize(x.reshape(x.shape[0], -1), p=2.0, dim=1, eps=l2_eps).reshape(x.shape)
+    norm = torch.linalg.vector_norm(x, 2, dim=tuple(range(1, x.dim())), keepdim=True)
+    u = x / norm.clamp_min(l2_eps)
     if unit_rms:
-        u = u * math.sqrt(u[0].numel() if u.shape[0] > 0 else 1)
+        u = u * math.sqrt(max(math.prod(x.shape[1:]), 1))
     return u
 
 
@@ -76,3 +81,43 @@ def l2_batch_norm_reference(
     u = l2_normalize_samples(input, l2_eps=l2_eps, unit_rms=unit_rms)
     y = F.batch_norm(u, running_mean, running_var, weight, bias, training, momentum, eps)
     return y.to(input.dtype)
+
+
+def reference_backend(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    l2_eps: float,
+    unit_rms: bool,
+    process_group: Any = None,
+) -> Tensor:
+    """The ``"reference"`` backend (signature of :data:`l2bn.kernels.backends.BackendFn`):
+    :func:`l2_batch_norm_reference` with parameters and buffers cast to the accumulation dtype
+    where needed, running statistics updated in place by ``F.batch_norm``.
+
+    Example:
+        >>> x = torch.randn(8, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+        >>> y = reference_backend(x, None, None, None, None, True, 0.1, 1e-5, 1e-12, False)
+        >>> y.is_contiguous(memory_format=torch.channels_last)
+        True
+    """
+    if process_group is not None:
+        raise ValueError("l2_batch_norm: the 'reference' backend does not support process_group")
+    acc = accumulate_dtype(input.dtype)
+    rm = running_mean.to(acc) if running_mean is not None else None
+    rv = running_var.to(acc) if running_var is not None else None
+    w = weight.to(acc) if weight is not None else None
+    b = bias.to(acc) if bias is not None else None
+    y = l2_batch_norm_reference(
+        input, rm, rv, w, b, training, momentum, eps, l2_eps=l2_eps, unit_rms=unit_rms
+    )
+    if training and running_mean is not None and running_var is not None and rm is not running_mean:
+        with torch.no_grad():
+            running_mean.copy_(rm)
+            running_var.copy_(rv)
+    return y

@@ -87,7 +87,8 @@ def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> 
     if BASELINE in norms:
         norms = [BASELINE] + [n for n in norms if n != BASELINE]
     seeds = sorted({r["config"]["seed"] for r in runs})
-    points = sorted({tuple(r["recipe"].get(k) for k in axes) for r in runs}, key=repr)
+    points = sorted({tuple(r["recipe"].get(k) for k in axes) for r in runs},
+                    key=lambda pt: [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in pt])
 
     def where(d: str) -> str:
         return os.path.relpath(d, rel_to) if rel_to else d

@@ -1,6 +1,7 @@
-"""Experiment engine: :func:`train` one run, :func:`compare` BN vs L2BN over models x seeds."""
+"""Training: :func:`train` (or :func:`fit`) one run from a :class:`TrainConfig`; comparisons over
+grids live one stage up, in :mod:`l2bn.experiment`."""
 
 from .config import TrainConfig, load_config
-from .engine import TrainingDiverged, train
+from .engine import TrainingDiverged, fit, train
 
-__all__ = ["TrainConfig", "load_config", "train", "TrainingDiverged"]
+__all__ = ["TrainConfig", "load_config", "train", "fit", "TrainingDiverged"]
