@@ -163,8 +163,11 @@ def test_cli_bench_bad_input_is_one_line(capsys):
 def test_gpu_check_refuses_without_gpu(tmp_path):
     out = tmp_path / "o"
     t0 = time.perf_counter()
+    import os
+    import sys
+
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
-                       timeout=120, cwd=tmp_path)
+                       timeout=120, cwd=tmp_path, env=dict(os.environ, PYTHON=sys.executable))
     assert r.returncode == 1, r.stdout + r.stderr
     assert "no CUDA GPU available" in r.stderr and "torch.cuda.is_available() is False" in r.stderr
     assert not out.exists()  # stopped before doing anything
