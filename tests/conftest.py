@@ -23,11 +23,21 @@ def composite(bn: torch.nn.Module, x: torch.Tensor, unit_rms: bool = False) -> t
 _STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    rep = outcome.get_result()
+def _fail_skip(rep) -> None:
     if _STRICT and rep.skipped and not hasattr(rep, "wasxfail"):
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         rep.outcome = "failed"
         rep.longrepr = f"skipped under CI=true, which must not happen (a dependency is missing?): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A module-level ``pytest.importorskip`` skips at collection: the same rule applies."""
+    outcome = yield
+    _fail_skip(outcome.get_result())
