@@ -81,6 +81,8 @@ def test_sweep_killed_and_continued_equals_uninterrupted(tmp_path):
     r32 = json.loads((out / "resnet8-bn-batch_size=32-seed0" / "result.json").read_text())
     r64 = json.loads((out / "resnet8-bn-batch_size=64-seed0" / "result.json").read_text())
     assert r32["config"]["lr_ref_batch"] == 64 and r32["train_examples"] == r64["train_examples"] == 512
+    # same point of the cosine schedule after epoch 1 (16 of 32 vs 8 of 16 steps): half the lr
+    assert r32["history"][0]["lr"] == pytest.approx(r64["history"][0]["lr"] / 2, rel=1e-9)
     # adding a seed later trains only the new runs
     more = subprocess.run(_cmd(out, seeds=("0", "1")), env=ENV, capture_output=True, text=True, timeout=900)
     assert more.returncode == 0 and "8 runs (4 finished earlier)" in more.stdout

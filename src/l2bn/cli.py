@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 
@@ -103,7 +104,7 @@ def _compare(args: argparse.Namespace) -> int:
                 analyze=args.analyze)
     except _errors() as e:
         return _fail("compare", e)
-    print(open(f"{out}/report.md").read())
+    print(Path(out, "report.md").read_text())
     print(f"report: {out}/report.html (and report.md)   summary: {out}/summary.json")
     return 0
 
