@@ -13,8 +13,8 @@ from l2bn.functional import l2_batch_norm
 from l2bn.kernels import backends
 from l2bn.kernels.reference import l2_batch_norm_reference
 
-FAST = ["fused", "compiled"]
-ALL = ["reference", "fused", "compiled"]
+FAST = ["fused", "compiled", "native"]
+ALL = ["reference", "fused", "compiled", "native"]
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 6e-2, torch.float16: 1.5e-2}
 
 
@@ -179,26 +179,61 @@ def test_saved_bytes_like_batchnorm(backend, shape):
     assert naive >= 1.9 * bn_bytes  # the composite keeps a second full-size tensor
 
 
-def test_unavailable_backend(monkeypatch):
-    x = torch.randn(64, 8, 16, 16)
-    entry = dataclasses.replace(backends._REGISTRY["compiled"], unavailable=lambda t: "no C++ compiler (test)")
-    monkeypatch.setitem(backends._REGISTRY, "compiled", entry)
+def _without(monkeypatch, name, reason):
+    entry = dataclasses.replace(backends._REGISTRY[name], unavailable=lambda t: reason)
+    monkeypatch.setitem(backends._REGISTRY, name, entry)
     monkeypatch.setattr(backends, "_warned", set())
-    with pytest.raises(RuntimeError, match="'compiled' is not available: no C\\+\\+ compiler"):
-        l2_batch_norm(x, None, None, training=True, backend="compiled")
+
+
+def test_unavailable_backend(monkeypatch):
+    """A backend that cannot run: an explicit request names the reason; automatic selection
+    warns once and falls back to the next one (native → compiled → fused)."""
+    x = torch.randn(64, 8, 16, 16)
+    _without(monkeypatch, "native", "no C++ compiler (test)")
+    with pytest.raises(RuntimeError, match="'native' is not available: no C\\+\\+ compiler"):
+        l2_batch_norm(x, None, None, training=True, backend="native")
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         l2_batch_norm(x, None, None, training=True)
         l2_batch_norm(x, None, None, training=True)
     msgs = [str(r.message) for r in rec if "falling back" in str(r.message)]
     assert len(msgs) == 1 and "no C++ compiler" in msgs[0]
+    assert backends.select(None, x) == "compiled"
+    _without(monkeypatch, "compiled", "no inductor (test)")
+    assert backends.select(None, x) == "fused"
 
 
-def test_auto_selection():
+def test_auto_selection(monkeypatch):
     big = torch.randn(64, 8, 16, 16)
-    assert backends.select(None, big) == "compiled"
-    assert backends.select(None, big.double()) == "fused"
-    assert backends.select(None, torch.randn(4, 3)) == "fused"
+    for x in (big, big.double(), big.half(), torch.randn(4, 3), big.to(memory_format=torch.channels_last)):
+        assert backends.select(None, x) == "native", x.dtype
+    _without(monkeypatch, "native", "test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert backends.select(None, big) == "compiled"
+        assert backends.select(None, big.double()) == "fused"
+        assert backends.select(None, torch.randn(4, 3)) == "fused"
+
+
+def test_no_native_kernel_falls_back_with_one_warning(tmp_path):
+    """A fresh process where the kernel is disabled (as on a machine without a compiler): the
+    layer still trains, on the ATen path, and says so once."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch, l2bn\n"
+        "warnings.simplefilter('always')\n"
+        "m = l2bn.L2BatchNorm2d(4)\n"
+        "with warnings.catch_warnings(record=True) as rec:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for _ in range(3): m(torch.randn(8, 4, 3, 3)).sum().backward()\n"
+        "print(sum('native' in str(r.message) for r in rec))\n"
+    )
+    env = {**__import__("os").environ, "L2BN_NO_NATIVE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "1", out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("backend", ALL)

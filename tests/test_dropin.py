@@ -19,7 +19,7 @@ from torch import nn
 import l2bn
 from l2bn.functional import l2_batch_norm
 
-BACKENDS = ["fused", "compiled", "reference"]
+BACKENDS = ["fused", "compiled", "native", "reference"]
 LAYERS = {
     "1d": (l2bn.L2BatchNorm1d, nn.BatchNorm1d, (5, 3)),
     "1d-seq": (l2bn.L2BatchNorm1d, nn.BatchNorm1d, (3, 2, 4)),
@@ -112,7 +112,7 @@ def test_gradient_penalty_step_matches_composite(backend, kind, mode, monkeypatc
         torch.testing.assert_close(a, r, rtol=1e-8, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("backend", ["fused", "compiled"])
+@pytest.mark.parametrize("backend", ["fused", "compiled", "native"])
 def test_double_backward_through_sync_is_refused(backend, monkeypatch):
     """Synchronised batch statistics have no differentiable collective here: create_graph=True
     raises instead of returning a detached gradient."""
@@ -336,7 +336,7 @@ def test_torch_compile_double_backward_refused_like_batchnorm():
             gx.pow(2).sum().backward()
 
 
-@pytest.mark.parametrize("backend", ["fused", "compiled"])
+@pytest.mark.parametrize("backend", ["fused", "compiled", "native"])
 @pytest.mark.parametrize("training", [True, False])
 def test_forward_ad_parameter_tangents_only_and_stats_not_differentiable(backend, training):
     """Tangents on the affine parameters alone (the input is not dual), and dual running

@@ -116,7 +116,7 @@ def test_fused_low_precision_close_to_float64(dtype):
     torch.testing.assert_close(y.double(), y64, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("backend", ["reference", "fused", "compiled"])
+@pytest.mark.parametrize("backend", ["reference", "fused", "compiled", "native"])
 def test_eps_checked_like_batch_norm(backend):
     """eps <= 0 was accepted; F.batch_norm refuses it in training (positive) and eval
     (non-negative) with ValueError, and so do we, before any backend runs."""
@@ -194,7 +194,7 @@ def test_defaults_are_batch_norms():
     torch.testing.assert_close((rm, rv), (rm2, rv2))
 
 
-@pytest.mark.parametrize("backend", ["fused", "compiled", "reference"])
+@pytest.mark.parametrize("backend", ["fused", "compiled", "native", "reference"])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 3), (1, 1, 1, 1)])
 def test_single_element_samples_in_eval(backend, shape):
     """Evaluation of a batch of one (BN allows it), down to a single entry."""

@@ -110,7 +110,7 @@ def _mirror_world(monkeypatch):
     return group
 
 
-@pytest.mark.parametrize("backend", ["fused", "compiled"])
+@pytest.mark.parametrize("backend", ["fused", "compiled", "native"])
 @pytest.mark.parametrize("shape", [(5, 3, 4, 4), (6, 4), (0, 3, 2)])
 def test_sync_training_equals_the_union_batch(backend, shape, monkeypatch):
     """Synchronised statistics, gradient all-reduce and running statistics (in-process, with a

@@ -22,6 +22,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
+import torch
 from torch import Tensor
 
 from .fused import l2_batch_norm_fast
@@ -116,7 +117,7 @@ def select(requested: Optional[str], x: Tensor) -> str:
         if reason is None:
             return cand
         key = (cand, reason)
-        if key not in _warned:
+        if key not in _warned and not torch.compiler.is_compiling():  # dynamo cannot trace warn
             _warned.add(key)
             warnings.warn(
                 f"L2BN backend {cand!r} unavailable ({reason}); falling back", stacklevel=3

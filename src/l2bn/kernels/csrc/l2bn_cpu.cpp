@@ -1,0 +1,579 @@
+// L2BN CPU kernels: the custom operators l2bn::train_forward, l2bn::eval_forward, l2bn::backward.
+//
+// The math is that of src/l2bn/kernels/algebra.py (read its module docstring first); this file
+// computes the same quantities in the fewest memory sweeps:
+//   train forward  one sweep for the per-(n, c) mean and variance (each row or sample is reread
+//                  from cache for the centred variance), the O(N*C) algebra, one sweep y = x*A + B;
+//   eval forward   one sweep per sample: its norm, then y = x*A + B while it is still in cache;
+//   backward       one sweep for the per-(n, c) sums of g and g*x, the algebra, one sweep
+//                  dx = g*P + x*Q + R (P, Q, R formed per sample on the fly).
+// Layouts: contiguous (N, C, M) rows, and (N, M, C) for channels_last inputs and for M == 1
+// (an (N, C) input), where the inner loops run over channels. Any other layout is made
+// contiguous first. float32 and float64 accumulate in their own dtype (as the Python backends
+// do); float16 and bfloat16 are converted to float32 and back. Outputs keep the input's memory format.
+//
+// Scale safety (inputs whose squares overflow) is handled by the caller (kernels/fused.py):
+// it checks the returned norms and recomputes such batches with an exactly rescaled input.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+constexpr int64_t kGrain = 16384;  // elements per parallel chunk
+
+template <typename T>
+inline T hsum(const Vec<T>& v) {
+  alignas(64) T buf[Vec<T>::size()];
+  v.store(buf);
+  T s = 0;
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += buf[i];
+  return s;
+}
+
+// ------------------------------------------------------------------ contiguous reductions
+
+template <typename T>
+inline T sum_of(const T* p, int64_t n) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> a0(T(0)), a1(T(0));
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    a0 = a0 + Vec<T>::loadu(p + i);
+    a1 = a1 + Vec<T>::loadu(p + i + L);
+  }
+  T s = hsum<T>(a0 + a1);
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
+template <typename T>
+inline T centred_sumsq(const T* p, int64_t n, T mean) {
+  constexpr int64_t L = Vec<T>::size();
+  const Vec<T> mv(mean);
+  Vec<T> a0(T(0)), a1(T(0));
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    Vec<T> d0 = Vec<T>::loadu(p + i) - mv, d1 = Vec<T>::loadu(p + i + L) - mv;
+    a0 = at::vec::fmadd(d0, d0, a0);
+    a1 = at::vec::fmadd(d1, d1, a1);
+  }
+  T s = hsum<T>(a0 + a1);
+  for (; i < n; ++i) {
+    T d = p[i] - mean;
+    s += d * d;
+  }
+  return s;
+}
+
+// sums of g and g*x over n contiguous entries
+template <typename T>
+inline void grad_sums_of(const T* g, const T* x, int64_t n, T& sg, T& sgx) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> a0(T(0)), a1(T(0)), b0(T(0)), b1(T(0));
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    Vec<T> g0 = Vec<T>::loadu(g + i), g1 = Vec<T>::loadu(g + i + L);
+    a0 = a0 + g0;
+    a1 = a1 + g1;
+    b0 = at::vec::fmadd(g0, Vec<T>::loadu(x + i), b0);
+    b1 = at::vec::fmadd(g1, Vec<T>::loadu(x + i + L), b1);
+  }
+  T s = hsum<T>(a0 + a1), t = hsum<T>(b0 + b1);
+  for (; i < n; ++i) {
+    s += g[i];
+    t += g[i] * x[i];
+  }
+  sg = s;
+  sgx = t;
+}
+
+// y = x * a + b (scalars) over n entries
+template <typename T>
+inline void affine_row(T* y, const T* x, int64_t n, T a, T b) {
+  constexpr int64_t L = Vec<T>::size();
+  const Vec<T> av(a), bv(b);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) at::vec::fmadd(Vec<T>::loadu(x + i), av, bv).store(y + i);
+  for (; i < n; ++i) y[i] = x[i] * a + b;
+}
+
+// y[c] = x[c] * a[c] + b[c]
+template <typename T>
+inline void affine_vec(T* y, const T* x, const T* a, const T* b, int64_t n) {
+  constexpr int64_t L = Vec<T>::size();
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    at::vec::fmadd(Vec<T>::loadu(x + i), Vec<T>::loadu(a + i), Vec<T>::loadu(b + i)).store(y + i);
+  for (; i < n; ++i) y[i] = x[i] * a[i] + b[i];
+}
+
+// dx = g * p + x * q + r (scalars) over n entries
+template <typename T>
+inline void grad_row(T* dx, const T* g, const T* x, int64_t n, T p, T q, T r) {
+  constexpr int64_t L = Vec<T>::size();
+  const Vec<T> pv(p), qv(q), rv(r);
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    at::vec::fmadd(Vec<T>::loadu(g + i), pv, at::vec::fmadd(Vec<T>::loadu(x + i), qv, rv)).store(dx + i);
+  for (; i < n; ++i) dx[i] = g[i] * p + (x[i] * q + r);
+}
+
+// dx[c] = g[c] * p[c] + x[c] * q[c] + r[c]
+template <typename T>
+inline void grad_vec(T* dx, const T* g, const T* x, const T* p, const T* q, const T* r, int64_t n) {
+  constexpr int64_t L = Vec<T>::size();
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    at::vec::fmadd(Vec<T>::loadu(g + i), Vec<T>::loadu(p + i),
+                   at::vec::fmadd(Vec<T>::loadu(x + i), Vec<T>::loadu(q + i), Vec<T>::loadu(r + i)))
+        .store(dx + i);
+  for (; i < n; ++i) dx[i] = g[i] * p[i] + (x[i] * q[i] + r[i]);
+}
+
+// ---------------------------------------------------------------------------- layouts
+
+struct Layout {
+  int64_t n, c, m;
+  bool nmc;  // (N, M, C) in memory: channels_last, or M == 1
+  at::MemoryFormat format;
+};
+
+Layout layout_of(const Tensor& x) {
+  TORCH_CHECK(x.dim() >= 2, "l2bn: expected an input of shape (N, C, *), got ", x.sizes());
+  const int64_t n = x.size(0), c = x.size(1);
+  const int64_t m = (n * c == 0) ? 0 : x.numel() / (n * c);
+  if (m == 1) return {n, c, m, true, at::MemoryFormat::Contiguous};
+  if (x.is_contiguous()) return {n, c, m, false, at::MemoryFormat::Contiguous};
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return {n, c, m, true, at::MemoryFormat::ChannelsLast};
+  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
+    return {n, c, m, true, at::MemoryFormat::ChannelsLast3d};
+  return {n, c, m, false, at::MemoryFormat::Contiguous};
+}
+
+Tensor in_layout(const Tensor& t, const Layout& lay) {
+  return t.contiguous(lay.format);
+}
+
+bool is_reduced(const Tensor& x) {
+  return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+}
+
+void check_input(const Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), "l2bn native kernel: ", name, " must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || is_reduced(x),
+              "l2bn native kernel: ", name, " must be float16, bfloat16, float32 or float64, got ",
+              x.scalar_type());
+}
+
+// half and bfloat16 are computed in float32 (the accumulation dtype); the output is converted back
+Tensor widen(const Tensor& x) {
+  return is_reduced(x) ? x.to(at::kFloat) : x;
+}
+
+Tensor vec_param(const std::optional<Tensor>& t, int64_t c, const Tensor& like) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  TORCH_CHECK(t->numel() == c, "l2bn: expected a per-channel tensor of ", c, " entries, got ", t->sizes());
+  return t->to(like.scalar_type()).contiguous();
+}
+
+// per-(n, c) mean and biased variance of x (N*C each)
+template <typename T>
+void row_stats(const T* x, const Layout& lay, T* mean, T* var) {
+  const int64_t N = lay.n, C = lay.c, M = lay.m;
+  if (!lay.nmc) {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        const T* p = x + row * M;
+        T mu = sum_of(p, M) / T(M);
+        mean[row] = mu;
+        var[row] = centred_sumsq(p, M, mu) / T(M);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(M * C, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const T* p = x + i * M * C;
+      T* mu = mean + i * C;
+      T* v = var + i * C;
+      std::fill(mu, mu + C, T(0));
+      std::fill(v, v + C, T(0));
+      for (int64_t s = 0; s < M; ++s) {
+        const T* q = p + s * C;
+        for (int64_t j = 0; j < C; ++j) mu[j] += q[j];
+      }
+      for (int64_t j = 0; j < C; ++j) mu[j] /= T(M);
+      if (M == 1) continue;
+      for (int64_t s = 0; s < M; ++s) {
+        const T* q = p + s * C;
+        for (int64_t j = 0; j < C; ++j) {
+          T d = q[j] - mu[j];
+          v[j] += d * d;
+        }
+      }
+      for (int64_t j = 0; j < C; ++j) v[j] /= T(M);
+    }
+  });
+}
+
+// y = x * (a[c] k[n]) + b[c]
+template <typename T>
+void apply_affine(const T* x, T* y, const Layout& lay, const T* a, const T* k, const T* bvec) {
+  const int64_t N = lay.n, C = lay.c, M = lay.m;
+  if (!lay.nmc) {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        const int64_t i = row / C, j = row % C;
+        affine_row(y + row * M, x + row * M, M, a[j] * k[i], bvec[j]);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(M * C, 1)), [&](int64_t b, int64_t e) {
+    std::vector<T> arow(C);
+    for (int64_t i = b; i < e; ++i) {
+      for (int64_t j = 0; j < C; ++j) arow[j] = a[j] * k[i];
+      for (int64_t s = 0; s < M; ++s) {
+        const int64_t off = (i * M + s) * C;
+        affine_vec(y + off, x + off, arow.data(), bvec, C);
+      }
+    }
+  });
+}
+
+// column sums over n of f(n, c), parallel over channel blocks
+template <typename T, typename F>
+void column_sums(int64_t N, int64_t C, T* out, const F& f) {
+  at::parallel_for(0, C, std::max<int64_t>(1, kGrain / std::max<int64_t>(N, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) out[j] = T(0);
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = b; j < e; ++j) out[j] += f(i, j);
+  });
+}
+
+// ------------------------------------------------------------------------- operators
+
+using TrainOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+template <typename T>
+TrainOut train_forward_impl(const Tensor& x_in, const Tensor& w, const Tensor& bias, double eps,
+                            double l2_eps, double s_d) {
+  const Layout lay = layout_of(x_in);
+  const Tensor x = in_layout(x_in, lay);
+  const int64_t N = lay.n, C = lay.c, M = lay.m;
+  const auto opt = x.options();
+  Tensor y = at::empty_like(x, lay.format);
+  Tensor r = at::empty({N}, opt), k = at::empty({N}, opt);
+  Tensor mk = at::empty({N, C}, opt), vk = at::empty({N, C}, opt);
+  Tensor mu = at::empty({C}, opt), var = at::empty({C}, opt), invstd = at::empty({C}, opt);
+  if (N * C * M == 0) {
+    mu.zero_(); var.zero_(); invstd.fill_(1.0 / std::sqrt(eps));
+    r.zero_(); k.fill_(s_d / l2_eps); mk.zero_(); vk.zero_();
+    return {y, r, k, mk, vk, mu, var, invstd};
+  }
+  const T s = T(s_d), l2e = T(l2_eps);
+  const T* xp = x.const_data_ptr<T>();
+  T* mkp = mk.data_ptr<T>();
+  T* vkp = vk.data_ptr<T>();
+  row_stats<T>(xp, lay, mkp, vkp);  // mean and variance of x, scaled in place below
+  T* rp = r.data_ptr<T>();
+  T* kp = k.data_ptr<T>();
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrain / C), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      T* m = mkp + i * C;
+      T* v = vkp + i * C;
+      T ss = 0;
+      for (int64_t j = 0; j < C; ++j) ss += v[j] + m[j] * m[j];
+      const T rs = std::sqrt(ss * T(M));
+      const T kk = s / std::max(rs, l2e), k2 = kk * kk;
+      rp[i] = rs;
+      kp[i] = kk;
+      for (int64_t j = 0; j < C; ++j) {
+        m[j] *= kk;
+        v[j] *= k2;
+      }
+    }
+  });
+  T* mup = mu.data_ptr<T>();
+  T* varp = var.data_ptr<T>();
+  T* isp = invstd.data_ptr<T>();
+  column_sums<T>(N, C, mup, [&](int64_t i, int64_t j) { return mkp[i * C + j]; });
+  for (int64_t j = 0; j < C; ++j) mup[j] /= T(N);
+  std::vector<T> vmean(C);
+  column_sums<T>(N, C, vmean.data(), [&](int64_t i, int64_t j) { return vkp[i * C + j]; });
+  column_sums<T>(N, C, varp, [&](int64_t i, int64_t j) {
+    const T d = mkp[i * C + j] - mup[j];
+    return d * d;
+  });
+  const T count = T(N * M);
+  std::vector<T> a(C), bvec(C);
+  const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
+  const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  for (int64_t j = 0; j < C; ++j) {
+    const T m2 = (vmean[j] / T(N) + varp[j] / T(N)) * count;
+    varp[j] = m2 / count;
+    isp[j] = T(1) / std::sqrt(varp[j] + T(eps));
+    a[j] = wp ? wp[j] * isp[j] : isp[j];
+    bvec[j] = bp ? bp[j] - mup[j] * a[j] : -mup[j] * a[j];
+  }
+  apply_affine<T>(xp, y.data_ptr<T>(), lay, a.data(), kp, bvec.data());
+  if (M == 1) {  // row statistics of u are k x and 0: the caller recomputes them (not returned)
+    mk = at::empty({0}, opt);
+    vk = at::empty({0}, opt);
+  }
+  return {y, r, k, mk, vk, mu, var, invstd};
+}
+
+TrainOut train_forward(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                       double eps, double l2_eps, double s) {
+  check_input(x, "input");
+  const int64_t c = x.size(1);
+  const Tensor xw = widen(x);
+  const Tensor w = vec_param(weight, c, xw), b = vec_param(bias, c, xw);
+  TrainOut out = AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "l2bn_train_forward",
+                                            [&] { return train_forward_impl<scalar_t>(xw, w, b, eps, l2_eps, s); });
+  if (is_reduced(x)) std::get<0>(out) = std::get<0>(out).to(x.scalar_type());
+  return out;
+}
+
+using EvalOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+template <typename T>
+EvalOut eval_forward_impl(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& mean,
+                          const Tensor& var_in, double eps, double l2_eps, double s_d) {
+  const Layout lay = layout_of(x_in);
+  const Tensor x = in_layout(x_in, lay);
+  const int64_t N = lay.n, C = lay.c, M = lay.m, D = C * M;
+  const auto opt = x.options();
+  Tensor mu = mean.to(x.scalar_type()).contiguous().clone();
+  Tensor var = var_in.to(x.scalar_type()).contiguous().clone();
+  Tensor invstd = at::empty({C}, opt);
+  Tensor y = at::empty_like(x, lay.format);
+  Tensor r = at::empty({N}, opt), k = at::empty({N}, opt);
+  const T* mup = mu.const_data_ptr<T>();
+  const T* varp = var.const_data_ptr<T>();
+  T* isp = invstd.data_ptr<T>();
+  const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
+  const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  std::vector<T> a(C), bvec(C);
+  for (int64_t j = 0; j < C; ++j) {
+    isp[j] = T(1) / std::sqrt(varp[j] + T(eps));
+    a[j] = wp ? wp[j] * isp[j] : isp[j];
+    bvec[j] = bp ? bp[j] - mup[j] * a[j] : -mup[j] * a[j];
+  }
+  const T s = T(s_d), l2e = T(l2_eps);
+  const T* xp = x.const_data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  T* rp = r.data_ptr<T>();
+  T* kp = k.data_ptr<T>();
+  // one sweep per sample: its norm, then the affine map while the sample is in cache
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
+    std::vector<T> arow(lay.nmc ? C : 0);
+    for (int64_t i = b; i < e; ++i) {
+      const T* p = xp + i * D;
+      T* q = yp + i * D;
+      const T rs = std::sqrt(centred_sumsq(p, D, T(0)));
+      const T kk = s / std::max(rs, l2e);
+      rp[i] = rs;
+      kp[i] = kk;
+      if (!lay.nmc) {
+        for (int64_t j = 0; j < C; ++j) affine_row(q + j * M, p + j * M, M, a[j] * kk, bvec[j]);
+      } else {
+        for (int64_t j = 0; j < C; ++j) arow[j] = a[j] * kk;
+        for (int64_t sp = 0; sp < M; ++sp) affine_vec(q + sp * C, p + sp * C, arow.data(), bvec.data(), C);
+      }
+    }
+  });
+  return {y, r, k, mu, var, invstd};
+}
+
+EvalOut eval_forward(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                     const Tensor& mean, const Tensor& var, double eps, double l2_eps, double s) {
+  check_input(x, "input");
+  const int64_t c = x.size(1);
+  TORCH_CHECK(mean.numel() == c && var.numel() == c, "l2bn: running statistics must have ", c, " entries");
+  const Tensor xw = widen(x);
+  const Tensor w = vec_param(weight, c, xw), b = vec_param(bias, c, xw);
+  EvalOut out = AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "l2bn_eval_forward", [&] {
+    return eval_forward_impl<scalar_t>(xw, w, b, mean, var, eps, l2_eps, s);
+  });
+  if (is_reduced(x)) std::get<0>(out) = std::get<0>(out).to(x.scalar_type());
+  return out;
+}
+
+using BackOut = std::tuple<Tensor, Tensor, Tensor>;
+
+template <typename T>
+BackOut backward_impl(const Tensor& g_in, const Tensor& x_in, const Tensor& w, const Tensor& k_t, const Tensor& r_t,
+                      const Tensor& mk_t, const Tensor& vk_t, const Tensor& mu_t, const Tensor& is_t, double l2_eps,
+                      double s_d, bool batch_stats, bool need_dx) {
+  const Layout lay = layout_of(x_in);
+  const Tensor x = in_layout(x_in, lay);
+  const Tensor g = in_layout(g_in.to(x.scalar_type()), lay);
+  const int64_t N = lay.n, C = lay.c, M = lay.m;
+  const auto opt = x.options();
+  const Tensor kc = k_t.to(x.scalar_type()).contiguous(), rc = r_t.to(x.scalar_type()).contiguous();
+  const Tensor muc = mu_t.to(x.scalar_type()).contiguous(), isc = is_t.to(x.scalar_type()).contiguous();
+  const T* kp = kc.const_data_ptr<T>();
+  const T* rp = rc.const_data_ptr<T>();
+  const T* mup = muc.const_data_ptr<T>();
+  const T* isp = isc.const_data_ptr<T>();
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = g.const_data_ptr<T>();
+  Tensor grad_w = at::empty({C}, opt), grad_b = at::empty({C}, opt);
+  // per-(n, c) sums of g and g*x
+  Tensor G = at::empty({N, C}, opt), X = at::empty({N, C}, opt);
+  T* Gp = G.data_ptr<T>();
+  T* Xp = X.data_ptr<T>();
+  if (!lay.nmc) {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) grad_sums_of(gp + row * M, xp + row * M, M, Gp[row], Xp[row]);
+    });
+  } else {
+    at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(M * C, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        T* gs = Gp + i * C;
+        T* xs = Xp + i * C;
+        std::fill(gs, gs + C, T(0));
+        std::fill(xs, xs + C, T(0));
+        for (int64_t sp = 0; sp < M; ++sp) {
+          const int64_t off = (i * M + sp) * C;
+          for (int64_t j = 0; j < C; ++j) {
+            gs[j] += gp[off + j];
+            xs[j] += gp[off + j] * xp[off + j];
+          }
+        }
+      }
+    });
+  }
+  T* gwp = grad_w.data_ptr<T>();
+  T* gbp = grad_b.data_ptr<T>();
+  std::vector<T> su(C);
+  column_sums<T>(N, C, gbp, [&](int64_t i, int64_t j) { return Gp[i * C + j]; });
+  column_sums<T>(N, C, su.data(), [&](int64_t i, int64_t j) { return kp[i] * Xp[i * C + j]; });
+  for (int64_t j = 0; j < C; ++j) gwp[j] = (su[j] - mup[j] * gbp[j]) * isp[j];
+  if (!need_dx || N * C * M == 0) {
+    Tensor dx = need_dx ? at::zeros_like(x, lay.format) : at::empty({0}, opt);
+    return {dx, grad_w, grad_b};
+  }
+  const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
+  const bool have_mk = mk_t.defined() && mk_t.numel() == N * C;
+  Tensor mkc = have_mk ? mk_t.to(x.scalar_type()).contiguous() : Tensor();
+  Tensor vkc = have_mk && vk_t.defined() ? vk_t.to(x.scalar_type()).contiguous() : Tensor();
+  TORCH_CHECK(!batch_stats || have_mk || M == 1,
+              "l2bn backward: the row statistics mk, vk are required when M > 1 with batch statistics");
+  const T* mkp = have_mk ? mkc.const_data_ptr<T>() : nullptr;
+  const T* vkp = vkc.defined() ? vkc.const_data_ptr<T>() : nullptr;
+  const T count = T(N * M), s = T(s_d), l2e = T(l2_eps), msp_s = T(M) / s;
+  std::vector<T> a(C), bc(C, T(0)), cc(C, T(0));
+  for (int64_t j = 0; j < C; ++j) {
+    a[j] = wp ? wp[j] * isp[j] : isp[j];
+    if (batch_stats) {
+      const T h = (su[j] - mup[j] * gbp[j]) * isp[j];
+      bc[j] = -a[j] * h * isp[j] / count;
+      cc[j] = -a[j] * gbp[j] / count - bc[j] * mup[j];
+    }
+  }
+  // radial term per sample
+  std::vector<T> radial(N);
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrain / C), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const bool mask = rp[i] >= l2e;
+      const T rs = mask ? rp[i] : T(1);
+      const T* X = Xp + i * C;
+      T t = 0;
+      if (batch_stats) {
+        for (int64_t j = 0; j < C; ++j) {
+          T mkv, vkv;
+          if (mkp) {
+            mkv = mkp[i * C + j];
+            vkv = vkp ? vkp[i * C + j] : T(0);
+          } else {  // M == 1: u = k x, no spread within a row
+            mkv = xp[i * C + j] * kp[i];
+            vkv = T(0);
+          }
+          t += a[j] * X[j] / rs + (bc[j] * (vkv + mkv * mkv) + cc[j] * mkv) * msp_s;
+        }
+      } else {
+        for (int64_t j = 0; j < C; ++j) t += a[j] * X[j];
+        t /= rs;
+      }
+      radial[i] = mask ? (kp[i] / rs) * t : T(0);
+    }
+  });
+  Tensor dx = at::empty_like(x, lay.format);
+  T* dxp = dx.data_ptr<T>();
+  if (!lay.nmc) {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        const int64_t i = row / C, j = row % C;
+        const T kk = kp[i];
+        grad_row(dxp + row * M, gp + row * M, xp + row * M, M, kk * a[j], kk * kk * bc[j] - radial[i], kk * cc[j]);
+      }
+    });
+  } else {
+    at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(M * C, 1)), [&](int64_t b, int64_t e) {
+      std::vector<T> p(C), q(C), rr(C);
+      for (int64_t i = b; i < e; ++i) {
+        const T kk = kp[i];
+        for (int64_t j = 0; j < C; ++j) {
+          p[j] = kk * a[j];
+          q[j] = kk * kk * bc[j] - radial[i];
+          rr[j] = kk * cc[j];
+        }
+        for (int64_t sp = 0; sp < M; ++sp) {
+          const int64_t off = (i * M + sp) * C;
+          grad_vec(dxp + off, gp + off, xp + off, p.data(), q.data(), rr.data(), C);
+        }
+      }
+    });
+  }
+  return {dx, grad_w, grad_b};
+}
+
+BackOut backward(const Tensor& g, const Tensor& x, const std::optional<Tensor>& weight, const Tensor& k,
+                 const Tensor& r, const std::optional<Tensor>& mk, const std::optional<Tensor>& vk, const Tensor& mu,
+                 const Tensor& invstd, double l2_eps, double s, bool batch_stats, bool need_dx) {
+  check_input(x, "input");
+  TORCH_CHECK(g.sizes() == x.sizes(), "l2bn backward: grad_output shape ", g.sizes(), " != input shape ", x.sizes());
+  const int64_t c = x.size(1);
+  const Tensor xw = widen(x);
+  const Tensor w = vec_param(weight, c, xw);
+  const Tensor mkt = mk.has_value() ? *mk : Tensor(), vkt = vk.has_value() ? *vk : Tensor();
+  BackOut out = AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "l2bn_backward", [&] {
+    return backward_impl<scalar_t>(g, xw, w, k, r, mkt, vkt, mu, invstd, l2_eps, s, batch_stats, need_dx);
+  });
+  if (is_reduced(x) && need_dx) std::get<0>(out) = std::get<0>(out).to(x.scalar_type());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(l2bn, m) {
+  m.def("train_forward(Tensor x, Tensor? weight, Tensor? bias, float eps, float l2_eps, float s) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("eval_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, float eps, float l2_eps, "
+        "float s) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("backward(Tensor g, Tensor x, Tensor? weight, Tensor k, Tensor r, Tensor? mk, Tensor? vk, Tensor mu, "
+        "Tensor invstd, float l2_eps, float s, bool batch_stats, bool need_dx) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(l2bn, CPU, m) {
+  m.impl("train_forward", &train_forward);
+  m.impl("eval_forward", &eval_forward);
+  m.impl("backward", &backward);
+}

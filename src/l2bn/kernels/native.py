@@ -1,0 +1,269 @@
+"""The ``native`` backend: L2BN as PyTorch custom operators with a C++ CPU kernel.
+
+Three operators, defined and implemented for the CPU in ``csrc/l2bn_cpu.cpp``:
+
+* ``l2bn::train_forward(x, weight?, bias?, eps, l2_eps, s)`` →
+  ``(y, r, k, mk, vk, mean, var, invstd)`` — the outputs of
+  :func:`l2bn.kernels.engine.train_forward` (``mk``/``vk`` are empty when ``x`` has one entry
+  per (n, c), where they are ``k x`` and 0);
+* ``l2bn::eval_forward(x, weight?, bias?, mean, var, eps, l2_eps, s)`` →
+  ``(y, r, k, mean, var, invstd)`` — one sweep per sample (its norm, then the affine map while
+  it is in cache);
+* ``l2bn::backward(g, x, weight?, k, r, mk?, vk?, mean, invstd, l2_eps, s, batch_stats,
+  need_dx)`` → ``(dx, dweight, dbias)`` (``dx`` empty when not needed).
+
+Each has a fake (meta) implementation, so ``torch.compile`` (also ``fullgraph=True``) sees one
+opaque op per call instead of tracing the algorithm, and the two forwards have autograd
+registered with ``torch.library.register_autograd`` (first order; the layers go through
+:class:`l2bn.kernels.fused.L2BatchNormFunction`, which adds exact double backward, ``jvp``,
+scale safety and process groups around the same operators). ``torch.export`` of a model uses
+the reference composite (see :func:`l2bn.functional.exporting`), which every exporter knows.
+
+**Build.** The kernel is compiled once per machine (and torch version) with
+``torch.utils.cpp_extension`` — ninja and a C++ compiler, both installed by the README's set-up
+command — into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``), on first use or ahead of time with ``python -m
+l2bn.kernels``. Where it cannot be built (no compiler) the backend reports why, automatic
+selection warns once and uses the ``fused`` ATen path. ``L2BN_NO_NATIVE=1`` disables it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .algebra import unit_scale
+from .engine import EAGER_KERNELS, Engine
+from .fused import _apply, l2_batch_norm_fast
+from .reference import accumulate_dtype
+
+__all__ = ["ENGINE", "build", "load", "native_l2_batch_norm", "unavailable_reason"]
+
+_SRC = Path(__file__).with_name("csrc") / "l2bn_cpu.cpp"
+_NAME = "l2bn_cpu_" + re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _cflags() -> list:
+    flags = ["-O3"]
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap in ("AVX2", "AVX512"):  # ATen's 256-bit Vectorized<float/double>
+        flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return flags
+
+
+def _library_path() -> Path:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(_NAME, False)) / f"{_NAME}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile (if needed) and load the kernel library; returns its path. Raises if it cannot."""
+    from torch.utils.cpp_extension import load as _load
+
+    if shutil.which("ninja") is None:  # the pip wheel's binary, when the venv is not activated
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    path = _library_path()
+    fresh = not path.exists() or path.stat().st_mtime < _SRC.stat().st_mtime
+    if fresh:
+        print(f"l2bn: building the native CPU kernel for this machine (once, ~1 min) in {path.parent}",
+              file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    _load(name=_NAME, sources=[str(_SRC)], extra_cflags=_cflags(), is_python_module=False, verbose=verbose)
+    if fresh:
+        print(f"l2bn: native kernel built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return path
+
+
+_decided: list = []  # [reason or None] once the library has been looked for in this process
+
+
+def unavailable_reason() -> Optional[str]:
+    """``None`` when the operators are loaded (building them on first call), else why not.
+
+    Decided once per process. Inside ``torch.compile`` tracing nothing is built or loaded: a
+    first use there reports the kernel as not loaded (the traced ATen path is used instead).
+    """
+    if _decided:
+        return _decided[0]
+    if torch.compiler.is_compiling():
+        return "not loaded yet (first L2BN call of the process is inside torch.compile)"
+    reason: Optional[str] = None
+    if os.environ.get("L2BN_NO_NATIVE", "") not in ("", "0"):
+        reason = "disabled by L2BN_NO_NATIVE"
+    else:
+        try:
+            build()
+            _register_python_side()
+        except Exception as e:  # no compiler, no ninja, failed compile
+            first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
+            reason = f"the C++ kernel could not be built ({type(e).__name__}: {first})"
+    _decided.append(reason)
+    return reason
+
+
+def load() -> None:
+    """Load (building if needed) the operators; raise ``RuntimeError`` with the reason if not."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"l2bn native kernel unavailable: {reason}")
+
+
+# ------------------------------------------------------------- fake and autograd kernels
+
+_registered = [False]
+
+
+def _out_format(x: Tensor) -> torch.memory_format:
+    """The memory format of the kernel's outputs for input ``x`` (see ``layout_of`` in C++)."""
+    m = math.prod(x.shape[2:])
+    if m == 1 or x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _register_python_side() -> None:
+    if _registered[0]:
+        return
+    _registered[0] = True
+
+    @torch.library.register_fake("l2bn::train_forward")
+    def _train_fake(x, weight, bias, eps, l2_eps, s):  # type: ignore[no-untyped-def]
+        n, c = x.shape[0], x.shape[1]
+        one = math.prod(x.shape[2:]) == 1
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+        st = functools.partial(x.new_empty, dtype=accumulate_dtype(x.dtype))
+        rows = [st(0), st(0)] if one else [st(n, c), st(n, c)]
+        return (y, st(n), st(n), *rows, st(c), st(c), st(c))
+
+    @torch.library.register_fake("l2bn::eval_forward")
+    def _eval_fake(x, weight, bias, mean, var, eps, l2_eps, s):  # type: ignore[no-untyped-def]
+        n, c = x.shape[0], x.shape[1]
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+        st = functools.partial(x.new_empty, dtype=accumulate_dtype(x.dtype))
+        return y, st(n), st(n), st(c), st(c), st(c)
+
+    @torch.library.register_fake("l2bn::backward")
+    def _backward_fake(g, x, weight, k, r, mk, vk, mu, invstd, l2_eps, s, batch_stats, need_dx):  # type: ignore[no-untyped-def]
+        c = x.shape[1]
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x)) if need_dx else x.new_empty(0)
+        acc = accumulate_dtype(x.dtype)
+        return dx, x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
+
+    def _setup_train(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        x, weight, bias, _eps, l2_eps, s = inputs
+        _y, r, k, mk, vk, mu, _var, invstd = output
+        ctx.save_for_backward(x, weight, k, r, mk, vk, mu, invstd)
+        ctx.l2_eps, ctx.s, ctx.batch_stats = l2_eps, s, True
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+
+    def _setup_eval(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        x, weight, bias, _mean, _var, _eps, l2_eps, s = inputs
+        _y, r, k, mu, _v, invstd = output
+        ctx.save_for_backward(x, weight, k, r, None, None, mu, invstd)
+        ctx.l2_eps, ctx.s, ctx.batch_stats = l2_eps, s, False
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+
+    def _backward(ctx, gy, *_rest):  # type: ignore[no-untyped-def]
+        """First-order backward of ``y``; the statistics outputs are treated as constants."""
+        x, weight, k, r, mk, vk, mu, invstd = ctx.saved_tensors
+        if gy is None:
+            gy = torch.zeros_like(x)
+        rows = mk is not None and mk.numel() > 0
+        dx, gw, gb = torch.ops.l2bn.backward(
+            gy, x, weight, k, r, mk if rows else None, vk if rows else None, mu, invstd,
+            ctx.l2_eps, ctx.s, ctx.batch_stats, ctx.needs_input_grad[0],
+        )
+        grads = [dx if ctx.needs_input_grad[0] else None,
+                 gw.to(weight.dtype) if ctx.has_weight else None,
+                 gb.to(x.dtype) if ctx.has_bias else None]
+        return (*grads, *([None] * (len(ctx.needs_input_grad) - 3)))
+
+    torch.library.register_autograd("l2bn::train_forward", _backward, setup_context=_setup_train)
+    torch.library.register_autograd("l2bn::eval_forward", _backward, setup_context=_setup_eval)
+
+
+# ------------------------------------------------------------------------------ engine
+
+
+def _train(xs, weight, bias, eps, l2_eps, s):  # type: ignore[no-untyped-def]
+    y, r, k, mk, vk, mu, var, invstd = torch.ops.l2bn.train_forward(xs, weight, bias, eps, l2_eps, s)
+    if mk.numel() == 0 and xs.numel() > 0:  # one entry per (n, c): not computed (recomputed if needed)
+        mk = vk = None
+    return y, r, k, mk, vk, mu, var, invstd
+
+
+def _evaluate(xs, weight, bias, mean, var, eps, l2_eps, s):  # type: ignore[no-untyped-def]
+    return torch.ops.l2bn.eval_forward(xs, weight, bias, mean, var, eps, l2_eps, s)
+
+
+def _backward_engine(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx):  # type: ignore[no-untyped-def]
+    s = unit_scale(xs.shape[1] * math.prod(xs.shape[2:]), unit_rms)
+    dx, gw, gb = torch.ops.l2bn.backward(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, s, batch_stats, need_dx)
+    return (dx if need_dx else None), gw, gb
+
+
+#: The native engine; synchronised training (a process group) uses the ATen bulk passes piecewise.
+ENGINE = Engine("native", EAGER_KERNELS, _train, _evaluate, _backward_engine)
+
+
+def native_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group=None):  # type: ignore[no-untyped-def]
+    """Same contract as :func:`l2bn.kernels.fused.fused_l2_batch_norm`, on the native operators."""
+    return _apply(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE)
+
+
+def _unavailable(x: Tensor) -> Optional[str]:
+    if x.device.type != "cpu":
+        return f"the native kernel runs on the CPU only (input on {x.device.type})"
+    if x.dtype not in _DTYPES:
+        return f"the native kernel supports float16/bfloat16/float32/float64 (input is {x.dtype})"
+    return unavailable_reason()
+
+
+def _prefer(x: Any) -> bool:
+    return x.device.type == "cpu" and x.dtype in _DTYPES
+
+
+backends.register(
+    "native", functools.partial(l2_batch_norm_fast, engine=ENGINE), _unavailable,
+    auto_priority=0, prefer=_prefer,
+)
+
+
+def _main(argv: Optional[list] = None) -> int:
+    """``python -m l2bn.kernels``: build the kernel now and check it against the reference."""
+    from .reference import l2_batch_norm_reference
+
+    t0 = time.perf_counter()
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"l2bn native kernel unavailable: {reason}", file=sys.stderr)
+        return 1
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64)
+    y = native_l2_batch_norm(x, None, None, None, None, 1e-5, 1e-12, False)[0]
+    ref = l2_batch_norm_reference(x, None, None, training=True)
+    err = float((y - ref).abs().max())
+    print(f"l2bn native kernel ready ({_library_path()}), loaded in {time.perf_counter() - t0:.2f} s, "
+          f"max |native - reference| = {err:.1e} (float64)")
+    return 0 if err < 1e-10 else 1
