@@ -153,8 +153,76 @@ def _forward_ad_active() -> bool:
 
 
 def _apply(*args: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    fn = L2BatchNormFunctionFwAD if _forward_ad_active() else L2BatchNormFunction
-    return fn.apply(*args)
+    x, weight, bias = args[0], args[1], args[2]
+    if _forward_ad_active():
+        return L2BatchNormFunctionFwAD.apply(*args)
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        return L2BatchNormFunction.apply(*args)
+    # nothing to differentiate (inference, torch.no_grad): skip the autograd.Function
+    return _forward_core(*args)[:4]
+
+
+def _forward_core(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    stat_mean: Optional[Tensor],
+    stat_var: Optional[Tensor],
+    eps: float,
+    l2_eps: float,
+    unit_rms: bool,
+    process_group: Any,
+    engine: Engine,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, tuple]:
+    """The forward of :class:`L2BatchNormFunction` without autograd: ``(y, mean, var, count,
+    saved)``, ``saved`` being what the backward needs."""
+    acc = accumulate_dtype(x.dtype)
+    xs = _ncm(x)
+    n, c = xs.shape[0], xs.shape[1]
+    m_sp = _numel(xs.shape[2:])
+    s = algebra.unit_scale(c * m_sp, unit_rms)
+    w = weight.to(acc) if weight is not None else None
+    b = bias.to(acc) if bias is not None else None
+    batch_stats = stat_mean is None
+    # empty inputs never reach a compiled graph (sizes 0 would specialise it)
+    eng = engine if xs.numel() > 0 else EAGER
+    sigma: Optional[Tensor] = None
+    mk = vk = var_saved = None
+    if batch_stats and process_group is None:
+        y, r, k, mk, vk, mu, var, invstd = eng.train(xs, w, b, eps, l2_eps, s)
+        if needs_rescale(r, acc, c * m_sp, l2_eps):
+            sigma = pow2_scale(xs, acc)
+            y, r, k, mk, vk, mu, var, invstd = train_forward(xs, w, b, eps, l2_eps, s, EAGER_KERNELS, sigma)
+        count = torch.tensor(float(n * m_sp), dtype=acc, device=x.device)
+    elif batch_stats:
+        norms = local_stats(xs, acc, s, l2_eps, eng.kernels.row_stats)
+        if needs_rescale(norms.r, acc, c * m_sp, l2_eps):  # before any collective
+            sigma = pow2_scale(xs, acc)
+            norms = local_stats(xs, acc, s, l2_eps, EAGER_KERNELS.row_stats, sigma)
+        r, k, mk, vk = norms
+        mu, m2 = algebra.batch_moments(mk, vk, m_sp)
+        count, mu, m2 = _combine_across(n * m_sp, mu, m2, process_group)
+        y, var, invstd = finish_train(xs, norms, w, b, eps, mu, m2, count, eng.kernels.affine_apply)
+    else:
+        assert stat_var is not None
+        y, r, k, mu, var, invstd = eng.evaluate(xs, w, b, stat_mean, stat_var, eps, l2_eps, s)
+        if needs_rescale(r, acc, c * m_sp, l2_eps):
+            sigma = pow2_scale(xs, acc)
+            y, r, k, mu, var, invstd = eval_forward(xs, w, b, stat_mean, stat_var, eps, l2_eps, s, EAGER_KERNELS, sigma)
+        count = torch.tensor(float(n * m_sp), dtype=acc, device=x.device)
+        var_saved = var
+    if x.dim() == 2:
+        y = y.squeeze(-1)
+
+    # With one entry per (n, c) (an MLP's (N, C) input) the row statistics of u are k x and
+    # 0: recompute them in backward rather than save two more tensors of x's size.
+    keep = batch_stats and m_sp != 1
+    saved = (x, weight, k, r, mk if keep else None, vk if keep else None, mu, invstd, count, var_saved, sigma)
+    return y, mu, var, count, saved
 
 
 class L2BatchNormFunction(torch.autograd.Function):
@@ -181,48 +249,11 @@ class L2BatchNormFunction(torch.autograd.Function):
         process_group: Any,
         engine: Engine,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        acc = accumulate_dtype(x.dtype)
-        xs = _ncm(x)
-        n, c = xs.shape[0], xs.shape[1]
-        m_sp = _numel(xs.shape[2:])
-        s = algebra.unit_scale(c * m_sp, unit_rms)
-        w = weight.to(acc) if weight is not None else None
-        b = bias.to(acc) if bias is not None else None
+        y, mu, var, count, saved = _forward_core(
+            x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, engine
+        )
         batch_stats = stat_mean is None
-        # empty inputs never reach a compiled graph (sizes 0 would specialise it)
-        eng = engine if xs.numel() > 0 else EAGER
-        sigma: Optional[Tensor] = None
-        mk = vk = var_saved = None
-        if batch_stats and process_group is None:
-            y, r, k, mk, vk, mu, var, invstd = eng.train(xs, w, b, eps, l2_eps, s)
-            if needs_rescale(r, acc, c * m_sp, l2_eps):
-                sigma = pow2_scale(xs, acc)
-                y, r, k, mk, vk, mu, var, invstd = train_forward(xs, w, b, eps, l2_eps, s, EAGER_KERNELS, sigma)
-            count = torch.tensor(float(n * m_sp), dtype=acc, device=x.device)
-        elif batch_stats:
-            norms = local_stats(xs, acc, s, l2_eps, eng.kernels.row_stats)
-            if needs_rescale(norms.r, acc, c * m_sp, l2_eps):  # before any collective
-                sigma = pow2_scale(xs, acc)
-                norms = local_stats(xs, acc, s, l2_eps, EAGER_KERNELS.row_stats, sigma)
-            r, k, mk, vk = norms
-            mu, m2 = algebra.batch_moments(mk, vk, m_sp)
-            count, mu, m2 = _combine_across(n * m_sp, mu, m2, process_group)
-            y, var, invstd = finish_train(xs, norms, w, b, eps, mu, m2, count, eng.kernels.affine_apply)
-        else:
-            assert stat_var is not None
-            y, r, k, mu, var, invstd = eng.evaluate(xs, w, b, stat_mean, stat_var, eps, l2_eps, s)
-            if needs_rescale(r, acc, c * m_sp, l2_eps):
-                sigma = pow2_scale(xs, acc)
-                y, r, k, mu, var, invstd = eval_forward(xs, w, b, stat_mean, stat_var, eps, l2_eps, s, EAGER_KERNELS, sigma)
-            count = torch.tensor(float(n * m_sp), dtype=acc, device=x.device)
-            var_saved = var
-        if x.dim() == 2:
-            y = y.squeeze(-1)
-
-        # With one entry per (n, c) (an MLP's (N, C) input) the row statistics of u are k x and
-        # 0: recompute them in backward rather than save two more tensors of x's size.
-        keep = batch_stats and m_sp != 1
-        saved = (x, weight, k, r, mk if keep else None, vk if keep else None, mu, invstd, count, var_saved, sigma)
+        acc = accumulate_dtype(x.dtype)
         ctx.save_for_backward(*saved)
         if _forward_ad_active():
             ctx.save_for_forward(*saved)

@@ -56,7 +56,7 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _cflags() -> list:
-    flags = ["-O3"]
+    flags = ["-O3", "-fopenmp"]  # at::parallel_for is header code: OpenMP must be on here too
     cap = torch.backends.cpu.get_cpu_capability()
     if cap in ("AVX2", "AVX512"):  # ATen's 256-bit Vectorized<float/double>
         flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
@@ -86,7 +86,9 @@ def build(verbose: bool = False) -> Path:
         print(f"l2bn: building the native CPU kernel for this machine (once, ~1 min) in {path.parent}",
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    _load(name=_NAME, sources=[str(_SRC)], extra_cflags=_cflags(), is_python_module=False, verbose=verbose)
+    # -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded
+    _load(name=_NAME, sources=[str(_SRC)], extra_cflags=_cflags(), extra_ldflags=["-fopenmp"],
+          is_python_module=False, verbose=verbose)
     if fresh:
         print(f"l2bn: native kernel built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return path

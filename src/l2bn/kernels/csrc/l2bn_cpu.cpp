@@ -265,9 +265,79 @@ void column_sums(int64_t N, int64_t C, T* out, const F& f) {
   });
 }
 
+
+// Rows of an (N, C) array, in parallel, each adding `nacc` length-C vectors of column sums into
+// a per-thread slot; returns the slots' total (nacc * C entries). One read of the rows.
+template <typename T, typename F>
+std::vector<T> rows_with_column_sums(int64_t N, int64_t C, int64_t nacc, const F& row_fn) {
+  const int64_t nt = at::get_num_threads();
+  std::vector<T> slots(static_cast<size_t>(nt * nacc * C), T(0));
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+    const int64_t t = std::min<int64_t>(at::get_thread_num(), nt - 1);
+    T* acc = slots.data() + t * nacc * C;
+    for (int64_t i = b; i < e; ++i) row_fn(i, acc);
+  });
+  std::vector<T> total(slots.begin(), slots.begin() + nacc * C);
+  for (int64_t t = 1; t < nt; ++t)
+    for (int64_t j = 0; j < nacc * C; ++j) total[j] += slots[t * nacc * C + j];
+  return total;
+}
+
 // ------------------------------------------------------------------------- operators
 
 using TrainOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// (N, C) input (one entry per (n, c)): the row statistics would be as large as x, so none are
+// formed. One sweep: each row's norm, then its shifted contributions to the column sums of u
+// (shift: u of the first sample); then one sweep y = x * (a_c k_n) + B_c.
+template <typename T>
+TrainOut train_rows1(const Tensor& x, const Tensor& w, const Tensor& bias, double eps, double l2_eps, double s_d) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const auto opt = x.options();
+  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor r = at::empty({N}, opt), k = at::empty({N}, opt);
+  Tensor mu = at::empty({C}, opt), var = at::empty({C}, opt), invstd = at::empty({C}, opt);
+  const T s = T(s_d), l2e = T(l2_eps);
+  const T* xp = x.const_data_ptr<T>();
+  T* rp = r.data_ptr<T>();
+  T* kp = k.data_ptr<T>();
+  const T k0 = s / std::max(std::sqrt(centred_sumsq(xp, C, T(0))), l2e);
+  std::vector<T> shift(C);
+  for (int64_t j = 0; j < C; ++j) shift[j] = k0 * xp[j];
+  const T* sh = shift.data();
+  std::vector<T> tot = rows_with_column_sums<T>(N, C, 2, [&](int64_t i, T* acc) {
+    const T* p = xp + i * C;
+    const T rs = std::sqrt(centred_sumsq(p, C, T(0)));
+    const T kk = s / std::max(rs, l2e);
+    rp[i] = rs;
+    kp[i] = kk;
+    T* s1 = acc;
+    T* s2 = acc + C;
+    for (int64_t j = 0; j < C; ++j) {
+      const T d = kk * p[j] - sh[j];
+      s1[j] += d;
+      s2[j] += d * d;
+    }
+  });
+  T* mup = mu.data_ptr<T>();
+  T* varp = var.data_ptr<T>();
+  T* isp = invstd.data_ptr<T>();
+  const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
+  const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  std::vector<T> a(C), bvec(C);
+  for (int64_t j = 0; j < C; ++j) {
+    const T s1 = tot[j], s2 = tot[C + j];
+    mup[j] = sh[j] + s1 / T(N);
+    varp[j] = std::max((s2 - s1 * s1 / T(N)) / T(N), T(0));
+    isp[j] = T(1) / std::sqrt(varp[j] + T(eps));
+    a[j] = wp ? wp[j] * isp[j] : isp[j];
+    bvec[j] = bp ? bp[j] - mup[j] * a[j] : -mup[j] * a[j];
+  }
+  const Layout lay{N, C, 1, true, at::MemoryFormat::Contiguous};
+  apply_affine<T>(xp, y.data_ptr<T>(), lay, a.data(), kp, bvec.data());
+  return {y, r, k, at::empty({0}, opt), at::empty({0}, opt), mu, var, invstd};
+}
+
 
 template <typename T>
 TrainOut train_forward_impl(const Tensor& x_in, const Tensor& w, const Tensor& bias, double eps,
@@ -284,6 +354,11 @@ TrainOut train_forward_impl(const Tensor& x_in, const Tensor& w, const Tensor& b
     mu.zero_(); var.zero_(); invstd.fill_(1.0 / std::sqrt(eps));
     r.zero_(); k.fill_(s_d / l2_eps); mk.zero_(); vk.zero_();
     return {y, r, k, mk, vk, mu, var, invstd};
+  }
+  if (M == 1) {
+    TrainOut out = train_rows1<T>(x.reshape({N, C}), w, bias, eps, l2_eps, s_d);
+    std::get<0>(out) = std::get<0>(out).view(x.sizes());
+    return out;
   }
   const T s = T(s_d), l2e = T(l2_eps);
   const T* xp = x.const_data_ptr<T>();
@@ -417,6 +492,89 @@ EvalOut eval_forward(const Tensor& x, const std::optional<Tensor>& weight, const
 
 using BackOut = std::tuple<Tensor, Tensor, Tensor>;
 
+// (N, C) backward: one sweep for the column sums of g and k g x, then one sweep per row that
+// forms its radial term and writes dx while the row is in cache (no (N, C) intermediates).
+template <typename T>
+BackOut backward_rows1(const Tensor& g, const Tensor& x, const Tensor& w, const T* kp, const T* rp, const T* mup,
+                       const T* isp, double l2_eps, double s_d, bool batch_stats, bool need_dx) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const auto opt = x.options();
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = g.const_data_ptr<T>();
+  std::vector<T> tot = rows_with_column_sums<T>(N, C, 2, [&](int64_t i, T* acc) {
+    const T* gr = gp + i * C;
+    const T* xr = xp + i * C;
+    const T kk = kp[i];
+    T* s1 = acc;
+    T* s2 = acc + C;
+    for (int64_t j = 0; j < C; ++j) {
+      s1[j] += gr[j];
+      s2[j] += kk * (gr[j] * xr[j]);
+    }
+  });
+  Tensor grad_w = at::empty({C}, opt), grad_b = at::empty({C}, opt);
+  T* gwp = grad_w.data_ptr<T>();
+  T* gbp = grad_b.data_ptr<T>();
+  for (int64_t j = 0; j < C; ++j) {
+    gbp[j] = tot[j];
+    gwp[j] = (tot[C + j] - mup[j] * tot[j]) * isp[j];
+  }
+  if (!need_dx) return {at::empty({0}, opt), grad_w, grad_b};
+  const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
+  const T count = T(N), s = T(s_d), l2e = T(l2_eps), inv_s = T(1) / s;
+  std::vector<T> a(C), bc(C, T(0)), cc(C, T(0));
+  for (int64_t j = 0; j < C; ++j) {
+    a[j] = wp ? wp[j] * isp[j] : isp[j];
+    if (batch_stats) {
+      const T h = (tot[C + j] - mup[j] * tot[j]) * isp[j];
+      bc[j] = -a[j] * h * isp[j] / count;
+      cc[j] = -a[j] * tot[j] / count - bc[j] * mup[j];
+    }
+  }
+  Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  T* dxp = dx.data_ptr<T>();
+  constexpr int64_t L = Vec<T>::size();
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+    std::vector<T> p(C), q(C), rr(C);
+    for (int64_t i = b; i < e; ++i) {
+      const T* gr = gp + i * C;
+      const T* xr = xp + i * C;
+      const T kk = kp[i];
+      const bool mask = rp[i] >= l2e;
+      const T rs = mask ? rp[i] : T(1), inv_rs = T(1) / rs;
+      // t_n / r_n = sum_c a g x / r + (b u^2 + c u) / s, with u = k x
+      Vec<T> acc1(T(0)), acc2(T(0));
+      const Vec<T> kv(kk);
+      int64_t j = 0;
+      for (; j + L <= C; j += L) {
+        const Vec<T> gv = Vec<T>::loadu(gr + j), xv = Vec<T>::loadu(xr + j);
+        acc1 = at::vec::fmadd(Vec<T>::loadu(a.data() + j) * gv, xv, acc1);
+        if (batch_stats) {
+          const Vec<T> u = xv * kv;
+          acc2 = at::vec::fmadd(at::vec::fmadd(Vec<T>::loadu(bc.data() + j), u, Vec<T>::loadu(cc.data() + j)), u, acc2);
+        }
+      }
+      T t1 = hsum<T>(acc1), t2 = hsum<T>(acc2);
+      for (; j < C; ++j) {
+        t1 += a[j] * gr[j] * xr[j];
+        if (batch_stats) {
+          const T u = xr[j] * kk;
+          t2 += (bc[j] * u + cc[j]) * u;
+        }
+      }
+      const T t = t1 * inv_rs + t2 * inv_s;
+      const T radial = mask ? (kk * inv_rs) * t : T(0);
+      for (int64_t c = 0; c < C; ++c) {
+        p[c] = kk * a[c];
+        q[c] = kk * kk * bc[c] - radial;
+        rr[c] = kk * cc[c];
+      }
+      grad_vec(dxp + i * C, gr, xr, p.data(), q.data(), rr.data(), C);
+    }
+  });
+  return {dx, grad_w, grad_b};
+}
+
 template <typename T>
 BackOut backward_impl(const Tensor& g_in, const Tensor& x_in, const Tensor& w, const Tensor& k_t, const Tensor& r_t,
                       const Tensor& mk_t, const Tensor& vk_t, const Tensor& mu_t, const Tensor& is_t, double l2_eps,
@@ -434,6 +592,12 @@ BackOut backward_impl(const Tensor& g_in, const Tensor& x_in, const Tensor& w, c
   const T* isp = isc.const_data_ptr<T>();
   const T* xp = x.const_data_ptr<T>();
   const T* gp = g.const_data_ptr<T>();
+  if (M == 1 && N * C > 0) {
+    BackOut out = backward_rows1<T>(g.reshape({N, C}), x.reshape({N, C}), w, kp, rp, mup, isp, l2_eps, s_d,
+                                    batch_stats, need_dx);
+    if (need_dx) std::get<0>(out) = std::get<0>(out).view(x.sizes());
+    return out;
+  }
   Tensor grad_w = at::empty({C}, opt), grad_b = at::empty({C}, opt);
   // per-(n, c) sums of g and g*x
   Tensor G = at::empty({N, C}, opt), X = at::empty({N, C}, opt);
