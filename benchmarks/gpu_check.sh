@@ -7,7 +7,8 @@
 #   0. exit 1 at once, with a message, unless torch sees a CUDA GPU;
 #   1. pytest on the CUDA-parametrised tests (files under tests/ that mention "cuda", `-k cuda`),
 #      if there are any                                               -> OUT_DIR/pytest_cuda.txt
-#   2. every backend in l2bn.functional.available_backends() (and automatic selection) on
+#   2. every backend in l2bn.functional.available_backends() (and automatic selection, which is
+#      the Triton kernels on CUDA when their probe passes) on
 #      device="cuda" against the float64 reference: training forward, input/weight/bias grads,
 #      running statistics, eval forward; float32 2-D/3-D/4-D, channels_last, bf16/fp16
 #                                                                     -> OUT_DIR/correctness.txt

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import backends, compiled, native  # noqa: F401  (register the "compiled" and "native" backends)
+from .kernels import backends, compiled, native, triton_kernels  # noqa: F401  (register the "compiled", "native" and "triton" backends)
 from .kernels.fused import in_functorch_transform
 from .kernels.reference import l2_normalize_samples
 

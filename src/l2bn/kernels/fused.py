@@ -25,6 +25,7 @@ the scale decision taken in the forward; the entry points at the end are their o
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional, Tuple
 
@@ -84,6 +85,7 @@ def in_functorch_transform() -> bool:
 # ------------------------------------------------------------------------- scale safety
 
 
+@functools.lru_cache(maxsize=256)
 def _norm_range(acc: torch.dtype, d: int) -> Tuple[float, float]:
     """Sample norms outside ``[lo, hi]`` may lose accuracy in ``acc``: above ``hi`` squares can
     overflow (and ``k^2`` underflows in backward), below ``lo`` squares of the entries are
@@ -101,9 +103,10 @@ def needs_rescale(r: Tensor, acc: torch.dtype, d: int, l2_eps: float) -> bool:
     if r.device.type != "cpu" or r.numel() == 0 or torch.compiler.is_compiling():
         return False
     lo, hi = _norm_range(acc, d)
-    ok = r <= hi
-    if l2_eps < lo:  # norms in [l2_eps, lo) are used as computed: they must be accurate
-        ok = ok & ((r >= lo) | (r < l2_eps))
+    if l2_eps >= lo:  # the usual case: only overflow (or NaN, for which the comparison fails) matters
+        return not float(r.max()) <= hi
+    # norms in [l2_eps, lo) are used as computed: they must be accurate
+    ok = (r <= hi) & ((r >= lo) | (r < l2_eps))
     return not bool(ok.all())
 
 
@@ -384,9 +387,9 @@ def update_running_stats(
         if static_count is not None:
             if static_count == 0:
                 return
-            unbiased = var * (static_count / max(static_count - 1, 1))
-            running_mean.copy_(running_mean * (1 - momentum) + mean * momentum)
-            running_var.copy_(running_var * (1 - momentum) + unbiased * momentum)
+            # in place, no temporaries: (1 - m) * running + m * batch
+            running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var, alpha=momentum * static_count / max(static_count - 1, 1))
             return
         unbiased = var * (count / (count - 1).clamp_min(1))
         keep = count == 0
