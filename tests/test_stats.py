@@ -53,7 +53,8 @@ def test_paired_difference_equals_scipy(confidence):
 
 def test_paired_difference_small_samples():
     one = paired_difference([1.0], [0.5])
-    assert one["n"] == 1 and one["mean"] == 0.5 and one["ci_low"] is None and one["p_value"] is None
+    assert one["n"] == 1 and one["mean"] == 0.5 and one["ci_low"] is None and one["ci_high"] is None
+    assert one["p_value"] is None
     assert "only 1 paired seed(s)" in one["note"]
     three = paired_difference([1.0, 2.0, 3.0], [0.0, 1.0, 2.5])
     assert "3 seeds" in three["note"] and three["ci_low"] < three["mean"] < three["ci_high"]
@@ -98,12 +99,20 @@ def test_min_detectable_effect():
     assert min_detectable_effect(1.0, 10, target=0.9) > e
     assert min_detectable_effect(1.0, 10, alpha=0.01) > e
     assert min_detectable_effect(1.0, 1) == math.inf
+    two = min_detectable_effect(1.0, 2)  # two pairs: one degree of freedom, finite
+    assert math.isfinite(two) and power(two, 1.0, 2) == pytest.approx(0.8, abs=1e-6)
+    # the root bracket scales with the spread: tiny and huge spreads work the same
+    for std in (1e-5, 1e-3, 100.0):
+        assert min_detectable_effect(std, 10) == pytest.approx(std * e, rel=1e-6)
 
 
 def test_seeds_needed_is_the_smallest_sufficient_n():
-    for effect, std in ((1.0, 1.0), (0.5, 0.6), (0.5, 1.3)):
+    for effect, std in ((1.0, 1.0), (0.5, 0.6), (0.5, 1.3), (0.7, 1.0)):
         n = seeds_needed(effect, std)
         assert power(effect, std, n) >= 0.8 > power(effect, std, n - 1)
+        n = seeds_needed(effect, std, alpha=0.01)
+        assert power(effect, std, n, alpha=0.01) >= 0.8 > power(effect, std, n - 1, alpha=0.01)
+    assert seeds_needed(0.7, 1.0) == 19  # odd: the search steps one seed at a time
     assert seeds_needed(1.0, 1.0) == 10
     assert seeds_needed(1.0, 1.0, target=0.9) > 10
     assert seeds_needed(0.001, 10.0, limit=50) == 50
