@@ -4,6 +4,8 @@
 #
 #   scripts/mutation.sh                       # kernels/, functional.py, modules.py, sync.py
 #   scripts/mutation.sh src/l2bn/kernels/fused.py src/l2bn/functional.py
+#   # the statistics of the report and the feature metrics, against their own fast tests:
+#   MUT_TESTS="tests/test_stats.py tests/test_metrics.py" scripts/mutation.sh src/l2bn/report/stats.py src/l2bn/analysis/metrics.py
 #
 # It works on a scratch copy (MUT_DIR, default /tmp/l2bn-mutation): the working tree is never
 # modified. The copy gets its own setup.cfg [mutmut] section; mutmut mutates the copy's src/ and
@@ -15,6 +17,7 @@
 #   MUT_TESTS   pytest arguments selecting the tests (default: the fast float64 unit tests of
 #               the reference and fused backends; the compiled backend's tests compile graphs
 #               and the torchrun tests start processes, both too slow to run per mutant)
+#   MUT_K       a pytest -k expression added to MUT_TESTS (it may contain spaces)
 #   MUT_EXAMPLES  hypothesis examples per property test (default 20)
 #   MUT_NAMES   space-separated mutant names: run only these (e.g. the survivors of a previous run)
 set -euo pipefail
@@ -59,6 +62,7 @@ DEFAULT_TESTS=(
 )
 if [ -n "${MUT_TESTS:-}" ]; then
   read -r -a TESTS <<< "$MUT_TESTS"
+  [ -z "${MUT_K:-}" ] || TESTS+=("-k" "$MUT_K")
 else
   TESTS=("${DEFAULT_TESTS[@]}")
 fi

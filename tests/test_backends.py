@@ -333,3 +333,76 @@ def test_fused_l2_batch_norm_returns_the_statistics_used():
     y, mean, var, count = fused_l2_batch_norm(x, w, b, rm, rv, 1e-3, 1e-12, False)
     assert torch.equal(mean, rm) and torch.equal(var, rv) and float(count) == 120
     torch.testing.assert_close(y, l2_batch_norm_reference(x, rm, rv, w, b, False, eps=1e-3))
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("shape", [(6, 5, 4, 3), (3, 4, 2, 3, 2)])
+@pytest.mark.parametrize("training", [True, False])
+def test_channels_last_values_float64(backend, shape, training):
+    """channels_last inputs take other code paths (strided reductions, the (N, M, C) kernel
+    loops): values, gradients and running statistics against the reference, in float64."""
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = (torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2 + 1)
+    _compare(backend, x.contiguous(memory_format=fmt), training=training)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("tangents", ["input", "weight", "bias", "input, no affine"])
+def test_forward_ad_tangent_subsets(backend, training, tangents):
+    """The Function's jvp with only some inputs dual (the others have no tangent), and without
+    affine parameters, against the composite's jvp."""
+    import torch.autograd.forward_ad as fwad
+
+    x = torch.randn(6, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) + 0.5
+    affine = tangents != "input, no affine"
+    w = torch.linspace(0.5, 1.5, 3, dtype=torch.float64) if affine else None
+    b = torch.linspace(-0.2, 0.2, 3, dtype=torch.float64) if affine else None
+    rm, rv = torch.linspace(-0.1, 0.1, 3, dtype=torch.float64), torch.linspace(0.5, 1.5, 3, dtype=torch.float64)
+    stats = (None, None) if training else (rm, rv)
+    t = {"x": torch.randn_like(x), "w": torch.randn(3, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64)}
+    use = {"input": "x", "weight": "w", "bias": "b", "input, no affine": "x"}[tangents]
+    vals = {"x": x, "w": w, "b": b}
+    with fwad.dual_level():
+        args = {k: (fwad.make_dual(v, t[k]) if k == use else v) for k, v in vals.items()}
+        y = l2_batch_norm(args["x"], *stats, args["w"], args["b"], training, backend=backend)
+        dy = fwad.unpack_dual(y).tangent
+
+    def ref(v):
+        a = dict(vals, **{use: v})
+        return l2_batch_norm_reference(a["x"], *stats, a["w"], a["b"], training)
+
+    _, dy_ref = torch.func.jvp(ref, (vals[use],), (t[use],))
+    torch.testing.assert_close(dy, dy_ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_half_precision_statistics_are_float32(backend, dtype, training):
+    """Half inputs with a large mean and a small spread: statistics and sums must be taken in
+    float32 (rounding the per-row means to half alone would move y by several half ulps). The
+    output must equal the float32 computation on the same half input, rounded once."""
+    g = torch.Generator().manual_seed(7)
+    x = (6.0 + 0.05 * torch.randn(8, 4, 5, 6, generator=g)).to(dtype)
+    gy = torch.randn(8, 4, 5, 6, generator=g).to(dtype)
+    c = x.shape[1]
+    w, b = torch.linspace(0.5, 1.5, c), torch.linspace(-0.2, 0.2, c)
+    xr = x.float()
+    stats = (None, None)
+    if not training:  # running statistics of the l2-normalized input, so y is O(1)
+        u = xr.flatten(1) / xr.flatten(1).norm(dim=1, keepdim=True)
+        u = u.reshape(xr.shape).transpose(0, 1).reshape(c, -1)
+        stats = (u.mean(1), u.var(1))
+    rm = [s.clone() if s is not None else None for s in stats]
+    xa = x.clone().requires_grad_()
+    y = l2_batch_norm(xa, *rm, w, b, training, backend=backend)
+    y.backward(gy)
+    xf = xr.clone().requires_grad_()
+    ref = l2_batch_norm_reference(xf, *[s.clone() if s is not None else None for s in stats], w, b, training)
+    ref.backward(gy.float())
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    assert y.dtype == dtype and xa.grad.dtype == dtype
+    torch.testing.assert_close(y.float(), ref.to(dtype).float(), rtol=0, atol=2 * ulp * float(ref.abs().max()))
+    torch.testing.assert_close(xa.grad.float(), xf.grad.to(dtype).float(), rtol=0,
+                               atol=4 * ulp * float(xf.grad.abs().max()))
