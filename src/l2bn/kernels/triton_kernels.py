@@ -196,20 +196,14 @@ def _sample_norm(xs: Tensor, acc: torch.dtype) -> Tensor:
 TRITON_KERNELS = Kernels(_row_stats, _affine_apply, _grad_sums, _grad_apply, _sample_norm)
 
 
-def _train(xs, weight, bias, eps, l2_eps, s):  # type: ignore[no-untyped-def]
-    return train_forward(xs, weight, bias, eps, l2_eps, s, TRITON_KERNELS)
-
-
-def _evaluate(xs, weight, bias, mean, var, eps, l2_eps, s):  # type: ignore[no-untyped-def]
-    return eval_forward(xs, weight, bias, mean, var, eps, l2_eps, s, TRITON_KERNELS)
-
-
-def _backward(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx):  # type: ignore[no-untyped-def]
-    return backward_core(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx, TRITON_KERNELS)
-
-
 #: The Triton engine (CUDA; on the CPU only under ``TRITON_INTERPRET=1``, for testing).
-ENGINE = Engine("triton", TRITON_KERNELS, _train, _evaluate, _backward)
+ENGINE = Engine(
+    "triton",
+    TRITON_KERNELS,
+    functools.partial(train_forward, kernels=TRITON_KERNELS),
+    functools.partial(eval_forward, kernels=TRITON_KERNELS),
+    functools.partial(backward_core, kernels=TRITON_KERNELS),
+)
 
 
 def triton_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group=None):  # type: ignore[no-untyped-def]
