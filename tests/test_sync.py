@@ -159,3 +159,32 @@ def test_forward_ad_and_double_backward_through_sync_are_refused(monkeypatch):
         with pytest.raises(NotImplementedError, match=r"^l2_batch_norm: forward-mode AD through "
                            r"synchronised batch statistics \(process_group\) is not supported$"):
             m(fwad.make_dual(x.detach(), torch.ones_like(x)))
+
+
+@pytest.mark.parametrize("backend", ["fused", "native"])
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+def test_sync_rescales_extreme_inputs_before_the_collective(backend, scale, monkeypatch):
+    """Synchronised training with sample norms out of float32's safe range (squares overflow at
+    1e20; entries' squares are subnormal at 1e-25 with a smaller l2_eps): the statistics are
+    taken of the exactly rescaled input, so output, gradient and running statistics equal the
+    float64 reference on the union batch (in-process mirrored second rank)."""
+    monkeypatch.setenv("L2BN_BACKEND", backend)
+    group = _mirror_world(monkeypatch)
+    g0 = torch.Generator().manual_seed(11)
+    x64 = (torch.randn(4, 3, 5, generator=g0, dtype=torch.float64) + 0.5) * scale
+    x = x64.float()
+    gy = torch.randn(4, 3, 5, generator=g0)
+    sync = l2bn.SyncL2BatchNorm(3, process_group=group, l2_eps=1e-40)
+    xs = x.clone().requires_grad_()
+    ys = sync(xs)
+    ys.backward(gy)
+    xr = torch.cat([x, x]).double().requires_grad_()
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    yr = l2bn.functional.l2_batch_norm(xr, rm, rv, None, None, True, 0.1, 1e-5, l2_eps=1e-40, backend="reference")
+    yr.backward(torch.cat([gy, gy]).double())
+    assert torch.isfinite(ys).all() and torch.isfinite(xs.grad).all()
+    torch.testing.assert_close(ys.double(), yr[:4].detach(), rtol=1e-4, atol=1e-4)
+    rel = (xs.grad.double() - xr.grad[:4]).abs().max() / xr.grad[:4].abs().max()
+    assert rel < 1e-3
+    torch.testing.assert_close(sync.running_var.double(), rv, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sync.running_mean.double(), rm, rtol=1e-4, atol=1e-6)

@@ -105,8 +105,10 @@ def needs_rescale(r: Tensor, acc: torch.dtype, d: int, l2_eps: float) -> bool:
     lo, hi = _norm_range(acc, d)
     if l2_eps >= lo:  # the usual case: only overflow (or NaN, for which the comparison fails) matters
         return not float(r.max()) <= hi
-    # norms in [l2_eps, lo) are used as computed: they must be accurate
-    ok = (r <= hi) & ((r >= lo) | (r < l2_eps))
+    # l2_eps below the accurate range: every norm below lo is suspect, also one that is under
+    # l2_eps or 0 (the squares of a sample of 1e-25s underflow to 0 in float32); an all-zero
+    # sample is rescaled by 1, which changes nothing
+    ok = (r <= hi) & (r >= lo)
     return not bool(ok.all())
 
 
