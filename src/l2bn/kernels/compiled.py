@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import backends
 from .engine import Engine, Kernels, _bshape, backward_core, eval_forward, train_forward
-from .fused import _apply, fused_l2_batch_norm, in_functorch_transform, l2_batch_norm_fast
+from .fused import fused_l2_batch_norm, in_functorch_transform, l2_batch_norm_fast
 
 
 def _row_stats(xs: Tensor, dims: Tuple[int, ...], m_sp: int, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
@@ -182,7 +182,7 @@ def compiled_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, un
     Synchronised training (a ``process_group``) runs the fused algorithm with compiled bulk
     passes, since the statistics must be all-gathered between them.
     """
-    return _apply(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE)
+    return fused_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE)
 
 
 def _prefer(x: Tensor) -> bool:

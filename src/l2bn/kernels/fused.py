@@ -184,7 +184,8 @@ def _forward_core(
     engine: Engine,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, tuple]:
     """The forward of :class:`L2BatchNormFunction` without autograd: ``(y, mean, var, count,
-    saved)``, ``saved`` being what the backward needs."""
+    saved)``, ``saved`` being what the backward needs. ``count`` (entries per channel) is a
+    Python float, or a tensor when it was combined across a process group."""
     acc = accumulate_dtype(x.dtype)
     xs = _ncm(x)
     n, c = xs.shape[0], xs.shape[1]
@@ -202,7 +203,7 @@ def _forward_core(
         if needs_rescale(r, acc, c * m_sp, l2_eps):
             sigma = pow2_scale(xs, acc)
             y, r, k, mk, vk, mu, var, invstd = train_forward(xs, w, b, eps, l2_eps, s, EAGER_KERNELS, sigma)
-        count = torch.tensor(float(n * m_sp), dtype=acc, device=x.device)
+        count: Any = float(n * m_sp)  # a tensor only when combined across processes
     elif batch_stats:
         norms = local_stats(xs, acc, s, l2_eps, eng.kernels.row_stats)
         if needs_rescale(norms.r, acc, c * m_sp, l2_eps):  # before any collective
@@ -218,7 +219,7 @@ def _forward_core(
         if needs_rescale(r, acc, c * m_sp, l2_eps):
             sigma = pow2_scale(xs, acc)
             y, r, k, mu, var, invstd = eval_forward(xs, w, b, stat_mean, stat_var, eps, l2_eps, s, EAGER_KERNELS, sigma)
-        count = torch.tensor(float(n * m_sp), dtype=acc, device=x.device)
+        count = float(n * m_sp)
         var_saved = var
     if x.dim() == 2:
         y = y.squeeze(-1)
@@ -226,7 +227,8 @@ def _forward_core(
     # With one entry per (n, c) (an MLP's (N, C) input) the row statistics of u are k x and
     # 0: recompute them in backward rather than save two more tensors of x's size.
     keep = batch_stats and m_sp != 1
-    saved = (x, weight, k, r, mk if keep else None, vk if keep else None, mu, invstd, count, var_saved, sigma)
+    synced = count if isinstance(count, Tensor) else None  # the static count is recomputed from x's shape
+    saved = (x, weight, k, r, mk if keep else None, vk if keep else None, mu, invstd, synced, var_saved, sigma)
     return y, mu, var, count, saved
 
 
@@ -270,7 +272,7 @@ class L2BatchNormFunction(torch.autograd.Function):
             weight.dtype if weight is not None else acc,
             bias.dtype if bias is not None else acc,
         )
-        ctx.mark_non_differentiable(mu, var, count)
+        ctx.mark_non_differentiable(mu, var, *([count] if isinstance(count, Tensor) else []))
         return y, mu, var, count
 
     @staticmethod
@@ -317,11 +319,12 @@ class L2BatchNormFunctionFwAD(L2BatchNormFunction):
                 "l2_batch_norm: forward-mode AD through synchronised batch statistics "
                 "(process_group) is not supported"
             )
-        x, weight, k, r, mk, vk, mu, invstd, count, _var, _sigma = ctx.saved_tensors
+        x, weight, k, r, mk, vk, mu, invstd, _count, _var, _sigma = ctx.saved_tensors
         acc = invstd.dtype
         xs = _ncm(x)
         n, c = xs.shape[0], xs.shape[1]
         m_sp = _numel(xs.shape[2:])
+        count = float(n * m_sp)
         if mk is None:
             mk = xs.reshape(n, c).to(acc) * k[:, None] if m_sp == 1 else k.new_zeros(n, c)
             vk = torch.zeros_like(mk)
@@ -458,4 +461,7 @@ def fused_l2_batch_norm(
         >>> y.shape, mean.shape, float(count)
         (torch.Size([6, 3, 4]), torch.Size([3]), 24.0)
     """
-    return _apply(input, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, engine)
+    y, mean, var, count = _apply(input, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, engine)
+    if not isinstance(count, Tensor):
+        count = torch.tensor(count, dtype=mean.dtype, device=mean.device)
+    return y, mean, var, count

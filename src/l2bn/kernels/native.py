@@ -45,7 +45,7 @@ from torch import Tensor
 from . import backends
 from .algebra import unit_scale
 from .engine import EAGER_KERNELS, Engine
-from .fused import _apply, l2_batch_norm_fast
+from .fused import fused_l2_batch_norm, l2_batch_norm_fast
 from .reference import accumulate_dtype
 
 __all__ = ["ENGINE", "build", "load", "native_l2_batch_norm", "unavailable_reason"]
@@ -209,20 +209,32 @@ def _register_python_side() -> None:
 # ------------------------------------------------------------------------------ engine
 
 
+def _below_autograd(op: Any, *args: Any) -> Any:
+    """Call ``op`` straight on its CPU kernel. The engine runs inside
+    :class:`~l2bn.kernels.fused.L2BatchNormFunction` or without grad, so the op's own (Python)
+    autograd kernel would only redispatch — about 10 µs per call, as much as a small layer's
+    kernel. Under ``torch.compile`` the op is called normally (traced as one node)."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def _train(xs, weight, bias, eps, l2_eps, s):  # type: ignore[no-untyped-def]
-    y, r, k, mk, vk, mu, var, invstd = torch.ops.l2bn.train_forward(xs, weight, bias, eps, l2_eps, s)
+    y, r, k, mk, vk, mu, var, invstd = _below_autograd(torch.ops.l2bn.train_forward.default, xs, weight, bias, eps, l2_eps, s)
     if mk.numel() == 0 and xs.numel() > 0:  # one entry per (n, c): not computed (recomputed if needed)
         mk = vk = None
     return y, r, k, mk, vk, mu, var, invstd
 
 
 def _evaluate(xs, weight, bias, mean, var, eps, l2_eps, s):  # type: ignore[no-untyped-def]
-    return torch.ops.l2bn.eval_forward(xs, weight, bias, mean, var, eps, l2_eps, s)
+    return _below_autograd(torch.ops.l2bn.eval_forward.default, xs, weight, bias, mean, var, eps, l2_eps, s)
 
 
 def _backward_engine(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx):  # type: ignore[no-untyped-def]
     s = unit_scale(xs.shape[1] * math.prod(xs.shape[2:]), unit_rms)
-    dx, gw, gb = torch.ops.l2bn.backward(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, s, batch_stats, need_dx)
+    dx, gw, gb = _below_autograd(torch.ops.l2bn.backward.default, gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, s,
+                                 batch_stats, need_dx)
     return (dx if need_dx else None), gw, gb
 
 
@@ -232,7 +244,7 @@ ENGINE = Engine("native", EAGER_KERNELS, _train, _evaluate, _backward_engine)
 
 def native_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group=None):  # type: ignore[no-untyped-def]
     """Same contract as :func:`l2bn.kernels.fused.fused_l2_batch_norm`, on the native operators."""
-    return _apply(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE)
+    return fused_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE)
 
 
 def _unavailable(x: Tensor) -> Optional[str]:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import backends
 from .engine import Engine, Kernels, backward_core, eval_forward, train_forward
-from .fused import _apply, fused_l2_batch_norm, l2_batch_norm_fast
+from .fused import fused_l2_batch_norm, l2_batch_norm_fast
 
 __all__ = ["ENGINE", "TRITON_KERNELS", "triton_l2_batch_norm"]
 
@@ -208,7 +208,7 @@ ENGINE = Engine(
 
 def triton_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group=None):  # type: ignore[no-untyped-def]
     """Same contract as :func:`l2bn.kernels.fused.fused_l2_batch_norm`, on the Triton kernels."""
-    return _apply(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE)
+    return fused_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE)
 
 
 @functools.lru_cache(maxsize=None)

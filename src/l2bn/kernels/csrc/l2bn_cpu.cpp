@@ -345,6 +345,11 @@ TrainOut train_forward_impl(const Tensor& x_in, const Tensor& w, const Tensor& b
   const Layout lay = layout_of(x_in);
   const Tensor x = in_layout(x_in, lay);
   const int64_t N = lay.n, C = lay.c, M = lay.m;
+  if (M == 1 && N * C > 0) {  // before any allocation: the (N, C) path allocates its own outputs
+    TrainOut out = train_rows1<T>(x.reshape({N, C}), w, bias, eps, l2_eps, s_d);
+    std::get<0>(out) = std::get<0>(out).view(x.sizes());
+    return out;
+  }
   const auto opt = x.options();
   Tensor y = at::empty_like(x, lay.format);
   Tensor r = at::empty({N}, opt), k = at::empty({N}, opt);
@@ -354,11 +359,6 @@ TrainOut train_forward_impl(const Tensor& x_in, const Tensor& w, const Tensor& b
     mu.zero_(); var.zero_(); invstd.fill_(1.0 / std::sqrt(eps));
     r.zero_(); k.fill_(s_d / l2_eps); mk.zero_(); vk.zero_();
     return {y, r, k, mk, vk, mu, var, invstd};
-  }
-  if (M == 1) {
-    TrainOut out = train_rows1<T>(x.reshape({N, C}), w, bias, eps, l2_eps, s_d);
-    std::get<0>(out) = std::get<0>(out).view(x.sizes());
-    return out;
   }
   const T s = T(s_d), l2e = T(l2_eps);
   const T* xp = x.const_data_ptr<T>();
