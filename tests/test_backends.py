@@ -315,6 +315,24 @@ def test_extreme_scale_float32_finite_and_accurate(backend, scale, training):
     assert_close_per_sample(dx, dxr, 1e-4, "dx")
 
 
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (4, 6)])
+@pytest.mark.parametrize("training", [True, False])
+def test_zero_sample_with_l2_eps_below_float32_range(backend, shape, training):
+    """An all-zero float32 sample with l2_eps = 1e-40 (s / l2_eps overflows float32): the
+    reference gives finite outputs (0 / l2_eps), so must every backend (k = inf gave inf * 0 =
+    NaN); the other samples are unaffected."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    x[1] = 0
+    c = shape[1]
+    rm, rv = torch.randn(c) * 0.1, torch.rand(c) + 0.5
+    y = l2_batch_norm(x, rm.clone(), rv.clone(), training=training, l2_eps=1e-40, backend=backend)
+    yr = l2_batch_norm(x, rm.clone(), rv.clone(), training=training, l2_eps=1e-40, backend="reference")
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_l2_batch_norm_returns_the_statistics_used():
     """The kernel-level entry point: ``(y, mean, biased_var, count)`` of the normalized input
     in training, the running statistics in evaluation."""

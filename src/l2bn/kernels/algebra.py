@@ -90,10 +90,15 @@ def norm_scale(
         >>> r.tolist(), k.tolist()
         ([5.0, 0.0], [0.20000000298023224, 999999995904.0])
     """
+    # k is capped at sqrt(max) so that k and k^2 stay finite: only an all-zero sample with
+    # s / l2_eps beyond that (l2_eps < ~5e-20 in float32) reaches the cap, and its u is 0 anyway.
+    cap = math.sqrt(torch.finfo(rs.dtype).max)
     if sigma is None:
         k = s / rs.clamp_min(l2_eps)
+        if s > l2_eps * cap:
+            k = k.clamp_max(cap)
         return rs, k, k
-    ku = s / torch.maximum(rs, sigma * l2_eps)
+    ku = (s / torch.maximum(rs, sigma * l2_eps)).clamp_max(cap)
     return rs / sigma, ku * sigma, ku
 
 
