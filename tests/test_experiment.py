@@ -97,3 +97,23 @@ def test_a_directory_with_another_recipe_is_refused(tmp_path):
     cmd[cmd.index("--lr") + 1] = "0.2"
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 2 and "lr: saved 0.05, given 0.2" in r.stderr and "keeps one recipe" in r.stderr
+
+
+def test_finished_runs_without_checkpoints_are_reported_not_fatal(tmp_path):
+    """A sweep continued on a clone that holds committed results (result.json, no last.pt, no
+    analysis.json) analyses what it can and still writes the report, instead of failing at the
+    end of hours of training."""
+    out = tmp_path / "o"
+    first = subprocess.run(_cmd(out), env=ENV, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    kept = out / "resnet8-bn-batch_size=32-seed0"
+    (kept / "last.pt").unlink()
+    (kept / "best.pt").unlink(missing_ok=True)
+    cmd = [a for a in _cmd(out) if a != "--no-analyze"]
+    again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"not analysed: {kept} has a result but no checkpoint" in again.stdout
+    analysed = sorted(p.parent.name for p in out.glob("*/analysis.json"))
+    assert analysed == ["resnet8-bn-batch_size=64-seed0", "resnet8-l2bn-batch_size=32-seed0",
+                        "resnet8-l2bn-batch_size=64-seed0"]
+    assert json.loads((out / "summary.json").read_text())["axes"] == ["batch_size"]

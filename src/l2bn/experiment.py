@@ -179,6 +179,11 @@ def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequen
             a, ck = Path(d) / "analysis.json", Path(d) / "last.pt"
             if a.is_file() and (not ck.is_file() or a.stat().st_mtime >= ck.stat().st_mtime):
                 continue  # analysed after its last checkpoint (or a committed result without checkpoints)
+            if not ck.is_file():  # a finished run kept without its checkpoint: nothing to analyse
+                print(f"[{i + 1}/{len(dirs)}] not analysed: {d} has a result but no checkpoint (last.pt) and "
+                      f"no analysis.json; the report leaves it out of the mechanism section (delete the "
+                      f"directory to retrain it)", flush=True)
+                continue
             print(f"[{i + 1}/{len(dirs)}] analysing {d}", flush=True)
             analyze_run(d, data_dir=data_dir)
     build_report(dirs, str(out_p), title=title, note=note, extra={"compare_wall_time_s": time.time() - t0})
