@@ -63,14 +63,22 @@ template <typename T>
 inline T centred_sumsq(const T* p, int64_t n, T mean) {
   constexpr int64_t L = Vec<T>::size();
   const Vec<T> mv(mean);
-  Vec<T> a0(T(0)), a1(T(0));
+  // four independent accumulators: the fma latency, not the load, bounds a long row
+  Vec<T> a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
   int64_t i = 0;
-  for (; i + 2 * L <= n; i += 2 * L) {
+  for (; i + 4 * L <= n; i += 4 * L) {
     Vec<T> d0 = Vec<T>::loadu(p + i) - mv, d1 = Vec<T>::loadu(p + i + L) - mv;
+    Vec<T> d2 = Vec<T>::loadu(p + i + 2 * L) - mv, d3 = Vec<T>::loadu(p + i + 3 * L) - mv;
     a0 = at::vec::fmadd(d0, d0, a0);
     a1 = at::vec::fmadd(d1, d1, a1);
+    a2 = at::vec::fmadd(d2, d2, a2);
+    a3 = at::vec::fmadd(d3, d3, a3);
   }
-  T s = hsum<T>(a0 + a1);
+  for (; i + L <= n; i += L) {
+    Vec<T> d0 = Vec<T>::loadu(p + i) - mv;
+    a0 = at::vec::fmadd(d0, d0, a0);
+  }
+  T s = hsum<T>((a0 + a1) + (a2 + a3));
   for (; i < n; ++i) {
     T d = p[i] - mean;
     s += d * d;
