@@ -424,3 +424,145 @@ def test_half_precision_statistics_are_float32(backend, dtype, training):
     torch.testing.assert_close(y.float(), ref.to(dtype).float(), rtol=0, atol=2 * ulp * float(ref.abs().max()))
     torch.testing.assert_close(xa.grad.float(), xf.grad.to(dtype).float(), rtol=0,
                                atol=4 * ulp * float(xf.grad.abs().max()))
+
+
+# ---- found by mutation testing of kernels/fused.py (round 2): each fails on a surviving mutant or a bug
+
+
+def test_pow2_scale_of_subnormal_samples_is_finite():
+    """The exact power-of-two scale of a sample whose maximum is subnormal (float32 ~1e-40 would
+    need 2^132) stops at the largest power of two of the dtype instead of overflowing to inf."""
+    from l2bn.kernels.fused import pow2_scale
+
+    x = torch.tensor([[1e-40, -3e-41], [3e30, 1.0], [0.0, 0.0], [0.75, 0.1]])
+    s = pow2_scale(x, torch.float32)
+    assert torch.isfinite(s).all()
+    assert s.tolist()[1:] == [2.0 ** -102, 1.0, 1.0]
+    m = (s[:, None] * x).abs().amax(1)
+    assert 1e-3 < float(m[0]) < 1 and 0.5 <= float(m[1]) < 1
+    assert torch.equal((s[:, None] * x)[0] / s[0], x[0])  # exact
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_spatial_dims_with_tiny_l2_eps(backend, training):
+    """(N, C, 0) with an l2_eps below the accurate range (which sends the batch to the rescaled
+    path): no crash, outputs and running statistics as the reference's."""
+    x = torch.randn(4, 3, 0)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    y = l2_batch_norm(x, rm, rv, training=training, l2_eps=1e-40, backend=backend)
+    yr = l2_batch_norm_reference(x, rm2, rv2, training=training, l2_eps=1e-40)
+    assert y.shape == x.shape == yr.shape
+    assert torch.equal(rm, rm2) and torch.equal(rv, rv2)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("training", [True, False])
+def test_running_stats_must_be_given_together(backend, training):
+    """As F.batch_norm: one running statistic without the other is an error (the fast backends
+    silently skipped the update)."""
+    x = torch.randn(4, 3, 5)
+    for rm, rv, missing in ((torch.zeros(3), None, "running_mean"), (None, torch.ones(3), "running_var")):
+        with pytest.raises(ValueError, match=f"must be given together \\(got only {missing}\\)"):
+            l2_batch_norm(x, rm, rv, training=training, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["fused", "native"])
+@pytest.mark.parametrize("case", ["weight only", "weight, frozen bias", "bias only", "frozen weight, bias"])
+def test_single_trainable_affine_parameter(backend, case):
+    """x without grad and only one affine parameter trainable: the output still has a graph and
+    the parameter's gradient equals the reference's."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    w = torch.linspace(0.5, 1.5, 3, dtype=torch.float64)
+    b = torch.linspace(-0.3, 0.3, 3, dtype=torch.float64)
+    train_w = case.startswith("weight")
+    w_used = w if "weight" in case else None
+    b_used = b if "bias" in case else None
+    g = torch.randn(6, 3, 4, dtype=torch.float64)
+    grads = []
+    for be in (backend, "reference"):
+        wi = w_used.clone().requires_grad_(train_w) if w_used is not None else None
+        bi = b_used.clone().requires_grad_(not train_w) if b_used is not None else None
+        y = l2_batch_norm(x, None, None, wi, bi, True, backend=be)
+        assert y.requires_grad
+        y.backward(g)
+        grads.append((wi if train_w else bi).grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["fused", "native"])
+@pytest.mark.parametrize("training", [True, False])
+def test_parameters_are_used_in_the_accumulation_dtype(backend, training):
+    """float32 input with float64 weight and bias: bitwise the same output and input gradient as
+    with their float32 copies (the parameters are cast to the accumulation dtype), and each
+    parameter's gradient comes back in its own dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 5)
+    g = torch.randn(6, 3, 4, 5)
+    w64, b64 = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    rs = (torch.randn(3), torch.rand(3) + 0.5)
+    outs = []
+    for w, b in ((w64, b64), (w64.float(), b64.float())):
+        xi, wi, bi = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+        y = l2_batch_norm(xi, rs[0].clone(), rs[1].clone(), wi, bi, training, backend=backend)
+        y.backward(g)
+        assert wi.grad.dtype == w.dtype and bi.grad.dtype == b.dtype and y.dtype == torch.float32
+        outs.append((y, xi.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("scale,l2_eps", [(1e25, 1e-30), (1e-30, 1e-40)])
+@pytest.mark.parametrize("training", [True, False])
+def test_far_outside_float32_range_forward_and_backward(backend, scale, l2_eps, training):
+    """float32 samples at 1e25 and 1e-30 (squares far beyond the range, both ways): y and dx as
+    accurate as for ordinary inputs — the rescaled backward must undo the scale exactly."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5) * scale
+    x[1] *= 3
+    y, dx, yr, dxr = _scale_case(backend, x, l2_eps, training)
+    assert_close_per_sample(y, yr, 1e-5, "y")
+    assert_close_per_sample(dx, dxr, 1e-4, "dx")
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("training", [True, False])
+def test_float64_at_1e200_equals_the_unscaled_input(backend, training):
+    """float64 samples at 1e200 (their squares overflow): y equals y of the unscaled input, and
+    dx is that of the unscaled input divided by 1e200 (L2BN is scale invariant per sample)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    y1, dx1, _, _ = _scale_case(backend, x, 1e-12, training)
+    y2, dx2, _, _ = _scale_case(backend, x * 1e200, 1e-12, training)
+    torch.testing.assert_close(y2, y1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx2 * 1e200, dx1, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_l2_batch_norm_count_is_a_tensor_of_the_statistics_dtype():
+    """The kernel-level entry point returns the count as a tensor (dtype and device of the
+    statistics), in training and in evaluation."""
+    from l2bn.kernels import fused_l2_batch_norm
+
+    for dtype, acc in ((torch.float64, torch.float64), (torch.float16, torch.float32)):
+        x = torch.randn(6, 3, 4, dtype=dtype)
+        for stats in ((None, None), (torch.zeros(3, dtype=acc), torch.ones(3, dtype=acc))):
+            y, mean, var, count = fused_l2_batch_norm(x, None, None, *stats, 1e-5, 1e-12, False)
+            assert isinstance(count, torch.Tensor) and count.dtype == mean.dtype == acc
+            assert count.device == mean.device and float(count) == 24 and not count.requires_grad
+
+
+def test_needs_rescale_boundaries():
+    """Norms in [lo, hi] are used as computed; l2_eps exactly at lo counts as the usual case
+    (only overflow checked); just outside either bound triggers the exact rescale."""
+    from l2bn.kernels.fused import _norm_range, needs_rescale
+
+    d = 60
+    lo, hi = _norm_range(torch.float64, d)
+    r = torch.tensor([lo / 2, 1.0], dtype=torch.float64)
+    assert not needs_rescale(r, torch.float64, d, lo)  # l2_eps = lo: sub-lo norms are clamped by l2_eps
+    assert needs_rescale(r, torch.float64, d, lo / 4)
+    assert not needs_rescale(torch.tensor([hi, lo], dtype=torch.float64), torch.float64, d, lo / 4)
+    assert needs_rescale(torch.tensor([hi * 1.0000001, 1.0], dtype=torch.float64), torch.float64, d, 1.0)
+    assert needs_rescale(torch.tensor([float("nan"), 1.0], dtype=torch.float64), torch.float64, d, 1.0)

@@ -83,6 +83,11 @@ def _check(
             raise ValueError(
                 f"l2_batch_norm: input has {c} channels (dim 1 of shape {tuple(input.shape)}) but {name} has {t.numel()} elements"
             )
+    if (running_mean is None) != (running_var is None):  # as F.batch_norm
+        raise ValueError(
+            "l2_batch_norm: running_mean and running_var must be given together (got only "
+            f"{'running_mean' if running_var is None else 'running_var'})"
+        )
     for name, val in (("eps", eps), ("l2_eps", l2_eps), ("momentum", momentum)):
         if isinstance(val, bool) or not isinstance(val, numbers.Real):
             raise TypeError(f"l2_batch_norm: {name} must be a real number, got {type(val).__name__}")

@@ -122,8 +122,13 @@ def pow2_scale(xs: Tensor, acc: torch.dtype) -> Tensor:
         >>> s.log2().tolist(), round((s[0] * x[0, 0]).item(), 4)
         ([-102.0, 0.0], 0.5916)
     """
+    if xs.numel() == 0:  # (N, C, 0): nothing to scale
+        return xs.new_ones(xs.shape[0], dtype=acc)
     amax = xs.abs().amax(dim=tuple(range(1, xs.dim()))).to(acc)
-    return torch.exp2(-torch.frexp(amax).exponent.to(acc))
+    # a subnormal maximum would need a power of two beyond the dtype's range: stop at the largest
+    # one (the scaled sample's maximum is then >= 2^-(mantissa bits), far inside the safe range)
+    top = int(math.log2(torch.finfo(acc).max))
+    return torch.exp2(-torch.frexp(amax).exponent.clamp_min(-top).to(acc))
 
 
 # --------------------------------------------------------------------------- autograd
@@ -171,6 +176,15 @@ def _apply(*args: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return _forward_core(*args)[:4]
 
 
+def _static_count(count: Any, acc: torch.dtype, device: torch.device) -> Any:
+    """The element count per channel of an unsynchronised batch: a Python float in eager mode (no
+    tensor per call); a tensor while ``torch.compile`` traces, where the count may be symbolic
+    and a Function cannot return a symbolic number."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(float(count), dtype=acc, device=device)
+    return float(count)
+
+
 def _forward_core(
     x: Tensor,
     weight: Optional[Tensor],
@@ -203,7 +217,7 @@ def _forward_core(
         if needs_rescale(r, acc, c * m_sp, l2_eps):
             sigma = pow2_scale(xs, acc)
             y, r, k, mk, vk, mu, var, invstd = train_forward(xs, w, b, eps, l2_eps, s, EAGER_KERNELS, sigma)
-        count: Any = float(n * m_sp)  # a tensor only when combined across processes
+        count: Any = _static_count(n * m_sp, acc, x.device)
     elif batch_stats:
         norms = local_stats(xs, acc, s, l2_eps, eng.kernels.row_stats)
         if needs_rescale(norms.r, acc, c * m_sp, l2_eps):  # before any collective
@@ -219,7 +233,7 @@ def _forward_core(
         if needs_rescale(r, acc, c * m_sp, l2_eps):
             sigma = pow2_scale(xs, acc)
             y, r, k, mu, var, invstd = eval_forward(xs, w, b, stat_mean, stat_var, eps, l2_eps, s, EAGER_KERNELS, sigma)
-        count = float(n * m_sp)
+        count = _static_count(n * m_sp, acc, x.device)
         var_saved = var
     if x.dim() == 2:
         y = y.squeeze(-1)
