@@ -460,11 +460,12 @@ def test_empty_spatial_dims_with_tiny_l2_eps(backend, training):
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("training", [True, False])
 def test_running_stats_must_be_given_together(backend, training):
-    """As F.batch_norm: one running statistic without the other is an error (the fast backends
-    silently skipped the update)."""
+    """As F.batch_norm: one running statistic without the other is an error (in training the
+    fast backends silently skipped the update)."""
     x = torch.randn(4, 3, 5)
-    for rm, rv, missing in ((torch.zeros(3), None, "running_mean"), (None, torch.ones(3), "running_var")):
-        with pytest.raises(ValueError, match=f"must be given together \\(got only {missing}\\)"):
+    for rm, rv, given in ((torch.zeros(3), None, "running_mean"), (None, torch.ones(3), "running_var")):
+        msg = f"must be given together \\(got only {given}\\)" if training else "are required when training=False"
+        with pytest.raises(ValueError, match=msg):
             l2_batch_norm(x, rm, rv, training=training, backend=backend)
 
 

@@ -83,7 +83,7 @@ def _check(
             raise ValueError(
                 f"l2_batch_norm: input has {c} channels (dim 1 of shape {tuple(input.shape)}) but {name} has {t.numel()} elements"
             )
-    if (running_mean is None) != (running_var is None):  # as F.batch_norm
+    if training and (running_mean is None) != (running_var is None):  # as F.batch_norm (eval: below)
         raise ValueError(
             "l2_batch_norm: running_mean and running_var must be given together (got only "
             f"{'running_mean' if running_var is None else 'running_var'})"
