@@ -567,3 +567,70 @@ def test_needs_rescale_boundaries():
     assert not needs_rescale(torch.tensor([hi, lo], dtype=torch.float64), torch.float64, d, lo / 4)
     assert needs_rescale(torch.tensor([hi * 1.0000001, 1.0], dtype=torch.float64), torch.float64, d, 1.0)
     assert needs_rescale(torch.tensor([float("nan"), 1.0], dtype=torch.float64), torch.float64, d, 1.0)
+
+
+@pytest.mark.parametrize("backend", ["fused", "native"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_ad_half_precision(backend, dtype, training):
+    """jvp with a half-precision input and float32 parameters: the tangent has the input's dtype
+    and equals the float32 composite's jvp rounded to it (within 2 ulps of the largest value)."""
+    import torch.autograd.forward_ad as fwad
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(8, 4, 36, generator=g) + 0.25).to(dtype)
+    t = torch.randn(8, 4, 36, generator=g).to(dtype)
+    w, b = torch.linspace(0.5, 1.5, 4), torch.linspace(-0.2, 0.2, 4)
+    stats = (None, None) if training else (torch.linspace(-0.01, 0.01, 4), torch.linspace(0.5, 1.5, 4) * 1e-3)
+    with fwad.dual_level():
+        y = l2_batch_norm(fwad.make_dual(x, t), *stats, w, b, training, backend=backend)
+        dy = fwad.unpack_dual(y).tangent
+    assert dy.dtype == dtype
+
+    def ref(v):
+        return l2_batch_norm_reference(v, *stats, w, b, training)
+
+    _, dy_ref = torch.func.jvp(ref, (x.float(),), (t.float(),))
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(dy.float(), dy_ref, rtol=0, atol=2 * ulp * float(dy_ref.abs().max()))
+
+
+@pytest.mark.parametrize("backend", ["fused", "native"])
+@pytest.mark.parametrize("case", ["no affine", "frozen weight", "no bias", "float32 weight, bfloat16 bias"])
+def test_double_backward_parameter_variants(backend, case):
+    """create_graph=True with the affine parameters absent, frozen, partly absent or of mixed
+    dtypes: the first derivatives (with a graph) equal the plain first-order ones, and the
+    second-order gradient of a penalty equals the composite's."""
+    torch.manual_seed(0)
+    dt = torch.float64
+    x0 = torch.randn(5, 3, 4, dtype=dt)
+    v = torch.randn(5, 3, 4, dtype=dt)
+    w = torch.linspace(0.5, 1.5, 3, dtype=dt)
+    b = torch.linspace(-0.3, 0.3, 3, dtype=dt)
+    if case == "no affine":
+        w = b = None
+    elif case == "frozen weight":
+        b = b.requires_grad_()
+    elif case == "no bias":
+        w, b = w.requires_grad_(), None
+    else:
+        x0 = x0.float()
+        v = v.float()
+        w, b = w.float().requires_grad_(), b.to(torch.bfloat16).requires_grad_()
+    results = []
+    for be in (backend, "reference"):
+        x = x0.clone().requires_grad_()
+        ins = [t for t in (x, w, b) if t is not None and t.requires_grad]
+        y = l2_batch_norm(x, None, None, w, b, True, backend=be)
+        first = torch.autograd.grad((v * y).sum(), ins, create_graph=True)
+        plain = torch.autograd.grad((v * l2_batch_norm(x, None, None, w, b, True, backend=be)).sum(), ins)
+        for f, p in zip(first, plain):
+            assert f.dtype == p.dtype
+            torch.testing.assert_close(f, p, rtol=1e-6, atol=1e-6)
+        penalty = sum(f.float().pow(2).sum() for f in first)
+        second = torch.autograd.grad(penalty, [x], allow_unused=True)
+        results.append((first, second))
+    (f1, s1), (f2, s2) = results
+    tol = 1e-8 if x0.dtype == dt else 1e-3
+    for a, r in zip(f1 + s1, f2 + s2):
+        torch.testing.assert_close(a.double(), r.double(), rtol=tol, atol=tol)
