@@ -99,6 +99,9 @@ rm -rf "$DIR"/src/*.egg-info
 } > "$DIR/setup.cfg"
 cd "$DIR"
 export L2BN_HYPOTHESIS_EXAMPLES=${MUT_EXAMPLES:-20} OMP_NUM_THREADS=1
+# the native kernel is built into the scratch copy's own cache: mutants of its build flags rebuild
+# it, which must neither touch the user's cache nor race the other mutants' builds of one library
+export TORCH_EXTENSIONS_DIR="$DIR/torch_extensions"
 # the progress spinner is redrawn with carriage returns: drop its lines (summary below)
 # shellcheck disable=SC2086
 nice "$MUTMUT" run --max-children "$JOBS" ${MUT_NAMES:-} 2>&1 | tr '\r' '\n' | grep -v "^⠋\|^⠙\|^⠹\|^⠸\|^⠼\|^⠴\|^⠦\|^⠧\|^⠇\|^⠏" || true
