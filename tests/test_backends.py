@@ -1,5 +1,6 @@
 """Every backend against the reference: values, gradients, running statistics, memory."""
 
+import copy
 import dataclasses
 import warnings
 
@@ -8,7 +9,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from l2bn_checks import assert_close_per_sample
+from torch import nn
 
+import l2bn
 from l2bn.functional import l2_batch_norm
 from l2bn.kernels import backends
 from l2bn.kernels.reference import l2_batch_norm_reference
@@ -463,8 +466,8 @@ def test_running_stats_must_be_given_together(backend, training):
     """As F.batch_norm: one running statistic without the other is an error (in training the
     fast backends silently skipped the update)."""
     x = torch.randn(4, 3, 5)
-    for rm, rv, given in ((torch.zeros(3), None, "running_mean"), (None, torch.ones(3), "running_var")):
-        msg = f"must be given together \\(got only {given}\\)" if training else "are required when training=False"
+    for rm, rv, only in ((torch.zeros(3), None, "running_mean"), (None, torch.ones(3), "running_var")):
+        msg = f"must be given together \\(got only {only}\\)" if training else "are required when training=False"
         with pytest.raises(ValueError, match=msg):
             l2_batch_norm(x, rm, rv, training=training, backend=backend)
 
@@ -634,3 +637,31 @@ def test_double_backward_parameter_variants(backend, case):
     tol = 1e-8 if x0.dtype == dt else 1e-3
     for a, r in zip(f1 + s1, f2 + s2):
         torch.testing.assert_close(a.double(), r.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("training", [True, False])
+def test_mlp_output_can_be_modified_in_place(backend, training, monkeypatch):
+    """Linear -> L2BatchNorm1d -> ReLU(inplace=True), the common MLP block: the (N, C) output
+    must accept an in-place op (a view of a custom Function's intermediate would raise), and
+    the gradients through it equal the reference's."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 6, dtype=torch.float64)
+    g = torch.randn(16, 5, dtype=torch.float64)
+    base = nn.Sequential(nn.Linear(6, 5), l2bn.L2BatchNorm1d(5), nn.ReLU(inplace=True)).double()
+    base[1].running_var.uniform_(0.5, 2.0)  # eval uses these: make them not the identity
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    out = {}
+    for be in ("reference", backend):
+        monkeypatch.setenv("L2BN_BACKEND", be)
+        model = copy.deepcopy(base)
+        model.load_state_dict(state)
+        model.train(training)
+        y = model(x)
+        y.backward(g)
+        out[be] = (y.detach(), [p.grad.clone() for p in model.parameters()], model[1].running_var.clone())
+    (y0, g0, rv0), (y1, g1, rv1) = out["reference"], out[backend]
+    torch.testing.assert_close(y1, y0, rtol=1e-9, atol=1e-9)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(rv1, rv0, rtol=1e-12, atol=1e-12)

@@ -172,6 +172,20 @@ def test_train_bad_data_dir_names_it(tmp_path):
     _one_line_error(r, "run directory not found")
 
 
+def test_corrupt_checkpoint_through_train_resume_and_analyze(tmp_path):
+    """A damaged last.pt met by `train --resume` and by `analyze`: one line naming the file,
+    exit 2, and the damaged file left as it was (nothing overwritten)."""
+    out = tmp_path / "R"
+    args = ("train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--out", str(out))
+    _ok(cli(*args))
+    (out / "result.json").unlink()  # as if killed after its last checkpoint
+    (out / "last.pt").write_bytes(b"\x80\x02garbage")
+    _one_line_error(cli(*args, "--resume"), "last.pt", "corrupt or unreadable checkpoint")
+    _one_line_error(cli("analyze", str(out)), "last.pt")
+    assert (out / "last.pt").read_bytes() == b"\x80\x02garbage"
+    assert not (out / "result.json").exists()
+
+
 @pytest.mark.parametrize("net", ["resnet", "fcnn", "fsfcnn"])
 def test_compare_dcase_recipes_on_the_official_layout(tmp_path, net):
     """`l2bn compare --config configs/dcase2020-1a-<net>.yaml` end to end with default flags on a

@@ -200,3 +200,31 @@ def test_sync_bn_running_stats_agree_across_ranks(tmp_path, sync):
     assert len(a) == 18  # running mean and var of ResNet-8's 9 norm layers
     same = all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
     assert same == sync  # per-rank statistics differ without --sync-bn; with it they agree
+
+
+@pytest.mark.parametrize("norm", ["bn", "l2bn", "l2bn-rms"])
+def test_sync_model_has_only_synchronised_norm_layers_of_its_variant(norm):
+    """What ``--sync-bn`` builds (``model_for_config(sync=True)``) for every registered model:
+    only synchronised norm layers, each of the requested variant (``unit_rms`` kept for
+    ``l2bn-rms``); the DCASE networks keep their one final plain BN (the authors' design), as
+    its synchronised twin. Checked without processes: the torchrun tests check the training."""
+    from torch import nn
+
+    from l2bn.models.registry import build_model, list_models
+    from l2bn.sync import SyncL2BatchNorm
+    from l2bn.train.engine import norm_census
+
+    for name in list_models():
+        if name in ("tv_densenet121", "wrn28_10"):  # the same builders as tv_resnet*/wrn16_4, only bigger
+            continue
+        shape = (1, 64, 32) if name.startswith(("dcase", "audio")) else (3, 32, 32)
+        model = build_model(name, norm, num_classes=10, input_shape=shape, sync=True)
+        census = norm_census(model)
+        assert census and set(census) <= {"SyncL2BatchNorm", "SyncBatchNorm"}, (name, census)
+        l2 = [m for m in model.modules() if isinstance(m, SyncL2BatchNorm)]
+        plain = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
+        if norm == "bn":
+            assert not l2, name
+        else:
+            assert len(plain) <= (1 if name.startswith("dcase") else 0), (name, census)
+            assert l2 and all(m.unit_rms == (norm == "l2bn-rms") for m in l2), name

@@ -165,15 +165,21 @@ def _forward_ad_active() -> bool:
 def _apply(*args: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     x, weight, bias = args[0], args[1], args[2]
     if _forward_ad_active():
-        return L2BatchNormFunctionFwAD.apply(*args)
-    if torch.is_grad_enabled() and (
+        out = L2BatchNormFunctionFwAD.apply(*args)
+    elif torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
-        return L2BatchNormFunction.apply(*args)
-    # nothing to differentiate (inference, torch.no_grad): skip the autograd.Function
-    return _forward_core(*args)[:4]
+        out = L2BatchNormFunction.apply(*args)
+    else:  # nothing to differentiate (inference, torch.no_grad): skip the autograd.Function
+        out = _forward_core(*args)[:4]
+    if x.dim() == 2:
+        # the Function works on (N, C, 1); the (N, C) view is taken here, outside it: a view made
+        # inside a custom Function could not be modified in place (nn.ReLU(inplace=True) after
+        # the norm of an MLP would raise), one made outside can
+        return (out[0].squeeze(-1), *out[1:])
+    return out
 
 
 def _static_count(count: Any, acc: torch.dtype, device: torch.device) -> Any:
@@ -235,9 +241,6 @@ def _forward_core(
             y, r, k, mu, var, invstd = eval_forward(xs, w, b, stat_mean, stat_var, eps, l2_eps, s, EAGER_KERNELS, sigma)
         count = _static_count(n * m_sp, acc, x.device)
         var_saved = var
-    if x.dim() == 2:
-        y = y.squeeze(-1)
-
     # With one entry per (n, c) (an MLP's (N, C) input) the row statistics of u are k x and
     # 0: recompute them in backward rather than save two more tensors of x's size.
     keep = batch_stats and m_sp != 1
@@ -352,7 +355,7 @@ class L2BatchNormFunctionFwAD(L2BatchNormFunction):
             count, m_sp, r >= ctx.l2_eps, ctx.batch_stats,
         )
         dy = EAGER_KERNELS.grad_apply(dxs, xs, p, q, rr, x.dtype)
-        return dy.reshape(x.shape), None, None, None
+        return dy.reshape(xs.shape), None, None, None  # the Function's output is (N, C, 1) for (N, C)
 
 
 def _higher_order_backward(ctx: Any, gy: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -379,7 +382,7 @@ def _higher_order_backward(ctx: Any, gy: Tensor) -> Tuple[Optional[Tensor], ...]
                 x, None if ctx.batch_stats else mu, None if ctx.batch_stats else var, w, None,
                 ctx.batch_stats, 0.0, ctx.eps, l2_eps=ctx.l2_eps, unit_rms=ctx.unit_rms,
             )
-        grads = list(torch.autograd.grad(y, targets, gy, create_graph=True))
+        grads = list(torch.autograd.grad(y, targets, gy.reshape(y.shape), create_graph=True))  # gy: (N, C, 1) for (N, C)
     dx = grads.pop(0) if need_dx else None
     dw = grads.pop(0).to(ctx.param_dtypes[0]) if need_w and weight is not None else None
     db = None

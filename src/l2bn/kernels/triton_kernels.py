@@ -38,7 +38,7 @@ from .fused import fused_l2_batch_norm, l2_batch_norm_fast
 __all__ = ["ENGINE", "TRITON_KERNELS", "triton_l2_batch_norm"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jit() -> Any:
     """Define the kernels on first use (``TRITON_INTERPRET`` is read when they are defined)."""
     import triton
@@ -211,7 +211,7 @@ def triton_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit
     return fused_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(device: str) -> Optional[str]:
     """Run a small L2BN (forward and backward) with the Triton kernels once per device and
     compare it with the ATen path; ``None`` if it agrees, else why not."""

@@ -299,10 +299,13 @@ using TrainOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tens
 // formed. One sweep: each row's norm, then its shifted contributions to the column sums of u
 // (shift: u of the first sample); then one sweep y = x * (a_c k_n) + B_c.
 template <typename T>
-TrainOut train_rows1(const Tensor& x, const Tensor& w, const Tensor& bias, double eps, double l2_eps, double s_d) {
+TrainOut train_rows1(const Tensor& x, const Tensor& w, const Tensor& bias, double eps, double l2_eps, double s_d,
+                     at::IntArrayRef out_sizes) {
   const int64_t N = x.size(0), C = x.size(1);
   const auto opt = x.options();
-  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  // allocated in the input's own shape ((N, C, 1)), not as a view of an (N, C) tensor: autograd
+  // forbids in-place ops on views created inside a custom Function (ReLU(inplace=True) after it)
+  Tensor y = at::empty(out_sizes, opt, at::MemoryFormat::Contiguous);
   Tensor r = at::empty({N}, opt), k = at::empty({N}, opt);
   Tensor mu = at::empty({C}, opt), var = at::empty({C}, opt), invstd = at::empty({C}, opt);
   const T s = T(s_d), l2e = T(l2_eps);
@@ -354,9 +357,7 @@ TrainOut train_forward_impl(const Tensor& x_in, const Tensor& w, const Tensor& b
   const Tensor x = in_layout(x_in, lay);
   const int64_t N = lay.n, C = lay.c, M = lay.m;
   if (M == 1 && N * C > 0) {  // before any allocation: the (N, C) path allocates its own outputs
-    TrainOut out = train_rows1<T>(x.reshape({N, C}), w, bias, eps, l2_eps, s_d);
-    std::get<0>(out) = std::get<0>(out).view(x.sizes());
-    return out;
+    return train_rows1<T>(x.reshape({N, C}), w, bias, eps, l2_eps, s_d, x.sizes());
   }
   const auto opt = x.options();
   Tensor y = at::empty_like(x, lay.format);
@@ -504,7 +505,8 @@ using BackOut = std::tuple<Tensor, Tensor, Tensor>;
 // forms its radial term and writes dx while the row is in cache (no (N, C) intermediates).
 template <typename T>
 BackOut backward_rows1(const Tensor& g, const Tensor& x, const Tensor& w, const T* kp, const T* rp, const T* mup,
-                       const T* isp, double l2_eps, double s_d, bool batch_stats, bool need_dx) {
+                       const T* isp, double l2_eps, double s_d, bool batch_stats, bool need_dx,
+                       at::IntArrayRef out_sizes) {
   const int64_t N = x.size(0), C = x.size(1);
   const auto opt = x.options();
   const T* xp = x.const_data_ptr<T>();
@@ -539,7 +541,7 @@ BackOut backward_rows1(const Tensor& g, const Tensor& x, const Tensor& w, const 
       cc[j] = -a[j] * tot[j] / count - bc[j] * mup[j];
     }
   }
-  Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor dx = at::empty(out_sizes, opt, at::MemoryFormat::Contiguous);  // the input's shape, not a view
   T* dxp = dx.data_ptr<T>();
   constexpr int64_t L = Vec<T>::size();
   at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
@@ -601,10 +603,8 @@ BackOut backward_impl(const Tensor& g_in, const Tensor& x_in, const Tensor& w, c
   const T* xp = x.const_data_ptr<T>();
   const T* gp = g.const_data_ptr<T>();
   if (M == 1 && N * C > 0) {
-    BackOut out = backward_rows1<T>(g.reshape({N, C}), x.reshape({N, C}), w, kp, rp, mup, isp, l2_eps, s_d,
-                                    batch_stats, need_dx);
-    if (need_dx) std::get<0>(out) = std::get<0>(out).view(x.sizes());
-    return out;
+    return backward_rows1<T>(g.reshape({N, C}), x.reshape({N, C}), w, kp, rp, mup, isp, l2_eps, s_d,
+                             batch_stats, need_dx, x.sizes());
   }
   Tensor grad_w = at::empty({C}, opt), grad_b = at::empty({C}, opt);
   // per-(n, c) sums of g and g*x
