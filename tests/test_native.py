@@ -165,3 +165,41 @@ def test_build_command_reports_ready():
     assert "native kernel ready" in out.stdout and "float64" in out.stdout
     err = float(out.stdout.split("reference| = ")[1].split()[0])
     assert err < 1e-10
+
+
+def test_build_check_in_process(capsys):
+    """The same check in this process (so that it is seen by coverage and mutation testing)."""
+    assert native._main() == 0
+    out = capsys.readouterr().out
+    assert out.startswith("l2bn native kernel ready (") and str(native._library_path()) in out
+    err = float(out.split("reference| = ")[1].split()[0])
+    assert 0 <= err < 1e-10
+
+
+@pytest.mark.parametrize("shape,fmt", SHAPES)
+def test_native_l2_batch_norm_matches_reference(shape, fmt):
+    """The engine entry point, batch statistics and given statistics, with and without affine."""
+    x = _input(shape, fmt)
+    c = x.shape[1]
+    w, b = torch.linspace(0.5, 2.0, c, dtype=torch.float64), torch.linspace(-1.0, 1.0, c, dtype=torch.float64)
+    for weight, bias in ((None, None), (w, b)):
+        y, mean, var, count = native.native_l2_batch_norm(x, weight, bias, None, None, 1e-5, 1e-12, False)
+        ref = l2_batch_norm_reference(x, None, None, weight, bias, training=True)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+        assert float(count) == x.numel() / c
+        rm, rv = _stats_args(x)
+        y, mean, var, _ = native.native_l2_batch_norm(x, weight, bias, rm, rv, 1e-5, 1e-12, True)
+        ref = l2_batch_norm_reference(x, rm, rv, weight, bias, training=False, unit_rms=True)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(mean, rm)
+        torch.testing.assert_close(var, rv)
+
+
+def test_automatic_selection_prefers_native_for_cpu_floats():
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        assert native._prefer(torch.empty(2, 3, dtype=dtype))
+        assert l2bn.kernels.backends.select(None, torch.empty(2, 3, dtype=dtype)) == "native"
+    assert not native._prefer(torch.empty(2, 3, dtype=torch.complex64))
+    assert not native._prefer(torch.empty(2, 3, device="meta"))
+    assert "CPU only" in native._unavailable(torch.empty(2, 3, device="meta"))
+    assert "supports float16/bfloat16/float32/float64" in native._unavailable(torch.empty(2, 3, dtype=torch.int64))
