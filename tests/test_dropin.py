@@ -394,3 +394,44 @@ def test_double_backward_parameters_only(backend):
         out.append(torch.autograd.grad(gw.pow(2).sum() + gb.pow(2).sum(), (w, b)))
     for a, r in zip(*out):
         torch.testing.assert_close(a, r, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["fused", "native"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_matches_the_reference(backend, reentrant, monkeypatch):
+    """torch.utils.checkpoint recomputes the forward in backward: gradients and running
+    statistics (updated by both passes, as for BN) equal the reference backend's under the same
+    checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3), l2bn.L2BatchNorm2d(4), nn.ReLU(inplace=True)).double()
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    g = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    out = {}
+    for be in ("reference", backend):
+        monkeypatch.setenv("L2BN_BACKEND", be)
+        m = copy.deepcopy(base)
+        xx = x.clone().requires_grad_()
+        checkpoint(m, xx, use_reentrant=reentrant).backward(g)
+        out[be] = (xx.grad, m[0].weight.grad, m[1].weight.grad, m[1].running_var.clone(), int(m[1].num_batches_tracked))
+    for a, b in zip(out[backend], out["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(5, 4, 6, 6), (5, 4)])
+def test_inference_mode(backend, shape, monkeypatch):
+    """Under torch.inference_mode, evaluation and training (running statistics updated) equal
+    the same calls without it."""
+    monkeypatch.setenv("L2BN_BACKEND", backend)
+    layer = (l2bn.L2BatchNorm2d if len(shape) == 4 else l2bn.L2BatchNorm1d)(4)
+    x = torch.randn(shape)
+    ref = copy.deepcopy(layer)
+    with torch.inference_mode():
+        y_eval = layer.eval()(x)
+        y_train = layer.train()(x)
+    with torch.no_grad():
+        torch.testing.assert_close(y_eval, ref.eval()(x))
+        torch.testing.assert_close(y_train, ref.train()(x))
+    torch.testing.assert_close(layer.running_var, ref.running_var)
