@@ -668,3 +668,66 @@ def test_mlp_output_can_be_modified_in_place(backend, training, monkeypatch):
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(rv1, rv0, rtol=1e-12, atol=1e-12)
+
+
+def test_backend_from_the_environment(monkeypatch):
+    """$L2BN_BACKEND: a name selects that backend, "auto" or empty means automatic, an unknown
+    name lists the choices, an unusable one names its reason; an explicit argument wins."""
+    x = torch.randn(4, 3, 2, 2)
+    for value, want in (("fused", "fused"), ("reference", "reference"), ("auto", "native"), ("", "native")):
+        monkeypatch.setenv("L2BN_BACKEND", value)
+        assert backends.select(None, x) == want, value
+    monkeypatch.setenv("L2BN_BACKEND", "fused")
+    assert backends.select("reference", x) == "reference"
+    monkeypatch.setenv("L2BN_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"unknown L2BN backend 'fast'; choose one of \[.*'fused'.*\] or 'auto'"):
+        backends.select(None, x)
+    monkeypatch.setenv("L2BN_BACKEND", "native")
+    _without(monkeypatch, "native", "no C++ compiler (test)")
+    with pytest.raises(RuntimeError, match="L2BN backend 'native' is not available: no C\\+\\+ compiler"):
+        backends.select(None, x)
+    monkeypatch.delenv("L2BN_BACKEND")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert backends.select(None, x) == "fused"  # automatic: native skipped (compiled prefers large inputs)
+
+
+def test_register_a_backend(monkeypatch):
+    """A third-party backend: registered with a priority it is tried first, only where it
+    prefers the input, and skipped (one warning naming it, attributed to the caller's line) where
+    it cannot run."""
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    monkeypatch.setattr(backends, "_AUTO_ORDER", list(backends._AUTO_ORDER))
+    monkeypatch.setattr(backends, "_warned", set())
+    calls = []
+
+    def mine(x, *args):
+        calls.append(x.shape)
+        return backends.get("reference")(x, *args)
+
+    state = {"reason": None}
+    backends.register("mine", mine, lambda x: state["reason"], auto_priority=0, prefer=lambda x: x.dim() == 4)
+    backends.register("mine", mine, lambda x: state["reason"], auto_priority=0, prefer=lambda x: x.dim() == 4)
+    assert backends._AUTO_ORDER.count("mine") == 1 and backends._AUTO_ORDER[0] == "mine"
+    assert "mine" in backends.available_backends() and backends.get("mine") is mine
+    x4, x3 = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2)
+    assert backends.select(None, x4) == "mine" and backends.select(None, x3) == "native"
+    y = l2_batch_norm(x4, None, None, training=True)
+    torch.testing.assert_close(y, l2_batch_norm_reference(x4, None, None, training=True))
+    assert calls == [x4.shape]
+    state["reason"] = "busy (test)"
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert backends.select(None, x4) == "native"
+        l2_batch_norm(x4, None, None, training=True)
+        l2_batch_norm(x4, None, None, training=True)
+    msgs = [r for r in rec if "falling back" in str(r.message)]
+    assert len(msgs) == 1 and str(msgs[0].message) == "L2BN backend 'mine' unavailable (busy (test)); falling back"
+    rec.clear()
+    backends._warned.clear()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        l2_batch_norm(x4, None, None, training=True)
+    assert [r.filename for r in rec if "falling back" in str(r.message)] == [__file__]
+    backends.register("other", mine)  # no priority: never chosen automatically
+    assert "other" not in backends._AUTO_ORDER and backends.select("other", x3) == "other"

@@ -203,3 +203,51 @@ def test_single_element_samples_in_eval(backend, shape):
     rm, rv = torch.randn(c, dtype=torch.float64) * 0.1, torch.rand(c, dtype=torch.float64) + 0.5
     u = torch.nn.functional.normalize(x.flatten(1), dim=1).view_as(x)
     torch.testing.assert_close(l2_batch_norm(x, rm, rv, backend=backend), torch.nn.functional.batch_norm(u, rm, rv))
+
+
+def test_reference_defaults_and_messages():
+    """The reference's documented defaults (l2_eps 1e-12, unit_rms off, evaluation, momentum
+    0.1) and its error messages (mutation testing found none of them checked)."""
+    from l2bn.kernels.reference import l2_normalize_samples, reference_backend
+
+    x = torch.randn(4, 3, 2, dtype=torch.float64)
+    x[1] *= 1e-3  # a norm well below 1: a wrong l2_eps default would clamp it
+    u = l2_normalize_samples(x)
+    torch.testing.assert_close(u.flatten(1).norm(dim=1), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(u, x / x.flatten(1).norm(dim=1)[:, None, None])
+    rm, rv = torch.full((3,), 0.1, dtype=torch.float64), torch.full((3,), 2.0, dtype=torch.float64)
+    y = l2_batch_norm_reference(x, rm, rv)  # evaluation: the running statistics, untouched
+    torch.testing.assert_close(y, (u - 0.1) / (2.0 + 1e-5) ** 0.5)
+    assert float(rm[0]) == 0.1 and float(rv[0]) == 2.0
+    l2_batch_norm_reference(x, rm, rv, training=True)  # momentum 0.1 by default
+    torch.testing.assert_close(rm, 0.9 * 0.1 + 0.1 * u.mean(dim=(0, 2)))
+    with pytest.raises(ValueError, match="batch dimension and at least one more, got 1D"):
+        l2_normalize_samples(torch.randn(5))
+    with pytest.raises(ValueError, match="'reference' backend does not support process_group"):
+        reference_backend(x, None, None, None, None, True, 0.1, 1e-5, 1e-12, False, process_group=object())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_backend_half_layer(dtype):
+    """A layer converted with .half()/.to(bfloat16) on the reference backend: parameters and
+    running statistics in the half dtype are used in float32 and updated in place, the output
+    keeps the input's dtype; values as the float64 computation on the same (rounded) numbers."""
+    from l2bn.kernels.reference import reference_backend
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 4, 4, generator=g).to(dtype)
+    w, b = torch.rand(3, generator=g).add(0.5).to(dtype), torch.randn(3, generator=g).to(dtype)
+    rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+    y = reference_backend(x, rm, rv, w, b, True, 0.1, 1e-5, 1e-12, False)
+    assert y.dtype == dtype and rm.dtype == dtype and rv.dtype == dtype
+    rm64, rv64 = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    y64 = l2_batch_norm_reference(x.double(), rm64, rv64, w.double(), b.double(), training=True)
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(y.double(), y64, rtol=2 * ulp, atol=4 * ulp * float(y64.abs().max()))
+    torch.testing.assert_close(rm.double(), rm64, rtol=2 * ulp, atol=2 * ulp * float(rm64.abs().max()))
+    torch.testing.assert_close(rv.double(), rv64, rtol=2 * ulp, atol=0)
+    # evaluation with the half running statistics
+    y = reference_backend(x, rm, rv, w, b, False, 0.1, 1e-5, 1e-12, False)
+    y64 = l2_batch_norm_reference(x.double(), rm.double(), rv.double(), w.double(), b.double())
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), y64, rtol=2 * ulp, atol=4 * ulp * float(y64.abs().max()))
