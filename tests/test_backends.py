@@ -728,6 +728,7 @@ def test_register_a_backend(monkeypatch):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         l2_batch_norm(x4, None, None, training=True)
-    assert [r.filename for r in rec if "falling back" in str(r.message)] == [__file__]
+    if "MUTANT_UNDER_TEST" not in __import__("os").environ:  # mutmut's trampolines add a frame
+        assert [r.filename for r in rec if "falling back" in str(r.message)] == [__file__]
     backends.register("other", mine)  # no priority: never chosen automatically
     assert "other" not in backends._AUTO_ORDER and backends.select("other", x3) == "other"
