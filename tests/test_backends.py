@@ -732,3 +732,20 @@ def test_register_a_backend(monkeypatch):
         assert [r.filename for r in rec if "falling back" in str(r.message)] == [__file__]
     backends.register("other", mine)  # no priority: never chosen automatically
     assert "other" not in backends._AUTO_ORDER and backends.select("other", x3) == "other"
+
+
+def test_each_unavailable_backend_warns_once(monkeypatch):
+    """Two automatic candidates unusable for different reasons: one warning each (deduplicated
+    per backend and reason, not globally); with no candidate at all, fused is the last resort."""
+    x = torch.randn(64, 8, 16, 16)
+    _without(monkeypatch, "native", "reason A (test)")
+    _without(monkeypatch, "compiled", "reason B (test)")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert backends.select(None, x) == "fused"
+    msgs = sorted(str(r.message) for r in rec if "falling back" in str(r.message))
+    assert msgs == ["L2BN backend 'compiled' unavailable (reason B (test)); falling back",
+                    "L2BN backend 'native' unavailable (reason A (test)); falling back"], msgs
+    monkeypatch.setattr(backends, "_AUTO_ORDER", [])
+    assert backends.select(None, x) == "fused"

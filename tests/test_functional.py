@@ -223,8 +223,26 @@ def test_reference_defaults_and_messages():
     torch.testing.assert_close(rm, 0.9 * 0.1 + 0.1 * u.mean(dim=(0, 2)))
     with pytest.raises(ValueError, match="batch dimension and at least one more, got 1D"):
         l2_normalize_samples(torch.randn(5))
-    with pytest.raises(ValueError, match="'reference' backend does not support process_group"):
+    with pytest.raises(ValueError) as e:
         reference_backend(x, None, None, None, None, True, 0.1, 1e-5, 1e-12, False, process_group=object())
+    assert str(e.value) == "l2_batch_norm: the 'reference' backend does not support process_group"
+    assert l2_normalize_samples(x.half()).dtype == torch.float32  # returned in the accumulation dtype
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused", "native"])
+def test_options_reach_the_backend(backend):
+    """eps, l2_eps and unit_rms passed through l2_batch_norm reach every backend: the result is
+    the formula written out by hand, with values that make each option visible."""
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    x[2] *= 1e-2  # norm ~0.03, below l2_eps = 0.5: clamped
+    eps, l2_eps = 0.3, 0.5
+    d = 3 * 4
+    norms = x.flatten(1).norm(dim=1).clamp_min(l2_eps)[:, None, None]
+    u = x / norms * d**0.5
+    mean, var = u.mean(dim=(0, 2), keepdim=True), u.var(dim=(0, 2), unbiased=False, keepdim=True)
+    want = (u - mean) / (var + eps).sqrt()
+    y = l2_batch_norm(x, None, None, training=True, eps=eps, l2_eps=l2_eps, unit_rms=True, backend=backend)
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
