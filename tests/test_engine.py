@@ -177,6 +177,9 @@ def test_compare_tiny_and_skip(tmp_path):
     assert str(tmp_path) not in text  # run directories are recorded relative to the output folder
     assert s["cells"]["resnet8/bn"]["runs"][0]["dir"] == "resnet8-bn-seed0"
     assert "Paired difference" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    total = sum(json.loads((d / "result.json").read_text())["train_time_s"] for d in out.glob("*-seed*"))
+    assert f"{total:.0f} s of training in total" in md and "; this compare call " in md
     r2 = cli(*args)
     assert r2.returncode == 0
     assert "4 runs (4 finished earlier)" in r2.stdout and "training ->" not in r2.stdout
@@ -228,3 +231,12 @@ def test_sync_model_has_only_synchronised_norm_layers_of_its_variant(norm):
         else:
             assert len(plain) <= (1 if name.startswith("dcase") else 0), (name, census)
             assert l2 and all(m.unit_rms == (norm == "l2bn-rms") for m in l2), name
+
+
+def test_report_counts_training_time_across_resumes():
+    from l2bn.report.build import _train_time
+
+    assert _train_time({"train_time_s": 5.0, "wall_time_s": 1.0, "history": [{"epoch_time_s": 9.0}]}) == 5.0
+    # results written before train_time_s existed: the epochs of the history, not the last process
+    assert _train_time({"wall_time_s": 1.0, "history": [{"epoch_time_s": 2.0}, {"epoch_time_s": 3.0}]}) == 5.0
+    assert _train_time({"wall_time_s": 7.0, "history": []}) == 7.0

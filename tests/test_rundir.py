@@ -56,6 +56,9 @@ def test_resume_extends_the_same_run(run, tmp_path, torchrun):
     lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
     res = json.loads((d / "result.json").read_text())
+    # the run's training time covers both processes' epochs; wall_time_s only the resumed one
+    assert res["train_time_s"] == pytest.approx(sum(x["epoch_time_s"] for x in lines))
+    assert res["train_time_s"] > lines[1]["epoch_time_s"] > 0
     assert res["config"]["dataset"] == "digits" and res["config"]["norm"] == norm and res["epochs"] == 2
     assert res["train_examples"] < 2000  # digits, not Fashion-MNIST's 60,000
     assert json.loads((d / "config.json").read_text())["dataset"] == "digits"

@@ -37,6 +37,15 @@ FIGURES = {
 }
 
 
+def _train_time(r: Dict[str, Any]) -> float:
+    """A run's training time across resumes: ``train_time_s``, else the sum of its epochs'
+    times (results written before it was recorded), else the last process's wall time."""
+    if "train_time_s" in r:
+        return float(r["train_time_s"])
+    epochs = [h["epoch_time_s"] for h in r.get("history", []) if "epoch_time_s" in h]
+    return float(sum(epochs)) if epochs else float(r["wall_time_s"])
+
+
 def build_report(run_dirs: Sequence[str], out_dir: str, title: str = "", note: str = "",
                  extra: Optional[Dict[str, Any]] = None) -> Dict[str, Path]:
     """Write ``report.md``, ``report.html``, ``summary.json`` and the figures into ``out_dir``.
@@ -73,7 +82,7 @@ def build_report(run_dirs: Sequence[str], out_dir: str, title: str = "", note: s
 
     cfg0 = TrainConfig(**{k: v for k, v in runs[0]["config"].items() if k in TrainConfig.__dataclass_fields__})
     recipe = {k: v for k, v in cfg0.recipe_summary().items() if k not in ("seed", "norm", "model", *summary["axes"])}
-    walls = [r["wall_time_s"] for r in runs]
+    walls = [_train_time(r) for r in runs]
     devices = sorted({str(r.get("device")) for r in runs})
     md: List[str] = [f"# {title or f'BN vs L2BN on {dataset}'}", ""]
     if note:
@@ -81,7 +90,7 @@ def build_report(run_dirs: Sequence[str], out_dir: str, title: str = "", note: s
     md += [f"Recipe (every run): {', '.join(f'{k}={v}' for k, v in recipe.items())}."
            + (f" Grid axes: {', '.join(summary['axes'])}." if summary["axes"] else ""),
            f"{len(runs)} runs, {sum(walls):.0f} s of training in total on {', '.join(devices)}"
-           + (f"; whole job {extra['wall_time_s']:.0f} s." if extra and "wall_time_s" in extra else "."), "",
+           + (f"; this compare call {extra['compare_wall_time_s']:.0f} s." if extra and "compare_wall_time_s" in extra else "."), "",
            "## Test accuracy (%) per seed (last epoch)", "", *accuracy_table(summary), ""]
     pg = per_group_table(summary)
     if pg:

@@ -234,6 +234,9 @@ def _fit(cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_star
         **({"per_group_acc": final["per_group_acc"], "best_per_group_acc": st.best_per_group} if "per_group_acc" in final else {}),
         "status": "complete", "test_acc": final.get("test_acc"), "best_test_acc": st.best_acc, "best_epoch": st.best_epoch,
         "final_train_loss": final.get("train_loss"), "epochs": cfg.epochs, "wall_time_s": time.time() - t_start,
+        # training time of the whole run: the epochs of every process that worked on it (a resumed
+        # run's wall_time_s covers only the last one)
+        "train_time_s": sum(float(h.get("epoch_time_s", 0.0)) for h in st.history),
         "world_size": env.world_size, "device": str(device), "torch": torch.__version__,
         "train_examples": train_b.num_examples, "norm_layers": norm_census(model),
         "config": cfg.to_dict(), "history": st.history,
