@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import os
 import warnings
 
 import pytest
@@ -234,7 +235,7 @@ def test_no_native_kernel_falls_back_with_one_warning(tmp_path):
         "print(sum('native' in str(r.message) for r in rec))\n"
         "print([str(r.message) for r in rec if 'native' in str(r.message)][0])\n"
     )
-    env = {**__import__("os").environ, "L2BN_NO_NATIVE": "1"}
+    env = {**os.environ, "L2BN_NO_NATIVE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     count, message = out.stdout.strip().splitlines()[-2:]
@@ -728,7 +729,7 @@ def test_register_a_backend(monkeypatch):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         l2_batch_norm(x4, None, None, training=True)
-    if "MUTANT_UNDER_TEST" not in __import__("os").environ:  # mutmut's trampolines add a frame
+    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampolines add a frame
         assert [r.filename for r in rec if "falling back" in str(r.message)] == [__file__]
     backends.register("other", mine)  # no priority: never chosen automatically
     assert "other" not in backends._AUTO_ORDER and backends.select("other", x3) == "other"
