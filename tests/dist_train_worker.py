@@ -1,5 +1,6 @@
 """Run under torchrun: train one epoch with ``l2bn.train.fit`` and save this rank's running
-statistics, so a test can check that --sync-bn makes them agree across ranks."""
+statistics, so a test can check that --sync-bn makes them agree across ranks, and the names of
+this process's threads once ``fit`` has returned (the process group must be gone by then)."""
 
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ def main(out: str, stats_dir: str, sync: bool) -> None:
     model, _ = fit(cfg)
     stats = {k: v for k, v in model.state_dict().items() if "running_" in k}
     torch.save(stats, Path(stats_dir) / f"rank{os.environ['RANK']}.pt")
+    names = sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+    (Path(stats_dir) / f"threads{os.environ['RANK']}.txt").write_text("\n".join(names))
 
 
 if __name__ == "__main__":
