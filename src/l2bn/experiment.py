@@ -3,7 +3,9 @@
 Each run lives in ``OUT/<model>-<norm>[-<key>=<value>...]-seed<k>/``. A run whose
 ``result.json`` says ``complete`` for the same recipe (:meth:`TrainConfig.recipe`) is not
 trained again and an unfinished one is resumed from its ``last.pt``, so a sweep can be stopped
-at any point and continued later with the same command. Runs are ordered seed-major (every cell
+at any point and continued later with the same command. A run another process is training (its
+directory's lock, :mod:`l2bn.train.lock`) is skipped, so the same command started twice shares
+the grid's runs instead of training any twice. Runs are ordered seed-major (every cell
 gets seeds 0, 1, … before the next seed), so a stopped sweep has balanced cells.
 
 The summary (``summary.json``, ``report.md``, ``report.html``) gives per-seed accuracy, mean ±
@@ -29,6 +31,7 @@ from .train.config import (
     recipe_conflicts,
     saved_config,
 )
+from .train.lock import RunDirBusy, lock_owner, run_lock
 
 __all__ = ["PRESETS", "compare", "plan_runs", "parse_grid", "run_dir", "ExperimentError"]
 
@@ -149,6 +152,10 @@ def _status(cfg: TrainConfig) -> str:
     return "resume"
 
 
+def _cfg_for(plan: List[Tuple[str, TrainConfig]], out: str) -> TrainConfig:
+    return next(cfg for _, cfg in plan if cfg.out == out)
+
+
 def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequence[int], dataset: str,
             train_overrides: Dict[str, Any], grid: Optional[Dict[str, List[Any]]] = None, data_dir: Optional[str] = None,
             note: str = "", analyze: bool = True, title: str = "") -> Dict[str, Any]:
@@ -167,13 +174,27 @@ def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequen
     t0 = time.time()
     n_done = sum(s == "done" for s in states)
     print(f"{len(plan)} runs ({n_done} finished earlier) -> {out_p}", flush=True)
+    busy: List[str] = []
     for i, ((label, cfg), state) in enumerate(zip(plan, states)):
         tag = f"[{i + 1}/{len(plan)}] {label}"
         if state == "done":
             continue
-        print(f"{tag}: {'resuming' if state == 'resume' else 'training'} -> {cfg.out}", flush=True)
-        train(dataclasses.replace(cfg, resume=state == "resume"))
-    dirs = [cfg.out for _, cfg in plan]
+        try:
+            with run_lock(cfg.out):  # held from the state check to the end of training
+                state = _status(cfg)  # another compare over the same grid may have finished it meanwhile
+                if state == "done":
+                    print(f"{tag}: finished by another process", flush=True)
+                    continue
+                print(f"{tag}: {'resuming' if state == 'resume' else 'training'} -> {cfg.out}", flush=True)
+                train(dataclasses.replace(cfg, resume=state == "resume"))
+        except RunDirBusy as e:
+            print(f"{tag}: skipped, {e}", flush=True)
+            busy.append(cfg.out)
+    still = [d for d in busy if lock_owner(d) is not None or _status(_cfg_for(plan, d)) != "done"]
+    if still:
+        print(f"{len(still)} run(s) left out of this report, still being trained by another process: "
+              f"{', '.join(still)}; run this command again when they finish to include them", flush=True)
+    dirs = [cfg.out for _, cfg in plan if cfg.out not in still]
     if analyze:
         for i, d in enumerate(dirs):
             a, ck = Path(d) / "analysis.json", Path(d) / "last.pt"

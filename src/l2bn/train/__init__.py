@@ -3,5 +3,6 @@ grids live one stage up, in :mod:`l2bn.experiment`."""
 
 from .config import TrainConfig, load_config
 from .engine import TrainingDiverged, fit, train
+from .lock import RunDirBusy
 
-__all__ = ["TrainConfig", "load_config", "train", "fit", "TrainingDiverged"]
+__all__ = ["TrainConfig", "load_config", "train", "fit", "TrainingDiverged", "RunDirBusy"]

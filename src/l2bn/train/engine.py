@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -30,6 +31,7 @@ from ..models import build_model
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from .config import RunConfigError, TrainConfig, conflict_message, recipe_conflicts, saved_config
 from .distributed import DistEnv, cleanup, init_distributed
+from .lock import run_lock
 from .loop import TrainingDiverged, evaluate, train_one_epoch
 from .optim import fast_forward, make_optimizer, make_scheduler
 
@@ -106,19 +108,24 @@ def fit(cfg: TrainConfig) -> Tuple[nn.Module, Dict[str, Any]]:
         l2bn.data.DataNotFoundError: the dataset is missing.
         l2bn.train.checkpoint.CheckpointError: a corrupt, unsafe or mismatched checkpoint.
         l2bn.train.config.RunConfigError: ``cfg`` contradicts the recipe saved in ``cfg.out``.
+        l2bn.train.lock.RunDirBusy: another live process is training ``cfg.out``.
     """
     t_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
-    if cfg.resume or cfg.test_only:
-        _check_run_dir(cfg)
-    env = init_distributed(device.type)
-    try:
-        return _fit(cfg, device, env, out, t_start)
-    finally:
-        cleanup(env)
+    # one writer per run directory (rank 0 holds the lock for a torchrun job); --test-only writes
+    # only test_result.json and may run beside training
+    lock = run_lock(out) if not cfg.test_only and int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+    with lock:
+        if cfg.resume or cfg.test_only:
+            _check_run_dir(cfg)
+        env = init_distributed(device.type)
+        try:
+            return _fit(cfg, device, env, out, t_start)
+        finally:
+            cleanup(env)
 
 
 def _fit(cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_start: float) -> Tuple[nn.Module, Dict[str, Any]]:
