@@ -5,6 +5,8 @@
 #   bash scripts/sweeps.sh                 # all studies, lowest CPU priority
 #   THREADS=1 bash scripts/sweeps.sh       # leave a core free
 #   setsid bash scripts/sweeps.sh > sweeps.log 2>&1 &   # in the background, its own session
+# Started twice (e.g. THREADS=1, one per core), the two share the runs: a run another process is
+# training is skipped (its directory's .lock), so none is trained twice.
 # With the kernel's autogroup scheduling (most desktop/server kernels), `nice` only ranks
 # processes within one session: a sweep started with setsid gets its own session, so the script
 # lowers that whole session's priority (/proc/self/autogroup) — otherwise it takes a full share of
