@@ -1,9 +1,11 @@
 """One writer per run directory: a run trained by a live process is refused to every other one
-(train, resume, compare), a lock left by a dead process is taken over, and two ``compare`` calls
-whose grids overlap share the work instead of training the same run twice."""
+(train, resume, compare), the lock goes with its process however that ends, and two ``compare``
+calls whose grids overlap share the work instead of training the same run twice."""
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,16 +16,22 @@ import pytest
 from l2bn.train.lock import LOCK_NAME, RunDirBusy, lock_owner, run_lock
 
 ENV = dict(os.environ, L2BN_BACKEND="fused", OMP_NUM_THREADS="1")
-HOLD = "import sys, time; from l2bn.train.lock import run_lock\nwith run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)"
+HOLD = "import sys, time; from l2bn.train.lock import run_lock\nwith run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))"
+# holds the lock without writing an owner record (as in the instant between flock and write)
+RAW = ("import fcntl, os, sys, time; fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT)\n"
+       "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)")
+OWNER = "import json, sys; from l2bn.train.lock import lock_owner; print(json.dumps(lock_owner(sys.argv[1])))"
 
 
 @pytest.fixture
-def holder(tmp_path):
-    """Start a process that holds the lock of a directory until the test ends."""
+def holder():
+    """Start a process that holds the lock of a directory (for ``seconds``, or until the test ends)."""
     procs = []
 
-    def start(d):
-        p = subprocess.Popen([sys.executable, "-c", HOLD, str(d)], env=ENV, stdout=subprocess.PIPE, text=True)
+    def start(d, seconds=600.0, code=HOLD):
+        os.makedirs(d, exist_ok=True)
+        p = subprocess.Popen([sys.executable, "-c", code, str(d), str(seconds)], env=ENV, stdout=subprocess.PIPE,
+                             text=True)
         assert p.stdout.readline().strip() == "held"
         procs.append(p)
         return p
@@ -34,31 +42,31 @@ def holder(tmp_path):
         p.wait()
 
 
-def _dead_pid():
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    return p.pid
+def owner_seen_by_another_process(d):
+    r = subprocess.run([sys.executable, "-c", OWNER, str(d)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
 
 
-def test_lock_is_created_and_removed(tmp_path):
+def test_lock_is_held_for_the_block_and_released_after(tmp_path):
     d = tmp_path / "R"
     assert lock_owner(d) is None
     with run_lock(d):
-        owner = json.loads((d / LOCK_NAME).read_text())
-        assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
-        assert abs(owner["started"] - time.time()) < 60
-        assert lock_owner(d) == owner
+        seen = owner_seen_by_another_process(d)
+        assert seen["pid"] == os.getpid() and seen["host"] == socket.gethostname()
+        assert abs(seen["started"] - time.time()) < 120
+        assert lock_owner(d) == seen  # in this process: its own record
         with run_lock(d):  # re-entrant within the process
             pass
-        assert (d / LOCK_NAME).is_file(), "the inner block released the outer block's lock"
-    assert not (d / LOCK_NAME).exists() and lock_owner(d) is None
+        assert owner_seen_by_another_process(d)["pid"] == os.getpid(), "the inner block released the outer lock"
+    assert owner_seen_by_another_process(d) is None and lock_owner(d) is None
 
 
 def test_lock_is_released_when_the_block_raises(tmp_path):
     with pytest.raises(KeyError):
         with run_lock(tmp_path):
             raise KeyError("x")
-    assert not (tmp_path / LOCK_NAME).exists()
+    assert lock_owner(tmp_path) is None
     with run_lock(tmp_path):  # and can be taken again
         pass
 
@@ -66,36 +74,76 @@ def test_lock_is_released_when_the_block_raises(tmp_path):
 def test_a_live_owner_is_refused_with_its_pid(tmp_path, holder):
     p = holder(tmp_path)
     assert lock_owner(tmp_path)["pid"] == p.pid
-    with pytest.raises(RunDirBusy, match=f"pid {p.pid} on {socket.gethostname()}.*delete {tmp_path / LOCK_NAME}"):
+    with pytest.raises(RunDirBusy, match=f"{tmp_path} is being trained by another process \\(pid {p.pid} on "
+                                         f"{socket.gethostname()}, since 20"):
         with run_lock(tmp_path):
             pytest.fail("entered a directory another live process holds")
-    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == p.pid  # its lock is untouched
+    assert lock_owner(tmp_path)["pid"] == p.pid and p.poll() is None  # its lock is untouched
 
 
-def test_a_dead_owner_is_taken_over_with_a_warning(tmp_path):
-    pid = _dead_pid()
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": 0}))
+def test_an_owner_that_has_not_written_its_record_is_still_an_owner(tmp_path, holder):
+    holder(tmp_path, code=RAW)
+    assert lock_owner(tmp_path) == {}
+    with pytest.raises(RunDirBusy, match="pid \\? on \\?, since \\?"):
+        with run_lock(tmp_path):
+            pass
+
+
+def test_the_lock_goes_with_its_process_however_it_ends(tmp_path, holder):
+    """SIGKILL leaves the file and its record behind, but not the lock: no stale-lock guessing
+    from pids (which containers reuse)."""
+    p = holder(tmp_path)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == p.pid  # the record stays
     assert lock_owner(tmp_path) is None
-    with pytest.warns(UserWarning, match=f"no longer exists \\(pid {pid}\\)"):
-        with run_lock(tmp_path):
-            assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
-    assert not (tmp_path / LOCK_NAME).exists()
+    with run_lock(tmp_path):
+        assert owner_seen_by_another_process(tmp_path)["pid"] == os.getpid()
 
 
-@pytest.mark.parametrize("content", ["", "not json", "[1, 2]"])
-def test_an_unreadable_lock_is_refused_not_ignored(tmp_path, content):
+@pytest.mark.parametrize("content", ["", "not json", "[1, 2]", json.dumps({"pid": 1, "host": socket.gethostname()})])
+def test_an_unlocked_file_is_free_whatever_it_says(tmp_path, content):
     (tmp_path / LOCK_NAME).write_text(content)
-    with pytest.raises(RunDirBusy, match="delete"):
-        with run_lock(tmp_path):
-            pass
+    assert lock_owner(tmp_path) is None
+    with run_lock(tmp_path):
+        pass
 
 
-def test_another_hosts_lock_is_refused(tmp_path):
-    """A pid on another machine (a shared file system) cannot be checked: refused, never guessed."""
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": "elsewhere", "started": 0}))
-    with pytest.raises(RunDirBusy, match="on elsewhere"):
-        with run_lock(tmp_path):
-            pass
+def test_a_failed_start_leaves_no_directory_behind(tmp_path):
+    new, old = tmp_path / "new", tmp_path / "old"
+    old.mkdir()
+    for d in (new, old):
+        with pytest.raises(FileNotFoundError):
+            with run_lock(d):
+                raise FileNotFoundError("no data")
+    assert not new.exists()  # created for the lock only: removed
+    assert old.is_dir()  # existed before: kept
+    with run_lock(new):
+        (new / "result.json").write_text("{}")
+    assert sorted(p.name for p in new.iterdir()) == [LOCK_NAME, "result.json"]  # work written: kept
+
+
+def test_wait_blocks_until_the_owner_lets_go(tmp_path, holder):
+    holder(tmp_path, seconds=3)
+    t = time.time()
+    with run_lock(tmp_path, wait=True):
+        waited = time.time() - t
+        assert lock_owner(tmp_path)["pid"] == os.getpid()
+    assert waited > 0.5
+
+
+@pytest.mark.parametrize("env,takes", [({}, True), ({"RANK": "0", "WORLD_SIZE": "2"}, True),
+                                       ({"RANK": "1", "WORLD_SIZE": "2"}, False), ({"RANK": "3", "WORLD_SIZE": "1"}, True)])
+def test_which_process_of_a_job_holds_the_lock(monkeypatch, env, takes):
+    from l2bn.train.config import TrainConfig
+    from l2bn.train.engine import _takes_lock
+
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert _takes_lock(TrainConfig()) is takes
+    assert _takes_lock(TrainConfig(test_only=True)) is False
 
 
 def _train(out, *extra):
@@ -105,7 +153,7 @@ def _train(out, *extra):
                           env=ENV, capture_output=True, text=True, timeout=600)
 
 
-def test_train_refuses_a_run_another_process_trains(tmp_path, holder):
+def test_train_refuses_a_run_another_process_trains_but_test_only_may_read_it(tmp_path, holder):
     d = tmp_path / "R"
     p = holder(d)
     r = _train(d)
@@ -114,10 +162,14 @@ def test_train_refuses_a_run_another_process_trains(tmp_path, holder):
     assert sorted(x.name for x in d.iterdir()) == [LOCK_NAME]  # nothing written
     p.kill()
     p.wait()
-    ok = _train(d)  # the holder was killed: its stale lock is taken over
+    ok = _train(d)  # the holder is gone, and its lock with it
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "no longer exists" in ok.stderr and json.loads((d / "result.json").read_text())["status"] == "complete"
-    assert not (d / LOCK_NAME).exists()
+    assert json.loads((d / "result.json").read_text())["status"] == "complete"
+    holder(d)
+    t = subprocess.run([sys.executable, "-m", "l2bn", "train", "--out", str(d), "--test-only"], env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert t.returncode == 0, t.stderr[-2000:]
+    assert json.loads((d / "test_result.json").read_text())["checkpoint"] == "best.pt"
 
 
 def _compare(out, *seeds):
@@ -126,27 +178,86 @@ def _compare(out, *seeds):
             "--no-analyze", "--threads", "1", "--out", str(out)]
 
 
-def test_compare_skips_a_run_another_process_trains_and_retrains_nothing(tmp_path, holder):
+def test_compare_skips_a_run_another_process_trains(tmp_path, holder):
     out = tmp_path / "o"
     busy = out / "resnet8-bn-seed0"
     holder(busy)
     r = subprocess.run(_compare(out, "0", "1"), env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"[1/2] resnet8 bn seed 0: skipped, {busy} is being trained by another process" in r.stdout
-    assert "1 run(s) left out of this report" in r.stdout
+    assert "1 run(s) left out of this report, still being trained by another process" in r.stdout
     assert not (busy / "result.json").exists()
     s = json.loads((out / "summary.json").read_text())
     assert [run["dir"] for run in s["cells"]["resnet8/bn"]["runs"]] == ["resnet8-bn-seed1"]
-    # a run another process finished while this one waited is not trained again
-    done = json.loads((out / "resnet8-bn-seed1" / "result.json").read_text())
-    again = subprocess.run(_compare(out, "1"), env=ENV, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and "(1 finished earlier)" in again.stdout
-    assert json.loads((out / "resnet8-bn-seed1" / "result.json").read_text()) == done
+
+
+class _Finished(Exception):
+    pass
+
+
+def _in_process_compare(tmp_path, monkeypatch, lock, trained):
+    """compare over seeds 0-1 with training and the report replaced by recorders."""
+    import l2bn.experiment as E
+    import l2bn.train as T
+
+    monkeypatch.setattr(E, "run_lock", lock)
+    monkeypatch.setattr(T, "train", lambda cfg: trained.append((cfg.seed, cfg.resume)))
+
+    def report(plan, busy, out_p, *a):
+        (out_p / "summary.json").write_text(json.dumps({"busy": busy}))
+
+    monkeypatch.setattr(E, "_analyze_and_report", report)
+    return E.compare(str(tmp_path / "o"), ["resnet8"], ["bn"], [0, 1], "digits", {"epochs": 1})
+
+
+def _finish(cfg_dir, seed):
+    from l2bn.train.config import TrainConfig
+
+    cfg = TrainConfig(dataset="digits", model="resnet8", norm="bn", epochs=1, seed=seed, out=str(cfg_dir))
+    (cfg_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (cfg_dir / "result.json").write_text(json.dumps({"status": "complete", "epochs": 1}))
+
+
+def test_compare_checks_a_run_again_under_its_lock(tmp_path, monkeypatch, capsys):
+    """A run another process finished between compare's first look and taking its lock is not
+    trained again."""
+    real = run_lock
+
+    @contextlib.contextmanager
+    def lock(d, wait=False):
+        with real(d, wait):
+            if str(d).endswith("seed0"):
+                _finish(tmp_path / "o" / "resnet8-bn-seed0", 0)  # the other process finished it just now
+            yield
+
+    trained = []
+    s = _in_process_compare(tmp_path, monkeypatch, lock, trained)
+    assert trained == [(1, False)] and s == {"busy": []}
+    assert "[1/2] resnet8 bn seed 0: finished by another process" in capsys.readouterr().out
+
+
+def test_compare_retries_a_run_whose_owner_let_go(tmp_path, monkeypatch, capsys):
+    """A run skipped because another process held it is trained after all if that process
+    stopped before this call ended (instead of being reported as 'being trained')."""
+    real, refused = run_lock, []
+
+    @contextlib.contextmanager
+    def lock(d, wait=False):
+        if str(d).endswith("seed0") and not refused:
+            refused.append(d)
+            raise RunDirBusy(d, {"pid": 4242, "host": "h"})
+        with real(d, wait):
+            yield
+
+    trained = []
+    s = _in_process_compare(tmp_path, monkeypatch, lock, trained)
+    assert trained == [(1, False), (0, False)]
+    assert "seed 0: skipped" in capsys.readouterr().out and s == {"busy": []}
 
 
 def test_two_compares_over_one_grid_share_the_runs(tmp_path):
-    """The same command started twice: every run is trained exactly once, and the report of the
-    one that ends last covers them all."""
+    """The same command started twice: every run is trained exactly once, and the report
+    written last covers them all."""
     out = tmp_path / "o"
     cmd = _compare(out, "0", "1", "2")
     a = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -158,4 +269,6 @@ def test_two_compares_over_one_grid_share_the_runs(tmp_path):
     assert sorted(trained) == sorted(set(trained)) and len(trained) == 3, oa + ob
     for s in range(3):
         assert json.loads((out / f"resnet8-bn-seed{s}" / "result.json").read_text())["status"] == "complete"
-    assert not list(out.glob("*/" + LOCK_NAME))
+    s = json.loads((out / "summary.json").read_text())
+    assert sorted(r["dir"] for r in s["cells"]["resnet8/bn"]["runs"]) == [f"resnet8-bn-seed{k}" for k in range(3)]
+    assert all(lock_owner(p.parent) is None for p in out.glob("**/" + LOCK_NAME))

@@ -163,8 +163,6 @@ def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequen
 
     Returns the summary (also written to ``OUT/summary.json``).
     """
-    from .analysis.analyze import analyze_run
-    from .report.build import build_report
     from .train import train
 
     plan = plan_runs(out, models, norms, seeds, dataset, train_overrides, grid, data_dir)
@@ -174,27 +172,49 @@ def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequen
     t0 = time.time()
     n_done = sum(s == "done" for s in states)
     print(f"{len(plan)} runs ({n_done} finished earlier) -> {out_p}", flush=True)
+    todo = [(i, label, cfg) for i, ((label, cfg), state) in enumerate(zip(plan, states)) if state != "done"]
     busy: List[str] = []
-    for i, ((label, cfg), state) in enumerate(zip(plan, states)):
-        tag = f"[{i + 1}/{len(plan)}] {label}"
-        if state == "done":
-            continue
-        try:
-            with run_lock(cfg.out):  # held from the state check to the end of training
-                state = _status(cfg)  # another compare over the same grid may have finished it meanwhile
-                if state == "done":
-                    print(f"{tag}: finished by another process", flush=True)
-                    continue
-                print(f"{tag}: {'resuming' if state == 'resume' else 'training'} -> {cfg.out}", flush=True)
-                train(dataclasses.replace(cfg, resume=state == "resume"))
-        except RunDirBusy as e:
-            print(f"{tag}: skipped, {e}", flush=True)
-            busy.append(cfg.out)
-    still = [d for d in busy if lock_owner(d) is not None or _status(_cfg_for(plan, d)) != "done"]
-    if still:
-        print(f"{len(still)} run(s) left out of this report, still being trained by another process: "
-              f"{', '.join(still)}; run this command again when they finish to include them", flush=True)
-    dirs = [cfg.out for _, cfg in plan if cfg.out not in still]
+    for _ in range(len(plan)):  # runs another process held are retried once it has let go of them
+        skipped = []
+        for i, label, cfg in todo:
+            tag = f"[{i + 1}/{len(plan)}] {label}"
+            try:
+                with run_lock(cfg.out):  # held from the state check to the end of training
+                    state = _status(cfg)  # another compare over the same grid may have finished it meanwhile
+                    if state == "done":
+                        print(f"{tag}: finished by another process", flush=True)
+                        continue
+                    print(f"{tag}: {'resuming' if state == 'resume' else 'training'} -> {cfg.out}", flush=True)
+                    train(dataclasses.replace(cfg, resume=state == "resume"))
+            except RunDirBusy as e:
+                print(f"{tag}: skipped, {e}", flush=True)
+                skipped.append((i, label, cfg))
+        busy = [cfg.out for _, _, cfg in skipped]
+        todo = [t for t in skipped if lock_owner(t[2].out) is None and _status(t[2]) != "done"]
+        if not todo:
+            break
+    owner = lock_owner(out_p)
+    if owner is not None:
+        print(f"waiting for pid {owner.get('pid', '?')}, which is writing the report in {out_p}", flush=True)
+    with run_lock(out_p, wait=True):  # one report writer at a time; the last one sees every finished run
+        _analyze_and_report(plan, busy, out_p, data_dir, analyze, title, note, t0)
+    return read_json(out_p / "summary.json", "summary")
+
+
+def _analyze_and_report(plan: List[Tuple[str, TrainConfig]], busy: List[str], out_p: Path, data_dir: Optional[str],
+                        analyze: bool, title: str, note: str, t0: float) -> None:
+    from .analysis.analyze import analyze_run
+    from .report.build import build_report
+
+    training = [d for d in busy if lock_owner(d) is not None]
+    stopped = [d for d in busy if d not in training and _status(_cfg_for(plan, d)) != "done"]
+    if training:
+        print(f"{len(training)} run(s) left out of this report, still being trained by another process: "
+              f"{', '.join(training)}; run this command again when they finish to include them", flush=True)
+    if stopped:
+        print(f"{len(stopped)} run(s) left out of this report, unfinished (the process that trained them "
+              f"stopped): {', '.join(stopped)}; run this command again to resume them", flush=True)
+    dirs = [cfg.out for _, cfg in plan if cfg.out not in training + stopped]
     if analyze:
         for i, d in enumerate(dirs):
             a, ck = Path(d) / "analysis.json", Path(d) / "last.pt"
@@ -208,4 +228,3 @@ def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequen
             print(f"[{i + 1}/{len(dirs)}] analysing {d}", flush=True)
             analyze_run(d, data_dir=data_dir)
     build_report(dirs, str(out_p), title=title, note=note, extra={"compare_wall_time_s": time.time() - t0})
-    return read_json(out_p / "summary.json", "summary")

@@ -14,6 +14,12 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
+if dist.is_available():
+    # imported after a process group exists, torch.distributed.nn binds it as default arguments
+    # and keeps it alive past destroy_process_group (gloo then aborts at interpreter exit); any
+    # script that imports l2bn before init_process_group is protected by importing it here
+    import torch.distributed.nn  # noqa: F401
+
 from .modules import _L2NormBase
 
 __all__ = ["SyncL2BatchNorm"]

@@ -115,10 +115,7 @@ def fit(cfg: TrainConfig) -> Tuple[nn.Module, Dict[str, Any]]:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
-    # one writer per run directory (rank 0 holds the lock for a torchrun job); --test-only writes
-    # only test_result.json and may run beside training
-    lock = run_lock(out) if not cfg.test_only and int(os.environ.get("RANK", "0")) == 0 else nullcontext()
-    with lock:
+    with run_lock(out) if _takes_lock(cfg) else nullcontext():
         if cfg.resume or cfg.test_only:
             _check_run_dir(cfg)
         env = init_distributed(device.type)
@@ -126,6 +123,14 @@ def fit(cfg: TrainConfig) -> Tuple[nn.Module, Dict[str, Any]]:
             return _fit(cfg, device, env, out, t_start)
         finally:
             cleanup(env)
+
+
+def _takes_lock(cfg: TrainConfig) -> bool:
+    """One writer per run directory: a single process, or rank 0 of a torchrun job, holds its
+    lock; ``--test-only`` writes only ``test_result.json`` and may run beside training."""
+    if cfg.test_only:
+        return False
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
 
 
 def _fit(cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_start: float) -> Tuple[nn.Module, Dict[str, Any]]:
