@@ -151,7 +151,12 @@ def test_torchrun_two_processes(tmp_path, sync):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # written once, by rank 0
     assert len(list((out / "tb").glob("events.*"))) == 1
     assert r.stdout.count("epoch   1/1") == 1
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl", "result.json", "tb"]
+    # rank 0 held the run's lock (.lock stays, unlocked, once the job has ended)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "best.pt", "config.json", "last.pt", "metrics.jsonl",
+                                                     "result.json", "tb"]
+    from l2bn.train.lock import lock_owner
+
+    assert lock_owner(out) is None
 
 
 def test_compare_tiny_and_skip(tmp_path):

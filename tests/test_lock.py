@@ -191,55 +191,65 @@ def test_compare_skips_a_run_another_process_trains(tmp_path, holder):
     assert [run["dir"] for run in s["cells"]["resnet8/bn"]["runs"]] == ["resnet8-bn-seed1"]
 
 
-class _Finished(Exception):
-    pass
+def _finish(cfg):
+    """What a finished run leaves for compare's state check: its recipe and a complete result."""
+    from pathlib import Path
+
+    d = Path(cfg.out)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (d / "result.json").write_text(json.dumps({"status": "complete", "epochs": cfg.epochs}))
 
 
-def _in_process_compare(tmp_path, monkeypatch, lock, trained):
-    """compare over seeds 0-1 with training and the report replaced by recorders."""
+def _in_process_compare(tmp_path, monkeypatch, lock, trained, seeds=(0, 1)):
+    """compare with training replaced by a recorder that finishes the run, and the report by one
+    that records which runs compare leaves out."""
     import l2bn.experiment as E
     import l2bn.train as T
 
     monkeypatch.setattr(E, "run_lock", lock)
-    monkeypatch.setattr(T, "train", lambda cfg: trained.append((cfg.seed, cfg.resume)))
 
-    def report(plan, busy, out_p, *a):
-        (out_p / "summary.json").write_text(json.dumps({"busy": busy}))
+    def train(cfg):
+        trained.append((cfg.seed, cfg.resume))
+        _finish(cfg)
+
+    monkeypatch.setattr(T, "train", train)
+
+    def report(plan, out_p, *a):
+        training, stopped = E._left_out(plan)
+        (out_p / "summary.json").write_text(json.dumps({"training": training, "stopped": stopped}))
 
     monkeypatch.setattr(E, "_analyze_and_report", report)
-    return E.compare(str(tmp_path / "o"), ["resnet8"], ["bn"], [0, 1], "digits", {"epochs": 1})
-
-
-def _finish(cfg_dir, seed):
-    from l2bn.train.config import TrainConfig
-
-    cfg = TrainConfig(dataset="digits", model="resnet8", norm="bn", epochs=1, seed=seed, out=str(cfg_dir))
-    (cfg_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
-    (cfg_dir / "result.json").write_text(json.dumps({"status": "complete", "epochs": 1}))
+    return E.compare(str(tmp_path / "o"), ["resnet8"], ["bn"], list(seeds), "digits", {"epochs": 1})
 
 
 def test_compare_checks_a_run_again_under_its_lock(tmp_path, monkeypatch, capsys):
     """A run another process finished between compare's first look and taking its lock is not
     trained again."""
+    from l2bn.experiment import plan_runs
+
     real = run_lock
+    first = plan_runs(str(tmp_path / "o"), ["resnet8"], ["bn"], [0], "digits", {"epochs": 1})[0][1]
 
     @contextlib.contextmanager
     def lock(d, wait=False):
         with real(d, wait):
-            if str(d).endswith("seed0"):
-                _finish(tmp_path / "o" / "resnet8-bn-seed0", 0)  # the other process finished it just now
+            if str(d) == first.out:
+                _finish(first)  # the other process finished it just now
             yield
 
     trained = []
     s = _in_process_compare(tmp_path, monkeypatch, lock, trained)
-    assert trained == [(1, False)] and s == {"busy": []}
+    assert trained == [(1, False)] and s == {"training": [], "stopped": []}
     assert "[1/2] resnet8 bn seed 0: finished by another process" in capsys.readouterr().out
 
 
-def test_compare_retries_a_run_whose_owner_let_go(tmp_path, monkeypatch, capsys):
-    """A run skipped because another process held it is trained after all if that process
-    stopped before this call ended (instead of being reported as 'being trained')."""
+def test_compare_retries_runs_whose_owner_let_go_and_reports_the_others(tmp_path, monkeypatch, capsys, holder):
+    """Of two runs skipped because other processes held them, the one whose owner stopped before
+    this call ended is trained after all; the one still held is reported as being trained."""
     real, refused = run_lock, []
+    held = tmp_path / "o" / "resnet8-bn-seed1"
+    holder(held)
 
     @contextlib.contextmanager
     def lock(d, wait=False):
@@ -250,9 +260,11 @@ def test_compare_retries_a_run_whose_owner_let_go(tmp_path, monkeypatch, capsys)
             yield
 
     trained = []
-    s = _in_process_compare(tmp_path, monkeypatch, lock, trained)
-    assert trained == [(1, False), (0, False)]
-    assert "seed 0: skipped" in capsys.readouterr().out and s == {"busy": []}
+    s = _in_process_compare(tmp_path, monkeypatch, lock, trained, seeds=(0, 1, 2))
+    assert trained == [(2, False), (0, False)]
+    out = capsys.readouterr().out
+    assert "seed 0: skipped" in out and "seed 1: skipped" in out
+    assert s == {"training": [str(held)], "stopped": []}
 
 
 def test_two_compares_over_one_grid_share_the_runs(tmp_path):

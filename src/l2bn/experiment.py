@@ -152,10 +152,6 @@ def _status(cfg: TrainConfig) -> str:
     return "resume"
 
 
-def _cfg_for(plan: List[Tuple[str, TrainConfig]], out: str) -> TrainConfig:
-    return next(cfg for _, cfg in plan if cfg.out == out)
-
-
 def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequence[int], dataset: str,
             train_overrides: Dict[str, Any], grid: Optional[Dict[str, List[Any]]] = None, data_dir: Optional[str] = None,
             note: str = "", analyze: bool = True, title: str = "") -> Dict[str, Any]:
@@ -173,8 +169,7 @@ def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequen
     n_done = sum(s == "done" for s in states)
     print(f"{len(plan)} runs ({n_done} finished earlier) -> {out_p}", flush=True)
     todo = [(i, label, cfg) for i, ((label, cfg), state) in enumerate(zip(plan, states)) if state != "done"]
-    busy: List[str] = []
-    for _ in range(len(plan)):  # runs another process held are retried once it has let go of them
+    for _ in range(len(plan) + 1):  # runs another process held are retried once it has let go of them
         skipped = []
         for i, label, cfg in todo:
             tag = f"[{i + 1}/{len(plan)}] {label}"
@@ -189,7 +184,6 @@ def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequen
             except RunDirBusy as e:
                 print(f"{tag}: skipped, {e}", flush=True)
                 skipped.append((i, label, cfg))
-        busy = [cfg.out for _, _, cfg in skipped]
         todo = [t for t in skipped if lock_owner(t[2].out) is None and _status(t[2]) != "done"]
         if not todo:
             break
@@ -197,17 +191,24 @@ def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequen
     if owner is not None:
         print(f"waiting for pid {owner.get('pid', '?')}, which is writing the report in {out_p}", flush=True)
     with run_lock(out_p, wait=True):  # one report writer at a time; the last one sees every finished run
-        _analyze_and_report(plan, busy, out_p, data_dir, analyze, title, note, t0)
-    return read_json(out_p / "summary.json", "summary")
+        _analyze_and_report(plan, out_p, data_dir, analyze, title, note, t0)
+        return read_json(out_p / "summary.json", "summary")
 
 
-def _analyze_and_report(plan: List[Tuple[str, TrainConfig]], busy: List[str], out_p: Path, data_dir: Optional[str],
+def _left_out(plan: List[Tuple[str, TrainConfig]]) -> Tuple[List[str], List[str]]:
+    """The plan's unfinished runs (skipped: another process had them), as (still being trained
+    by another process, stopped)."""
+    left = [cfg.out for _, cfg in plan if _status(cfg) != "done"]
+    training = [d for d in left if lock_owner(d) is not None]
+    return training, [d for d in left if d not in training]
+
+
+def _analyze_and_report(plan: List[Tuple[str, TrainConfig]], out_p: Path, data_dir: Optional[str],
                         analyze: bool, title: str, note: str, t0: float) -> None:
     from .analysis.analyze import analyze_run
     from .report.build import build_report
 
-    training = [d for d in busy if lock_owner(d) is not None]
-    stopped = [d for d in busy if d not in training and _status(_cfg_for(plan, d)) != "done"]
+    training, stopped = _left_out(plan)
     if training:
         print(f"{len(training)} run(s) left out of this report, still being trained by another process: "
               f"{', '.join(training)}; run this command again when they finish to include them", flush=True)

@@ -10,9 +10,11 @@ pid, host and start time into that file for the message another process gets.
 The operating system releases the lock when its process ends, however it ends (SIGKILL, a crash,
 a reboot), so there are no stale locks to detect and no pids to trust: a reused pid or a
 container's pid namespace cannot make a dead owner look alive or a live one look dead. The file
-itself stays (an unlocked ``.lock`` means a free directory). On Linux, ``flock`` on NFS is
-forwarded to the server's byte-range locks, so processes on different machines sharing a file
-system exclude each other as well.
+itself stays (an unlocked ``.lock`` means a free directory). On Linux, ``flock`` on NFS (mounted
+with locking, the default) is forwarded to the server's byte-range locks, so processes on
+different machines sharing a file system exclude each other too. Where a file system refuses
+``flock`` (e.g. Lustre without ``-o flock``), or on a platform without ``fcntl`` (Windows), the
+work runs unlocked after a warning.
 
 The lock is re-entrant within a process (``compare`` holds it while it checks a run's state and
 trains it; training takes it again).
@@ -20,50 +22,27 @@ trains it; training takes it again).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
-try:  # POSIX
+try:
     import fcntl
-
-    def _try_lock(fd: int, wait: bool) -> bool:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            return False
-        return True
-
-    def _unlock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-except ImportError:  # pragma: no cover - Windows (not exercised by this project's CI)
-    import msvcrt
-
-    def _try_lock(fd: int, wait: bool) -> bool:
-        while True:
-            try:
-                os.lseek(fd, 0, os.SEEK_SET)
-                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-                return True
-            except OSError:
-                if not wait:
-                    return False
-                time.sleep(0.5)
-
-    def _unlock(fd: int) -> None:
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["RunDirBusy", "run_lock", "lock_owner", "LOCK_NAME"]
 
 LOCK_NAME = ".lock"
-_held: Dict[str, Dict[str, Any]] = {}  # run directory -> this process's owner record (re-entrancy)
+_NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+# this process's locks: directory identity (st_dev, st_ino) -> owner record (re-entrancy)
+_held: Dict[Tuple[int, int], Dict[str, Any]] = {}
 
 
 class RunDirBusy(RuntimeError):
@@ -77,8 +56,12 @@ class RunDirBusy(RuntimeError):
                          f"{owner.get('host', '?')}, since {when}): wait for it to finish, or stop that process")
 
 
-def _key(out: Path) -> str:
-    return str(out.resolve())
+def _key(out: Path) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(out)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _read_owner(path: Path) -> Dict[str, Any]:
@@ -89,24 +72,75 @@ def _read_owner(path: Path) -> Dict[str, Any]:
     return owner if isinstance(owner, dict) else {}
 
 
+def _flock(fd: int, wait: bool) -> Optional[bool]:
+    """True: locked; False: another holder; None: this file system cannot lock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in _NO_FLOCK:
+            return None
+        raise
+    return True
+
+
 def lock_owner(out: str | os.PathLike[str]) -> Optional[Dict[str, Any]]:
     """Who holds ``out``'s lock (``pid``, ``host``, ``started``; empty if the owner has not
     written them yet), or None when the directory is free."""
     out = Path(out)
-    if _key(out) in _held:
-        return dict(_held[_key(out)])
+    key = _key(out)
+    if key in _held:
+        return dict(_held[key])  # type: ignore[index]
     path = out / LOCK_NAME
+    if fcntl is None:
+        return None
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
-        if _try_lock(fd, wait=False):
-            _unlock(fd)
+        got = _flock(fd, wait=False)
+        if got is None:
+            return None
+        if got:
+            fcntl.flock(fd, fcntl.LOCK_UN)
             return None
     finally:
         os.close(fd)
     return _read_owner(path)
+
+
+def _acquire(out: Path, path: Path, wait: bool) -> Optional[int]:
+    """The locked fd of ``path`` (the file that is ``path`` now, not one unlinked meanwhile), or
+    None where locking is unavailable."""
+    deadline = time.monotonic() + 0.5  # ride over another process's brief lock_owner() probe
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            got = _flock(fd, wait)
+            if got is None:
+                os.close(fd)
+                warnings.warn(f"{path}: this file system does not support flock; {out} is not protected "
+                              f"against a second process training it", stacklevel=4)
+                return None
+            if got:
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    return fd
+                os.close(fd)  # locked a lock file its owner removed (with its empty directory): again
+                out.mkdir(parents=True, exist_ok=True)
+                continue
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        if time.monotonic() > deadline:
+            raise RunDirBusy(out, _read_owner(path))
+        time.sleep(0.05)
 
 
 @contextmanager
@@ -123,25 +157,30 @@ def run_lock(out: str | os.PathLike[str], wait: bool = False) -> Iterator[None]:
     if _key(out) in _held:  # nested: this process already owns the directory
         yield
         return
+    if fcntl is None:  # pragma: no cover - Windows
+        warnings.warn(f"no fcntl on this platform: {out} is not protected against a second process training it",
+                      stacklevel=3)
+        yield
+        return
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        if not _try_lock(fd, wait):
-            raise RunDirBusy(out, _read_owner(path))
-    except BaseException:
-        os.close(fd)
-        raise
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(me).encode(), 0)
+    fd = _acquire(out, path, wait)
+    if fd is None:
+        yield
+        return
     key = _key(out)
-    _held[key] = me
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    _held[key] = me  # type: ignore[index]
     try:
+        try:  # the record only serves messages: a full disk must not fail the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+        except OSError:
+            pass
         yield
     finally:
-        del _held[key]
+        _held.pop(key, None)  # type: ignore[arg-type]
         try:
             if created and [p.name for p in out.iterdir()] == [LOCK_NAME]:
                 # the work failed before writing anything: leave no empty run directory behind
@@ -149,5 +188,7 @@ def run_lock(out: str | os.PathLike[str], wait: bool = False) -> Iterator[None]:
                 out.rmdir()
         except OSError:
             pass
-        _unlock(fd)
-        os.close(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
