@@ -284,3 +284,30 @@ def test_two_compares_over_one_grid_share_the_runs(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert sorted(r["dir"] for r in s["cells"]["resnet8/bn"]["runs"]) == [f"resnet8-bn-seed{k}" for k in range(3)]
     assert all(lock_owner(p.parent) is None for p in out.glob("**/" + LOCK_NAME))
+
+
+def test_analyze_warns_about_a_run_that_is_still_training(tmp_path, holder):
+    d = tmp_path / "R"
+    assert _train(d).returncode == 0
+    p = holder(d)
+    r = subprocess.run([sys.executable, "-m", "l2bn", "analyze", str(d), "--max-examples", "200", "--no-knn"], env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{d} is being trained by another process (pid {p.pid}): analysing its checkpoint of epoch 1 of 1" in r.stderr
+    assert json.loads((d / "analysis.json").read_text())["epoch"] == 1
+
+
+def test_compare_redoes_an_analysis_taken_before_the_run_ended(tmp_path):
+    out = tmp_path / "o"
+    cmd = [a for a in _compare(out, "0") if a != "--no-analyze"]
+    first = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0 and "analysing" in first.stdout, first.stderr[-2000:]
+    same = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert same.returncode == 0 and "analysing" not in same.stdout  # up to date: kept
+    a = out / "resnet8-bn-seed0" / "analysis.json"
+    early = json.loads(a.read_text())
+    early["epoch"] = 0  # as if analysed mid-training, after the checkpoint it read
+    a.write_text(json.dumps(early))
+    again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "analysing" in again.stdout, again.stdout[-2000:]
+    assert json.loads(a.read_text())["epoch"] == 1

@@ -195,6 +195,23 @@ def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequen
         return read_json(out_p / "summary.json", "summary")
 
 
+def _analysed(run: Path) -> bool:
+    """``analysis.json`` describes the run's final model: written after its last checkpoint and of
+    the epoch the run ended at (an analysis taken while the run was still training is redone), or
+    a committed result kept without checkpoints."""
+    a, ck = run / "analysis.json", run / "last.pt"
+    if not a.is_file():
+        return False
+    if not ck.is_file():
+        return True
+    try:
+        epoch = read_json(a, "analysis").get("epoch")
+        epochs = read_json(run / "result.json", "run result").get("epochs")
+    except (ValueError, OSError):
+        return False
+    return a.stat().st_mtime >= ck.stat().st_mtime and epoch == epochs
+
+
 def _left_out(plan: List[Tuple[str, TrainConfig]]) -> Tuple[List[str], List[str]]:
     """The plan's unfinished runs (skipped: another process had them), as (still being trained
     by another process, stopped)."""
@@ -218,10 +235,9 @@ def _analyze_and_report(plan: List[Tuple[str, TrainConfig]], out_p: Path, data_d
     dirs = [cfg.out for _, cfg in plan if cfg.out not in training + stopped]
     if analyze:
         for i, d in enumerate(dirs):
-            a, ck = Path(d) / "analysis.json", Path(d) / "last.pt"
-            if a.is_file() and (not ck.is_file() or a.stat().st_mtime >= ck.stat().st_mtime):
-                continue  # analysed after its last checkpoint (or a committed result without checkpoints)
-            if not ck.is_file():  # a finished run kept without its checkpoint: nothing to analyse
+            if _analysed(Path(d)):
+                continue
+            if not (Path(d) / "last.pt").is_file():  # a finished run kept without its checkpoint: nothing to analyse
                 print(f"[{i + 1}/{len(dirs)}] not analysed: {d} has a result but no checkpoint (last.pt) and "
                       f"no analysis.json; the report leaves it out of the mechanism section (delete the "
                       f"directory to retrain it)", flush=True)

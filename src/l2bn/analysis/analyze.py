@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -13,6 +14,7 @@ from torch import nn
 from ..io import write_json
 from ..train.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from ..train.config import FIELDS, TrainConfig
+from ..train.lock import lock_owner
 from .metrics import feature_metrics
 from .probes import FeatureProbe, NormInputProbe
 
@@ -69,6 +71,11 @@ def analyze_run(run_dir: str, data_dir: Optional[str] = None, max_examples: int 
         raise CheckpointError(f"{run}: no checkpoint (expected {ckpt}); train the run first with `l2bn train --out {run}`")
     state = load_checkpoint(ckpt)
     cfg = TrainConfig(**{k: v for k, v in state["config"].items() if k in FIELDS})
+    owner = lock_owner(run)
+    if owner is not None:
+        warnings.warn(f"{run} is being trained by another process (pid {owner.get('pid', '?')}): analysing its "
+                      f"checkpoint of epoch {state['epoch'] + 1} of {cfg.epochs}; analyse it again when it has "
+                      f"finished", stacklevel=2)
     data = load_dataset(cfg.dataset, data_dir or cfg.data_dir, verify_data=cfg.verify_data, **cfg.dataset_options())
     model = build_model(cfg.model, cfg.norm, num_classes=data.num_classes, input_shape=data.input_shape, width=cfg.width)
     load_model_state(model, state, ckpt, want={"model": cfg.model, "norm": cfg.norm})
