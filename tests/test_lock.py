@@ -311,3 +311,24 @@ def test_compare_redoes_an_analysis_taken_before_the_run_ended(tmp_path):
     again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "analysing" in again.stdout, again.stdout[-2000:]
     assert json.loads(a.read_text())["epoch"] == 1
+
+
+FORK_THEN_DIE = """import os, signal, sys, time
+from l2bn.train.lock import run_lock
+with run_lock(sys.argv[1]):
+    if os.fork() == 0:  # a worker that outlives its parent (as DataLoader workers briefly do)
+        time.sleep(15)
+        os._exit(0)
+    print('held', flush=True)
+    time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_forked_child_does_not_keep_a_killed_parents_lock(tmp_path):
+    p = subprocess.Popen([sys.executable, "-c", FORK_THEN_DIE, str(tmp_path)], env=ENV, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    assert lock_owner(tmp_path)["pid"] == p.pid
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    assert lock_owner(tmp_path) is None, "the lock outlived its killed owner, held by its forked child"

@@ -43,6 +43,24 @@ LOCK_NAME = ".lock"
 _NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 # this process's locks: directory identity (st_dev, st_ino) -> owner record (re-entrancy)
 _held: Dict[Tuple[int, int], Dict[str, Any]] = {}
+_fds: Dict[Tuple[int, int], int] = {}  # ... -> the locked descriptor
+
+
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) shares the parent's locked file description; closing
+    its copy (never unlocking it: that would unlock the parent's) lets the lock go with the
+    parent, instead of outliving a killed parent for as long as its workers linger."""
+    for fd in _fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _fds.clear()
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class RunDirBusy(RuntimeError):
@@ -172,6 +190,7 @@ def run_lock(out: str | os.PathLike[str], wait: bool = False) -> Iterator[None]:
     key = _key(out)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
     _held[key] = me  # type: ignore[index]
+    _fds[key] = fd  # type: ignore[index]
     try:
         try:  # the record only serves messages: a full disk must not fail the lock
             os.ftruncate(fd, 0)
@@ -181,6 +200,7 @@ def run_lock(out: str | os.PathLike[str], wait: bool = False) -> Iterator[None]:
         yield
     finally:
         _held.pop(key, None)  # type: ignore[arg-type]
+        _fds.pop(key, None)  # type: ignore[arg-type]
         try:
             if created and [p.name for p in out.iterdir()] == [LOCK_NAME]:
                 # the work failed before writing anything: leave no empty run directory behind
