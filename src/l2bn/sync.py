@@ -15,9 +15,12 @@ from typing import Any, Optional
 import torch.distributed as dist
 
 if dist.is_available():
-    # imported after a process group exists, torch.distributed.nn binds it as default arguments
-    # and keeps it alive past destroy_process_group (gloo then aborts at interpreter exit); any
-    # script that imports l2bn before init_process_group is protected by importing it here
+    # torch.distributed.nn binds ``group=group.WORLD`` as default arguments when first imported;
+    # imported after a group exists (building an optimizer imports dynamo, which imports it), it
+    # keeps the group alive past destroy_process_group, and at interpreter exit gloo's threads
+    # then free tensors without the GIL (SIGABRT, "terminate called without an active
+    # exception"). Imported here, with the package, it binds None for l2bn's own training and
+    # for any script that imports l2bn before init_process_group.
     import torch.distributed.nn  # noqa: F401
 
 from .modules import _L2NormBase

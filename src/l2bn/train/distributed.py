@@ -32,13 +32,8 @@ def init_distributed(device_type: str) -> DistEnv:
         return DistEnv()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        # torch.distributed.nn binds ``group=group.WORLD`` as default arguments when first
-        # imported; imported after the group exists (building an optimizer imports dynamo, which
-        # imports it), those defaults keep the group alive past destroy_process_group, and at
-        # interpreter exit gloo's worker threads then release tensors without the GIL (SIGABRT,
-        # "terminate called without an active exception"). Importing it first binds None.
-        import torch.distributed.nn  # noqa: F401
-
+        # torch.distributed.nn is already imported (by l2bn.sync, at package import), so it cannot
+        # pin this group through its default arguments; see the comment there
         if device_type == "cuda":
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")

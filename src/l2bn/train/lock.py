@@ -41,21 +41,19 @@ __all__ = ["RunDirBusy", "run_lock", "lock_owner", "LOCK_NAME"]
 
 LOCK_NAME = ".lock"
 _NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
-# this process's locks: directory identity (st_dev, st_ino) -> owner record (re-entrancy)
-_held: Dict[Tuple[int, int], Dict[str, Any]] = {}
-_fds: Dict[Tuple[int, int], int] = {}  # ... -> the locked descriptor
+# this process's locks: directory identity (st_dev, st_ino) -> (owner record, locked descriptor)
+_held: Dict[Tuple[int, int], Tuple[Dict[str, Any], int]] = {}
 
 
 def _forget_in_child() -> None:
     """A forked child (a DataLoader worker) shares the parent's locked file description; closing
     its copy (never unlocking it: that would unlock the parent's) lets the lock go with the
     parent, instead of outliving a killed parent for as long as its workers linger."""
-    for fd in _fds.values():
+    for _, fd in _held.values():
         try:
             os.close(fd)
         except OSError:
             pass
-    _fds.clear()
     _held.clear()
 
 
@@ -109,7 +107,7 @@ def lock_owner(out: str | os.PathLike[str]) -> Optional[Dict[str, Any]]:
     out = Path(out)
     key = _key(out)
     if key in _held:
-        return dict(_held[key])  # type: ignore[index]
+        return dict(_held[key][0])  # type: ignore[index]
     path = out / LOCK_NAME
     if fcntl is None:
         return None
@@ -189,8 +187,7 @@ def run_lock(out: str | os.PathLike[str], wait: bool = False) -> Iterator[None]:
         return
     key = _key(out)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    _held[key] = me  # type: ignore[index]
-    _fds[key] = fd  # type: ignore[index]
+    _held[key] = (me, fd)  # type: ignore[index]
     try:
         try:  # the record only serves messages: a full disk must not fail the lock
             os.ftruncate(fd, 0)
@@ -200,7 +197,6 @@ def run_lock(out: str | os.PathLike[str], wait: bool = False) -> Iterator[None]:
         yield
     finally:
         _held.pop(key, None)  # type: ignore[arg-type]
-        _fds.pop(key, None)  # type: ignore[arg-type]
         try:
             if created and [p.name for p in out.iterdir()] == [LOCK_NAME]:
                 # the work failed before writing anything: leave no empty run directory behind
