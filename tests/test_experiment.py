@@ -117,3 +117,52 @@ def test_finished_runs_without_checkpoints_are_reported_not_fatal(tmp_path):
     assert analysed == ["resnet8-bn-batch_size=64-seed0", "resnet8-l2bn-batch_size=32-seed0",
                         "resnet8-l2bn-batch_size=64-seed0"]
     assert json.loads((out / "summary.json").read_text())["axes"] == ["batch_size"]
+
+
+def _fake_run(d, model, norm, seed, acc, **recipe):
+    """A finished run directory as `l2bn train` leaves it (result.json only)."""
+    import dataclasses
+
+    cfg = dataclasses.asdict(TrainConfig(dataset="fashion-mnist", model=model, norm=norm, seed=seed, epochs=2, **recipe))
+    d.mkdir(parents=True)
+    hist = [{"epoch": e, "train_loss": 1.0 / e, "test_acc": acc - 2 + e} for e in (1, 2)]
+    (d / "result.json").write_text(json.dumps({"status": "complete", "test_acc": acc, "best_test_acc": acc, "epochs": 2,
+                                               "wall_time_s": 1.0, "device": "cpu", "config": cfg, "history": hist}))
+    return str(d)
+
+
+def test_report_across_models_reads_shallow_to_deep(tmp_path):
+    """A depth study (several models, no grid axis) gets L2BN − BN against the model, in natural
+    order (resnet8, resnet20, resnet56) whatever order the directories come in; one model gets no
+    such section."""
+    from l2bn.report.build import build_report
+
+    gain = {"resnet8": 0.1, "resnet20": 0.4, "resnet56": 0.9}
+    dirs = []
+    for m in ("resnet56", "resnet8", "resnet20"):  # neither natural nor alphabetical
+        for s in range(3):
+            base = 90.0 + s * 0.5
+            dirs.append(_fake_run(tmp_path / f"{m}-bn-{s}", m, "bn", s, base))
+            dirs.append(_fake_run(tmp_path / f"{m}-l2bn-{s}", m, "l2bn", s, base + gain[m] + 0.01 * s))
+    build_report(dirs, str(tmp_path / "rep"))
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert summary["models"] == ["resnet8", "resnet20", "resnet56"] and summary["axes"] == []
+    assert (tmp_path / "rep" / "axis_model.png").stat().st_size > 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    table = md.split("### L2BN − BN against `model`")[1].split("\n\n")[1].splitlines()
+    assert table[0] == "| norm | other axes | model | paired seeds | mean (pp) | 95% CI | p |"
+    rows = [r.split(" | ") for r in table[2:]]
+    assert [r[2] for r in rows] == ["resnet8", "resnet20", "resnet56"]
+    assert [float(r[4]) for r in rows] == [pytest.approx(gain[m] + 0.01, abs=0.006) for m in ("resnet8", "resnet20", "resnet56")]
+    assert all(r[3] == "3" for r in rows)
+
+    one = build_report([d for d in dirs if "/resnet20-" in d], str(tmp_path / "one"))
+    assert not (tmp_path / "one" / "axis_model.png").exists()
+    assert "against `model`" not in one["md"].read_text()
+
+
+def test_model_order_is_natural():
+    from l2bn.report.runs import model_order
+
+    names = ["resnet56", "mlp", "resnet8", "dcase-fcnn", "resnet110", "resnet20"]
+    assert sorted(names, key=model_order) == ["dcase-fcnn", "mlp", "resnet8", "resnet20", "resnet56", "resnet110"]

@@ -73,7 +73,8 @@ def build_report(run_dirs: Sequence[str], out_dir: str, title: str = "", note: s
         pca_views(analyses, out / "pca.png")
         figs += ["norm_cv.png", "norm_hist.png", "metrics.png", "pca.png"]
     axis_figs = []
-    for axis in summary["axes"]:
+    plot_axes = list(summary["axes"]) + (["model"] if len(summary["models"]) > 1 and summary["differences"] else [])
+    for axis in plot_axes:
         name = f"axis_{re.sub(r'[^A-Za-z0-9_]+', '_', axis)}.png"
         axis_plot(summary, axis, out / name)
         axis_figs.append((axis, name))
@@ -98,7 +99,7 @@ def build_report(run_dirs: Sequence[str], out_dir: str, title: str = "", note: s
     md += ["## Paired difference against BN (same seed: same initialisation and data order)", "", *difference_table(summary), "",
            *verdict(summary), ""]
     if axis_figs:
-        md += ["## Grid axes", "", *axis_tables(summary)]
+        md += ["## Grid axes" if summary["axes"] else "## Across models", "", *axis_tables(summary, plot_axes)]
         for axis, name in axis_figs:
             md += [f"![{axis}]({name})", "", f"*Paired difference against BN (mean and 95% CI over seeds) as `{axis}` varies. "
                    "Look for: whether the interval leaves 0 anywhere, and a trend along the axis.*", ""]

@@ -61,20 +61,28 @@ def difference_table(summary: Dict[str, Any]) -> List[str]:
     return lines
 
 
-def axis_tables(summary: Dict[str, Any]) -> List[str]:
-    """One table per grid axis: each norm − BN against the axis value (other axes fixed)."""
+def axis_tables(summary: Dict[str, Any], axes: Optional[List[str]] = None) -> List[str]:
+    """One table per axis — the grid axes, or those given (``"model"`` for a study across models,
+    rows shallow to deep): each norm − BN against the axis value, the other axes fixed."""
+    from .runs import model_order
+
     out: List[str] = []
-    for axis in summary.get("axes", []):
+    for axis in summary.get("axes", []) if axes is None else axes:
+        by_model = axis == "model"
         out += [f"### L2BN − BN against `{axis}`", "",
-                f"| model | norm | other axes | {axis} | paired seeds | mean (pp) | 95% CI | p |", "|---|---|---|---|---|---|---|---|"]
+                ("" if by_model else "| model ") + f"| norm | other axes | {axis} | paired seeds | mean (pp) | 95% CI | p |",
+                "|---" * (7 if by_model else 8) + "|"]
         rows = sorted(summary["differences"].values(),
-                      key=lambda d: (d["model"], d["norm"], _axes_str({k: v for k, v in d["axes"].items() if k != axis}),
-                                     _sortable(d["axes"].get(axis))))
+                      key=lambda d: ("" if by_model else d["model"], d["norm"],
+                                     _axes_str({k: v for k, v in d["axes"].items() if k != axis}),
+                                     model_order(d["model"]) if by_model else _sortable(d["axes"].get(axis))))
         for d in rows:
             ci = "–" if d["ci_low"] is None else f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
             mean = "–" if d["mean"] is None else f"{d['mean']:+.2f}"
             others = _axes_str({k: v for k, v in d["axes"].items() if k != axis}) or "–"
-            out.append(f"| {d['model']} | {d['norm']} | {others} | {d['axes'].get(axis)} | {d['n']} | {mean} | {ci} | {_p(d.get('p_value'))} |")
+            value = d["model"] if by_model else d["axes"].get(axis)
+            out.append(("" if by_model else f"| {d['model']} ") +
+                       f"| {d['norm']} | {others} | {value} | {d['n']} | {mean} | {ci} | {_p(d.get('p_value'))} |")
         out.append("")
     return out
 

@@ -49,25 +49,43 @@ def learning_curves(runs: List[Dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def axis_value(d: Dict[str, Any], axis: str) -> Any:
+    """The value of ``axis`` for a difference record: a grid axis, or ``"model"``."""
+    return d["model"] if axis == "model" else d["axes"][axis]
+
+
 def axis_plot(summary: Dict[str, Any], axis: str, path: Path) -> Path:
-    """Paired difference against BN (mean, 95% CI) against the values of grid axis ``axis``;
-    one line per model, norm and setting of the other axes."""
+    """Paired difference against BN (mean, 95% CI) against the values of ``axis`` — a grid axis,
+    or ``"model"`` for a study across models (models in natural order: resnet8, resnet20, ...);
+    one line per norm, setting of the other axes and (for a grid axis) model."""
+    from .runs import model_order
+
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     lines: Dict[str, List[Any]] = {}
     for d in summary["differences"].values():
         others = ", ".join(f"{k}={v}" for k, v in d["axes"].items() if k != axis)
-        lines.setdefault(f"{d['model']} {d['norm']}−bn" + (f" ({others})" if others else ""), []).append(d)
+        who = f"{d['norm']}−bn" if axis == "model" else f"{d['model']} {d['norm']}−bn"
+        lines.setdefault(who + (f" ({others})" if others else ""), []).append(d)
+
+    def order(d: Dict[str, Any]) -> Any:
+        v = axis_value(d, axis)
+        if axis == "model":
+            return model_order(v)
+        return (0, v) if isinstance(v, (int, float)) else (1, str(v))
+
+    seen = {repr(axis_value(d, axis)): axis_value(d, axis) for ds in lines.values() for d in ds}  # values may be lists
+    xs_all = sorted(seen.values(), key=lambda v: order({"model": v, "axes": {axis: v}}))
+    pos = {repr(v): j for j, v in enumerate(xs_all)}
     for i, (label, ds) in enumerate(sorted(lines.items())):
-        ds = sorted(ds, key=lambda d: (0, d["axes"][axis]) if isinstance(d["axes"][axis], (int, float)) else (1, str(d["axes"][axis])))
-        xs = [str(d["axes"][axis]) for d in ds]
+        ds = sorted(ds, key=order)
         ys = [d["mean"] if d["mean"] is not None else float("nan") for d in ds]
         lo = [y - d["ci_low"] if d["ci_low"] is not None else 0 for y, d in zip(ys, ds)]
         hi = [d["ci_high"] - y if d["ci_high"] is not None else 0 for y, d in zip(ys, ds)]
         norm = ds[0]["norm"]
-        ax.errorbar([j + 0.08 * i for j in range(len(xs))], ys, yerr=[lo, hi], marker="o", capsize=3,
+        ax.errorbar([pos[repr(axis_value(d, axis))] + 0.08 * i for d in ds], ys, yerr=[lo, hi], marker="o", capsize=3,
                     color=COLORS.get(norm), label=label, alpha=0.9)
-        ax.set_xticks(range(len(xs)), xs)
+    ax.set_xticks(range(len(xs_all)), [str(v) for v in xs_all])
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xlabel(axis)
     ax.set_ylabel("test accuracy difference (pp)")

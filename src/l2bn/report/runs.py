@@ -10,6 +10,7 @@ configs, so ``l2bn report`` over any set of runs groups them the way ``l2bn comp
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -17,7 +18,7 @@ from ..factory import canonical_norm
 from ..io import JSONFileError, read_json
 from .stats import mean_std, paired_difference
 
-__all__ = ["ReportError", "load_runs", "summarize_runs", "grid_axes", "MECHANISM_METRICS", "BASELINE"]
+__all__ = ["ReportError", "load_runs", "summarize_runs", "grid_axes", "model_order", "MECHANISM_METRICS", "BASELINE"]
 
 BASELINE = "bn"
 #: (key in the summary, label, how to read it from analysis.json)
@@ -72,6 +73,12 @@ def grid_axes(runs: List[Dict[str, Any]]) -> List[str]:
     return [k for k in keys if len({repr(r["recipe"].get(k)) for r in runs}) > 1]
 
 
+def model_order(name: str) -> List[Any]:
+    """Sort key that puts model names in natural order (``resnet8 < resnet20 < resnet56``), so a
+    depth study reads shallow to deep whatever order its run directories were given in."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
+
+
 def _cell_key(model: str, norm: str, axes: Dict[str, Any]) -> str:
     return "/".join([model, norm] + [f"{k}={v}" for k, v in axes.items()])
 
@@ -82,7 +89,7 @@ def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> 
     Run directories are recorded relative to ``rel_to`` (the report's folder) when given.
     """
     axes = grid_axes(runs)
-    models = list(dict.fromkeys(r["config"]["model"] for r in runs))
+    models = sorted(dict.fromkeys(r["config"]["model"] for r in runs), key=model_order)
     norms = list(dict.fromkeys(r["norm"] for r in runs))
     if BASELINE in norms:
         norms = [BASELINE] + [n for n in norms if n != BASELINE]
