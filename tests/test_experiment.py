@@ -119,8 +119,9 @@ def test_finished_runs_without_checkpoints_are_reported_not_fatal(tmp_path):
     assert json.loads((out / "summary.json").read_text())["axes"] == ["batch_size"]
 
 
-def _fake_run(d, model, norm, seed, acc, **recipe):
-    """A finished run directory as `l2bn train` leaves it (result.json only)."""
+def _fake_run(d, model, norm, seed, acc, layers=0, **recipe):
+    """A finished run directory as `l2bn train` leaves it (result.json; analysis.json of a model
+    with ``layers`` normalization layers if given)."""
     import dataclasses
 
     cfg = dataclasses.asdict(TrainConfig(dataset="fashion-mnist", model=model, norm=norm, seed=seed, epochs=2, **recipe))
@@ -128,6 +129,13 @@ def _fake_run(d, model, norm, seed, acc, **recipe):
     hist = [{"epoch": e, "train_loss": 1.0 / e, "test_acc": acc - 2 + e} for e in (1, 2)]
     (d / "result.json").write_text(json.dumps({"status": "complete", "test_acc": acc, "best_test_acc": acc, "epochs": 2,
                                                "wall_time_s": 1.0, "device": "cpu", "config": cfg, "history": hist}))
+    if layers:
+        spread = {f"{model}.bn{i}": {"cv": 0.1 + 0.01 * i, "hist_range": [-4, 4], "hist_log10": [0, 3, 5, 2]}
+                  for i in range(layers)}
+        (d / "analysis.json").write_text(json.dumps({
+            "model": model, "norm": norm, "seed": seed, "norm_spread": spread, "compactness": 0.9 + acc / 1000,
+            "discrepancy_mean_deg": 60.0, "fisher_ratio": 4.0, "knn_accuracy": acc,
+            "pca2d": {"x": [0.0, 1.0], "y": [1.0, 0.0], "label": [0, 1]}}))
     return str(d)
 
 
@@ -159,6 +167,23 @@ def test_report_across_models_reads_shallow_to_deep(tmp_path):
     one = build_report([d for d in dirs if "/resnet20-" in d], str(tmp_path / "one"))
     assert not (tmp_path / "one" / "axis_model.png").exists()
     assert "against `model`" not in one["md"].read_text()
+
+
+def test_report_figures_for_models_of_different_depths(tmp_path):
+    """The mechanism figures of a depth study: each model is drawn with its own layers (a deeper
+    model listed first once made the norm histograms index past a shallower model's layers)."""
+    from l2bn.report.build import build_report
+
+    dirs = [_fake_run(tmp_path / f"{m}-{n}-{s}", m, n, s, 90.0 + s + (n != "bn"), layers=depth)
+            for m, depth in (("resnet56", 57), ("resnet8", 9)) for n in ("l2bn", "bn") for s in range(2)]
+    paths = build_report(dirs, str(tmp_path / "rep"))
+    for f in ("norm_cv.png", "norm_hist.png", "metrics.png", "pca.png", "axis_model.png"):
+        assert (tmp_path / "rep" / f).stat().st_size > 0, f
+    md = paths["md"].read_text()
+    assert "resnet8/l2bn-bn | 2 | +1.00" in md and "resnet56/l2bn-bn | 2 | +1.00" in md
+    # cells read shallow to deep, BN first, whatever order the directories came in
+    rows = [r.split(" | ")[:2] for r in md.split("## Test accuracy")[1].split("\n\n")[1].splitlines()[2:]]
+    assert rows == [["| resnet8", "bn"], ["| resnet8", "l2bn"], ["| resnet56", "bn"], ["| resnet56", "l2bn"]]
 
 
 def test_model_order_is_natural():

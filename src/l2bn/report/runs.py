@@ -91,8 +91,8 @@ def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> 
     axes = grid_axes(runs)
     models = sorted(dict.fromkeys(r["config"]["model"] for r in runs), key=model_order)
     norms = list(dict.fromkeys(r["norm"] for r in runs))
-    if BASELINE in norms:
-        norms = [BASELINE] + [n for n in norms if n != BASELINE]
+    known = {BASELINE: 0, "l2bn": 1, "l2bn-rms": 2}
+    norms = sorted(norms, key=lambda n: known.get(n, len(known)))  # stable: others keep their order
     seeds = sorted({r["config"]["seed"] for r in runs})
     points = sorted({tuple(r["recipe"].get(k) for k in axes) for r in runs},
                     key=lambda pt: [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in pt])
