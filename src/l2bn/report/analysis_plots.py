@@ -9,16 +9,15 @@ import numpy as np
 
 from .plots import COLORS, _plt
 
-_NORM_ORDER = {"bn": 0, "l2bn": 1, "l2bn-rms": 2}
 _MODEL_STYLES = ["-", "--", ":", "-."]
 
 
 def _by_norm(analyses: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
     """Analyses grouped by ``model/norm``: models shallow to deep (natural order), BN first."""
-    from .runs import model_order
+    from .runs import NORM_ORDER, model_order
 
     out: Dict[str, List[Dict[str, Any]]] = {}
-    for a in sorted(analyses, key=lambda a: (model_order(a["model"]), _NORM_ORDER.get(a["norm"], 9), a["norm"])):
+    for a in sorted(analyses, key=lambda a: (model_order(a["model"]), NORM_ORDER.get(a["norm"], len(NORM_ORDER)), a["norm"])):
         out.setdefault(f"{a['model']}/{a['norm']}", []).append(a)
     return out
 

@@ -30,6 +30,8 @@ MECHANISM_METRICS: Tuple[Tuple[str, str], ...] = (
     ("knn_accuracy", "k-NN accuracy (%)"),
 )
 _NOT_AXES = {"model", "norm", "seed"}
+#: the order norms are listed in (others after these, in the order they came)
+NORM_ORDER = {BASELINE: 0, "l2bn": 1, "l2bn-rms": 2}
 
 
 class ReportError(ValueError):
@@ -91,8 +93,7 @@ def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> 
     axes = grid_axes(runs)
     models = sorted(dict.fromkeys(r["config"]["model"] for r in runs), key=model_order)
     norms = list(dict.fromkeys(r["norm"] for r in runs))
-    known = {BASELINE: 0, "l2bn": 1, "l2bn-rms": 2}
-    norms = sorted(norms, key=lambda n: known.get(n, len(known)))  # stable: others keep their order
+    norms = sorted(norms, key=lambda n: NORM_ORDER.get(n, len(NORM_ORDER)))  # stable: others keep their order
     seeds = sorted({r["config"]["seed"] for r in runs})
     points = sorted({tuple(r["recipe"].get(k) for k in axes) for r in runs},
                     key=lambda pt: [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in pt])
