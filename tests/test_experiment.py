@@ -158,7 +158,7 @@ def test_report_across_models_reads_shallow_to_deep(tmp_path):
     assert (tmp_path / "rep" / "axis_model.png").stat().st_size > 0
     md = (tmp_path / "rep" / "report.md").read_text()
     table = md.split("### L2BN − BN against `model`")[1].split("\n\n")[1].splitlines()
-    assert table[0] == "| norm | other axes | model | paired seeds | mean (pp) | 95% CI | p |"
+    assert table[0] == "| norm | other axes | model | paired seeds | mean (pp) | 95% CI | p | p (Holm) |"
     rows = [r.split(" | ") for r in table[2:]]
     assert [r[2] for r in rows] == ["resnet8", "resnet20", "resnet56"]
     assert [float(r[4]) for r in rows] == [pytest.approx(gain[m] + 0.01, abs=0.006) for m in ("resnet8", "resnet20", "resnet56")]
@@ -167,6 +167,44 @@ def test_report_across_models_reads_shallow_to_deep(tmp_path):
     one = build_report([d for d in dirs if "/resnet20-" in d], str(tmp_path / "one"))
     assert not (tmp_path / "one" / "axis_model.png").exists()
     assert "against `model`" not in one["md"].read_text()
+
+
+@pytest.mark.parametrize("l2bn, survives", [([90.3, 90.9, 89.8, 90.7], False),   # p 0.032, Holm 0.064
+                                             ([90.3, 90.9, 89.9, 90.5], True)])   # p 0.005, Holm 0.010
+def test_report_corrects_for_several_comparisons(tmp_path, l2bn, survives):
+    """Every comparison of a report gets a Holm-adjusted p-value (the family: all its accuracy
+    comparisons; for the mechanism, all rows of its table), and a verdict whose own interval
+    excludes 0 says whether that survives the correction."""
+    from l2bn.report.build import build_report
+    from l2bn.report.stats import holm, paired_difference
+
+    bn = [90.0, 90.5, 89.7, 90.2]
+    other = {"l2bn": l2bn, "l2bn-rms": [90.1, 90.4, 89.9, 90.2]}  # rms: p 0.50
+    dirs = [_fake_run(tmp_path / f"bn-{s}", "resnet8", "bn", s, a, layers=2) for s, a in enumerate(bn)]
+    for norm, accs in other.items():
+        dirs += [_fake_run(tmp_path / f"{norm}-{s}", "resnet8", norm, s, a, layers=2) for s, a in enumerate(accs)]
+    build_report(dirs, str(tmp_path / "rep"))
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    raw = {n: paired_difference(a, bn)["p_value"] for n, a in other.items()}
+    want = dict(zip(raw, holm(list(raw.values()))))
+    diffs = summary["differences"]
+    for n in other:
+        d = diffs[f"resnet8/{n}-bn"]
+        assert d["p_value"] == pytest.approx(raw[n]) and d["p_holm"] == pytest.approx(want[n]) and d["family_size"] == 2
+    assert raw["l2bn"] < 0.05 and (want["l2bn"] < 0.05) == survives and want["l2bn-rms"] == pytest.approx(raw["l2bn-rms"])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    row = next(r for r in md.splitlines() if r.startswith("| resnet8/l2bn-bn | 4 |"))
+    assert row.split(" | ")[5] == f"{want['l2bn']:.3f}"
+    line = next(r for r in md.splitlines() if r.startswith("- resnet8/l2bn-bn: better than BN"))
+    said = "), and also after" if survives else "), but not after"
+    assert f"{said} Holm's correction for 2 comparisons (adjusted p = {want['l2bn']:.3f})" in line
+    assert "adjusted for the 2 comparisons of this table" in md and "Rows with 4 paired seeds" in md
+    # the mechanism family: every metric of both comparisons (compactness, angle, Fisher, norm CV, k-NN)
+    mech = summary["mechanism"]
+    rows = [d for m in mech.values() for d in m.values()]
+    assert len(rows) == 10 and all(d["family_size"] == sum(r["p_value"] is not None for r in rows) for d in rows)
+    assert [d["p_holm"] for d in rows] == pytest.approx(holm([d["p_value"] for d in rows]))
+    assert "*p (Holm): adjusted for the" in md.split("## Mechanism")[1]
 
 
 def test_report_figures_for_models_of_different_depths(tmp_path):

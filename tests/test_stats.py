@@ -10,6 +10,7 @@ from scipy import stats as sps
 
 from l2bn.report.stats import (
     fmt_pm,
+    holm,
     mean_std,
     min_detectable_effect,
     paired_difference,
@@ -123,3 +124,40 @@ def test_fmt_pm():
     assert fmt_pm(None, None) == "–"
     assert fmt_pm(1.23456, None) == "1.23"
     assert fmt_pm(1.23456, 0.5, digits=1) == "1.2 ± 0.5"
+
+
+def _holm_rejects(ps, alpha):
+    """Holm's procedure as he defined it (1979): test the sorted p-values in turn, the k-th
+    (k from 0) at level alpha / (m - k), and stop at the first that fails."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    rejected = set()
+    for k, i in enumerate(order):
+        if ps[i] > alpha / (len(ps) - k):
+            break
+        rejected.add(i)
+    return rejected
+
+
+def test_holm_adjusted_values_reproduce_holms_procedure():
+    """Rejecting where the adjusted p-value is at most alpha is Holm's sequential procedure, at
+    every level; and known values: Bonferroni for the smallest, never below the raw p-value,
+    order kept, capped at 1."""
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.3, 0.8]) == pytest.approx([0.6, 0.8])  # running maximum, capped at 1 where it would exceed
+    assert holm([0.7, 0.9]) == pytest.approx([1.0, 1.0])
+    assert holm([0.02]) == [0.02] and holm([]) == []
+    assert holm([None, 0.01, None, 0.02]) == [None, pytest.approx(0.02), None, pytest.approx(0.02)]
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        m = int(rng.integers(1, 9))
+        ps = [float(x) for x in rng.uniform(0, 0.2, m) ** 2]
+        if trial % 3 == 0 and m > 1:
+            ps[1] = ps[0]  # ties
+        adj = holm(ps)
+        assert all(a >= p for a, p in zip(adj, ps)) and all(a <= 1 for a in adj)
+        order = sorted(range(m), key=lambda i: ps[i])
+        assert all(adj[order[j]] <= adj[order[j + 1]] for j in range(m - 1))
+        for alpha in (0.001, 0.01, 0.05, 0.1):
+            assert {i for i, a in enumerate(adj) if a <= alpha} == _holm_rejects(ps, alpha)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        holm([0.5, 1.5])

@@ -50,14 +50,25 @@ def per_group_table(summary: Dict[str, Any]) -> List[str]:
 
 
 def difference_table(summary: Dict[str, Any]) -> List[str]:
-    lines = ["| comparison | paired seeds | mean difference (pp) | 95% CI (t) | p (paired t) | "
-             "detectable at 80% power (pp) | seeds to detect 0.5 pp | note |", "|---|---|---|---|---|---|---|---|"]
+    """One row per comparison against BN, then footnotes: what the Holm column adjusts for, and
+    (once, not per row) that fewer than 5 seeds give wide intervals."""
+    lines = ["| comparison | paired seeds | mean difference (pp) | 95% CI (t) | p (paired t) | p (Holm) | "
+             "detectable at 80% power (pp) | seeds to detect 0.5 pp |", "|---|---|---|---|---|---|---|---|"]
     for key, d in summary["differences"].items():
         ci = "–" if d["ci_low"] is None else f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
         mean = "–" if d["mean"] is None else f"{d['mean']:+.2f}"
         mde = f"{d['mde_80']:.2f}" if d.get("mde_80") is not None else "–"
         need = str(d["seeds_for_0_5"]) if d.get("seeds_for_0_5") is not None else "–"
-        lines.append(f"| {key} | {d['n']} | {mean} | {ci} | {_p(d.get('p_value'))} | {mde} | {need} | {d.get('note', '')} |")
+        lines.append(f"| {key} | {d['n']} | {mean} | {ci} | {_p(d.get('p_value'))} | {_p(d.get('p_holm'))} | {mde} | {need} |")
+    diffs = list(summary["differences"].values())
+    k = max((d.get("family_size", 0) for d in diffs), default=0)
+    if k > 1:
+        lines += ["", f"*p (Holm): adjusted for the {k} comparisons of this table (Holm's step-down method): "
+                      "reading only rows below 0.05 as significant keeps the chance of any false positive in the table at 5%.*"]
+    few = sorted({d["n"] for d in diffs if 2 <= d["n"] < 5})
+    if few:
+        lines += ["", f"*Rows with {' or '.join(map(str, few))} paired seeds: the t-interval is wide; "
+                      "the power columns say how many seeds a firm conclusion needs.*"]
     return lines
 
 
@@ -70,8 +81,8 @@ def axis_tables(summary: Dict[str, Any], axes: Optional[List[str]] = None) -> Li
     for axis in summary.get("axes", []) if axes is None else axes:
         by_model = axis == "model"
         out += [f"### L2BN − BN against `{axis}`", "",
-                ("" if by_model else "| model ") + f"| norm | other axes | {axis} | paired seeds | mean (pp) | 95% CI | p |",
-                "|---" * (7 if by_model else 8) + "|"]
+                ("" if by_model else "| model ") + f"| norm | other axes | {axis} | paired seeds | mean (pp) | 95% CI | p | p (Holm) |",
+                "|---" * (8 if by_model else 9) + "|"]
         rows = sorted(summary["differences"].values(),
                       key=lambda d: ("" if by_model else d["model"], d["norm"],
                                      _axes_str({k: v for k, v in d["axes"].items() if k != axis}),
@@ -82,7 +93,7 @@ def axis_tables(summary: Dict[str, Any], axes: Optional[List[str]] = None) -> Li
             others = _axes_str({k: v for k, v in d["axes"].items() if k != axis}) or "–"
             value = d["model"] if by_model else d["axes"].get(axis)
             out.append(("" if by_model else f"| {d['model']} ") +
-                       f"| {d['norm']} | {others} | {value} | {d['n']} | {mean} | {ci} | {_p(d.get('p_value'))} |")
+                       f"| {d['norm']} | {others} | {value} | {d['n']} | {mean} | {ci} | {_p(d.get('p_value'))} | {_p(d.get('p_holm'))} |")
         out.append("")
     return out
 
@@ -91,15 +102,25 @@ def _sortable(v: Any) -> Any:
     return (0, v) if isinstance(v, (int, float)) else (1, str(v))
 
 
+def _holm_caveat(d: Dict[str, Any]) -> str:
+    """For a difference whose own interval excludes 0: say whether it survives Holm's correction."""
+    ph, k = d.get("p_holm"), d.get("family_size", 1)
+    if ph is None or k < 2:
+        return ""
+    if ph < 0.05:
+        return f", and also after Holm's correction for {k} comparisons (adjusted p = {_p(ph)})"
+    return f", but not after Holm's correction for {k} comparisons (adjusted p = {_p(ph)})"
+
+
 def verdict(summary: Dict[str, Any]) -> List[str]:
     out = []
     for key, d in summary["differences"].items():
         if d["ci_low"] is None:
             out.append(f"- {key}: not enough paired seeds to judge.")
-        elif d["ci_low"] > 0:
-            out.append(f"- {key}: better than BN; the 95% interval excludes 0 ({d['mean']:+.2f} pp, p = {_p(d['p_value'])}).")
-        elif d["ci_high"] < 0:
-            out.append(f"- {key}: worse than BN; the 95% interval excludes 0 ({d['mean']:+.2f} pp, p = {_p(d['p_value'])}).")
+        elif d["ci_low"] > 0 or d["ci_high"] < 0:
+            side = "better" if d["ci_low"] > 0 else "worse"
+            out.append(f"- {key}: {side} than BN; the 95% interval excludes 0 ({d['mean']:+.2f} pp, "
+                       f"p = {_p(d['p_value'])}){_holm_caveat(d)}.")
         else:
             mde = f"; with this spread {d['n']} seeds detect only differences of about {d['mde_80']:.2f} pp (80% power), " \
                   f"and {d['seeds_for_0_5']} seeds would be needed for 0.5 pp" if d.get("mde_80") is not None else ""
@@ -112,12 +133,15 @@ def mechanism_table(summary: Dict[str, Any]) -> List[str]:
     mech = summary.get("mechanism", {})
     if not mech:
         return []
-    lines = ["| comparison | metric | BN | other | paired difference | 95% CI | p |", "|---|---|---|---|---|---|---|"]
+    lines = ["| comparison | metric | BN | other | paired difference | 95% CI | p | p (Holm) |", "|---|---|---|---|---|---|---|---|"]
     labels = dict(MECHANISM_METRICS)
     for key, metrics in mech.items():
         for metric, d in metrics.items():
             ci = "–" if d["ci_low"] is None else f"[{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]"
-            lines.append(f"| {key} | {labels[metric]} | {d['bn']:.4g} | {d['l2']:.4g} | {d['mean']:+.4g} | {ci} | {_p(d.get('p_value'))} |")
+            lines.append(f"| {key} | {labels[metric]} | {d['bn']:.4g} | {d['l2']:.4g} | {d['mean']:+.4g} | {ci} | {_p(d.get('p_value'))} | {_p(d.get('p_holm'))} |")
+    k = max((d.get("family_size", 0) for metrics in mech.values() for d in metrics.values()), default=0)
+    if k > 1:
+        lines += ["", f"*p (Holm): adjusted for the {k} rows of this table.*"]
     return lines
 
 
@@ -139,5 +163,6 @@ def mechanism_claims(summary: Dict[str, Any]) -> List[str]:
                 verdict_ = "is lower (95% CI excludes 0): contradicts the paper's claim"
             else:
                 verdict_ = "does not differ significantly: does not settle the claim"
-            out.append(f"- {key}: {what} {verdict_} ({d['mean']:+.4g}, p = {_p(d.get('p_value'))}).")
+            caveat = _holm_caveat(d) if d["ci_low"] is not None and (d["ci_low"] > 0 or d["ci_high"] < 0) else ""
+            out.append(f"- {key}: {what} {verdict_} ({d['mean']:+.4g}, p = {_p(d.get('p_value'))}){caveat}.")
     return out

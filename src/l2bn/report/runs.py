@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..factory import canonical_norm
 from ..io import JSONFileError, read_json
-from .stats import mean_std, paired_difference
+from .stats import holm, mean_std, paired_difference
 
 __all__ = ["ReportError", "load_runs", "summarize_runs", "grid_axes", "model_order", "MECHANISM_METRICS", "BASELINE"]
 
@@ -85,6 +85,14 @@ def _cell_key(model: str, norm: str, axes: Dict[str, Any]) -> str:
     return "/".join([model, norm] + [f"{k}={v}" for k, v in axes.items()])
 
 
+def _adjust(family: List[Dict[str, Any]]) -> None:
+    """Add ``p_holm`` (Holm-adjusted p-value over ``family``) and ``family_size`` to each entry."""
+    adjusted = holm([d.get("p_value") for d in family])
+    size = sum(p is not None for p in adjusted)
+    for d, p in zip(family, adjusted):
+        d["p_holm"], d["family_size"] = p, size
+
+
 def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> Dict[str, Any]:
     """Per-cell statistics and paired differences against BN (paired by seed).
 
@@ -147,5 +155,9 @@ def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> 
                     }
     for cell in cells.values():
         cell.pop("_runs")
+    # Holm's correction within each family: the accuracy comparisons of this report, and the
+    # rows of its mechanism table (every metric of every comparison)
+    _adjust(list(diffs.values()))
+    _adjust([d for metrics in mech.values() for d in metrics.values()])
     return {"cells": cells, "differences": diffs, "mechanism": mech, "axes": axes, "models": models,
             "norms": norms, "seeds": seeds}
