@@ -60,6 +60,7 @@ DEFAULT_TESTS=(
   "tests/test_backends.py::test_channels_last_values_float64"
   "tests/test_backends.py::test_forward_ad_half_precision"
   "tests/test_backends.py::test_double_backward_parameter_variants"
+  "tests/test_fused_edges.py"
   "tests/test_layers.py"
   "tests/test_sync.py::test_eval_without_running_stats_never_communicates"
   "tests/test_sync.py::test_sync_without_process_group_is_plain_l2bn"

@@ -350,9 +350,13 @@ class L2BatchNormFunctionFwAD(L2BatchNormFunction):
         if dx is not None:
             d_nc, xd_nc = EAGER_KERNELS.grad_sums(dxs, xs, tuple(range(2, xs.dim())), acc)
         w = weight.to(acc) if weight is not None else None
+        # parameter tangents in the accumulation dtype too (a float64 weight's zero tangent would
+        # otherwise promote the float32 coefficients, which the forward never does)
+        dw = dw.to(acc) if dw is not None else None
+        db = db.to(acc) if db is not None else None
         p, q, rr = algebra.tangent_coeffs(
             d_nc, xd_nc, SampleNorms(r, k, mk, vk), mu, invstd, w, dw, db,
-            count, m_sp, r >= ctx.l2_eps, ctx.batch_stats,
+            count, m_sp, r > ctx.l2_eps, ctx.batch_stats,
         )
         dy = EAGER_KERNELS.grad_apply(dxs, xs, p, q, rr, x.dtype)
         return dy.reshape(xs.shape), None, None, None  # the Function's output is (N, C, 1) for (N, C)
