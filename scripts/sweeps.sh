@@ -5,6 +5,7 @@
 #   bash scripts/sweeps.sh                 # all studies, lowest CPU priority
 #   THREADS=1 bash scripts/sweeps.sh       # leave a core free
 #   setsid bash scripts/sweeps.sh > sweeps.log 2>&1 &   # in the background, its own session
+#   STUDIES=depth SEEDS="3 4" bash scripts/sweeps.sh     # some studies, some seeds (default: the presets')
 # Started twice (e.g. THREADS=1, one per core), the two share the runs: a run another process is
 # training is skipped (its directory's .lock), so none is trained twice.
 # With the kernel's autogroup scheduling (most desktop/server kernels), `nice` only ranks
@@ -18,5 +19,5 @@ if [ "$(ps -o sid= -p $$ | tr -d ' ')" = "$$" ] && [ -w /proc/self/autogroup ]; 
 fi
 for study in ${STUDIES:-batch-size paper depth}; do
   nice -n 19 .venv/bin/l2bn compare --preset "$study" --out "docs/results/$study" --no-progress \
-    ${THREADS:+--threads "$THREADS"}
+    ${THREADS:+--threads "$THREADS"} ${SEEDS:+--seeds $SEEDS}
 done
