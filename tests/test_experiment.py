@@ -196,15 +196,38 @@ def test_report_corrects_for_several_comparisons(tmp_path, l2bn, survives):
     row = next(r for r in md.splitlines() if r.startswith("| resnet8/l2bn-bn | 4 |"))
     assert row.split(" | ")[5] == f"{want['l2bn']:.3f}"
     line = next(r for r in md.splitlines() if r.startswith("- resnet8/l2bn-bn: better than BN"))
-    said = "), and also after" if survives else "), but not after"
-    assert f"{said} Holm's correction for 2 comparisons (adjusted p = {want['l2bn']:.3f})" in line
-    assert "adjusted for the 2 comparisons of this table" in md and "Rows with 4 paired seeds" in md
+    assert line.startswith("- resnet8/l2bn-bn: better than BN — " if survives else
+                           "- resnet8/l2bn-bn: better than BN without correction — ")
+    said = "); it stays significant after" if survives else "); not significant after"
+    assert f"{said} Holm's correction for 2 comparisons (adjusted p = {want['l2bn']:.3f})." in line
+    assert "adjusted for the 2 comparisons of this table that have a p-value" in md and "Rows with 4 paired seeds" in md
     # the mechanism family: every metric of both comparisons (compactness, angle, Fisher, norm CV, k-NN)
     mech = summary["mechanism"]
     rows = [d for m in mech.values() for d in m.values()]
     assert len(rows) == 10 and all(d["family_size"] == sum(r["p_value"] is not None for r in rows) for d in rows)
     assert [d["p_holm"] for d in rows] == pytest.approx(holm([d["p_value"] for d in rows]))
     assert "*p (Holm): adjusted for the" in md.split("## Mechanism")[1]
+
+
+def test_report_with_a_nan_metric_leaves_it_out_of_the_family(tmp_path):
+    """A diverged run's NaN metric (here the Fisher ratio) gives a NaN p-value: the report is still
+    written, that row gets no Holm value and is not counted in the family of the others."""
+    from l2bn.report.build import build_report
+
+    dirs = []
+    for s in range(3):
+        dirs.append(_fake_run(tmp_path / f"bn-{s}", "resnet8", "bn", s, 90.0 + 0.3 * s, layers=2))
+        d = _fake_run(tmp_path / f"l2bn-{s}", "resnet8", "l2bn", s, 90.2 + 0.25 * s, layers=2)
+        a = json.loads((tmp_path / f"l2bn-{s}" / "analysis.json").read_text())
+        a["fisher_ratio"] = float("nan") if s == 1 else 4.5
+        (tmp_path / f"l2bn-{s}" / "analysis.json").write_text(json.dumps(a))
+        dirs.append(d)
+    build_report(dirs, str(tmp_path / "rep"))
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    rows = summary["mechanism"]["resnet8/l2bn-bn"]
+    assert rows["fisher_ratio"]["p_holm"] is None
+    finite = [d for m, d in rows.items() if m != "fisher_ratio" and d["p_value"] is not None]
+    assert all(d["family_size"] == len(finite) and d["p_holm"] is not None for d in finite)
 
 
 def test_report_figures_for_models_of_different_depths(tmp_path):

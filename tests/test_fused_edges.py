@@ -44,21 +44,22 @@ def _two_rank_world(monkeypatch):
         assert g is group, "a collective without the layer's process group"
         return 2
 
-    def exchange(t):
-        slots[me.rank] = t.detach().clone()
+    def exchange(op, t):
+        slots[me.rank] = (op, t.shape, t.dtype, t.detach().clone())
         barrier.wait()
         both = list(slots)
         barrier.wait()  # both ranks have read before the next exchange overwrites a slot
-        return both
+        assert both[0][:3] == both[1][:3], f"the ranks called different collectives: {both[0][:3]} and {both[1][:3]}"
+        return [s[3] for s in both]
 
     def all_gather(out, local, group=None):
         world_size(group)
-        for o, s in zip(out, exchange(local)):
+        for o, s in zip(out, exchange("all_gather", local)):
             o.copy_(s)
 
     def all_reduce(t, group=None):
         world_size(group)
-        a, b = exchange(t)
+        a, b = exchange("all_reduce", t)
         t.copy_(a + b)  # same order on both ranks: bitwise the same result
 
     monkeypatch.setattr(dist, "get_world_size", world_size)
@@ -76,7 +77,7 @@ def _two_rank_world(monkeypatch):
                 errors.append(e)
                 barrier.abort()
 
-        threads = [threading.Thread(target=target, args=(i, f)) for i, f in enumerate((f0, f1))]
+        threads = [threading.Thread(target=target, args=(i, f), daemon=True) for i, f in enumerate((f0, f1))]
         for t in threads:
             t.start()
         for t in threads:
@@ -256,7 +257,7 @@ def test_double_backward_in_mixed_precision(backend, x_dtype, p_dtype):
     fr = torch.autograd.grad((v.double() * l2_batch_norm_reference(xr, None, None, wr, b0.double(), True)).sum(), xr,
                              create_graph=True)[0]
     second_ref = torch.autograd.grad(fr.pow(2).sum(), xr)[0]
-    tol = 1e-8 if x_dtype == F64 and p_dtype == F64 else (5e-2 if x_dtype.itemsize == 2 else 1e-4)
+    tol = 1e-8 if x_dtype == F64 else 5e-2  # float64 input: statistics in float64 whatever the parameters
     assert float((second.double() - second_ref).abs().max()) <= tol * float(second_ref.abs().max())
 
 
@@ -307,9 +308,9 @@ def test_norm_exactly_at_the_safe_bound_beside_a_subnormal_sample(backend, train
 @pytest.mark.parametrize("training", [True, False])
 def test_sample_norm_exactly_l2_eps(backend, training):
     """A sample whose norm equals ``l2_eps`` exactly sits on the kink of ``x / max(r, l2_eps)``:
-    the fast backends take the same one-sided derivative there as the reference composite
-    (PyTorch's ``clamp_min``, which sends no gradient through ``r`` at the tie, as
-    ``F.normalize``), in backward and in forward-mode AD."""
+    the fast backends take the same one-sided derivative there as the reference composite (no
+    gradient through ``r`` at the tie, written out in the reference so that it does not depend on
+    the torch version's ``clamp_min`` subgradient), in backward and in forward-mode AD."""
     g = torch.Generator().manual_seed(13)
     x = torch.randn(4, 3, dtype=F64, generator=g)
     x[0] = torch.tensor([0.5, 0.0, 0.0], dtype=F64)  # norm 0.5, exactly representable

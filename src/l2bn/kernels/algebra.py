@@ -206,8 +206,8 @@ def input_grad_coeffs(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""``(P, Q, R)`` of :math:`dx = g P + x Q + R` (see the module docstring).
 
-    ``mask`` is :math:`r_n > \epsilon_2` (where the radial term applies; at the tie, none, as
-    ``clamp_min`` in the reference composite). In eval
+    ``mask`` is :math:`r_n > \epsilon_2` (where the radial term applies; at the tie none, as in the
+    reference composite). In eval
     (``batch_stats=False``) :math:`b = c = 0`. The terms of :math:`t_n / r_n` are scale-free:
     :math:`k_n M (v + m^2) / r_n = M(\mathrm{var}(u) + \bar u^2)/s` and
     :math:`M m / r_n = M \bar u / s` wherever the mask holds.

@@ -233,7 +233,7 @@ def backward_core(
     s = algebra.unit_scale(c * m_sp, unit_rms)
     if count is None:
         count = n * m_sp
-    mask = r > l2_eps  # at r == l2_eps no gradient through r, as clamp_min (the reference, F.normalize)
+    mask = r > l2_eps  # at r == l2_eps no gradient through r, as in the reference composite
     if sigma is not None:
         xs = xs.to(acc) * _bshape(sigma[:, None], xs.dim())
         k, r = k / sigma, r * sigma

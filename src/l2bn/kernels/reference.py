@@ -48,7 +48,9 @@ def l2_normalize_samples(
         raise ValueError(f"expected an input with a batch dimension and at least one more, got {input.dim()}D")
     x = input.to(accumulate_dtype(input.dtype))
     norm = torch.linalg.vector_norm(x, 2, dim=tuple(range(1, x.dim())), keepdim=True)
-    u = x / norm.clamp_min(l2_eps)
+    # max(norm, l2_eps), written so that at norm == l2_eps no gradient flows through the norm
+    # whatever the torch version (clamp_min's subgradient at the tie changed between versions)
+    u = x / torch.where(norm > l2_eps, norm, l2_eps)
     if unit_rms:
         u = u * math.sqrt(max(math.prod(x.shape[1:]), 1))
     return u

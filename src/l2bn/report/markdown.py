@@ -63,11 +63,13 @@ def difference_table(summary: Dict[str, Any]) -> List[str]:
     diffs = list(summary["differences"].values())
     k = max((d.get("family_size", 0) for d in diffs), default=0)
     if k > 1:
-        lines += ["", f"*p (Holm): adjusted for the {k} comparisons of this table (Holm's step-down method): "
-                      "reading only rows below 0.05 as significant keeps the chance of any false positive in the table at 5%.*"]
+        lines += ["", f"*p (Holm): adjusted for the {k} comparisons of this table that have a p-value (Holm's "
+                      "step-down method): reading only rows below 0.05 as significant keeps the chance of any false "
+                      "positive in the table at most 5%. Adjusted values grow as a sweep adds cells.*"]
     few = sorted({d["n"] for d in diffs if 2 <= d["n"] < 5})
     if few:
-        lines += ["", f"*Rows with {' or '.join(map(str, few))} paired seeds: the t-interval is wide; "
+        seeds = str(few[0]) if len(few) == 1 else f"{few[0]}–{few[-1]}"
+        lines += ["", f"*Rows with {seeds} paired seeds: the t-interval is wide; "
                       "the power columns say how many seeds a firm conclusion needs.*"]
     return lines
 
@@ -102,14 +104,18 @@ def _sortable(v: Any) -> Any:
     return (0, v) if isinstance(v, (int, float)) else (1, str(v))
 
 
-def _holm_caveat(d: Dict[str, Any]) -> str:
-    """For a difference whose own interval excludes 0: say whether it survives Holm's correction."""
+def _holm_caveat(d: Dict[str, Any], what: str = "comparisons") -> str:
+    """For a difference whose own interval excludes 0: whether it survives Holm's correction."""
     ph, k = d.get("p_holm"), d.get("family_size", 1)
     if ph is None or k < 2:
         return ""
     if ph < 0.05:
-        return f", and also after Holm's correction for {k} comparisons (adjusted p = {_p(ph)})"
-    return f", but not after Holm's correction for {k} comparisons (adjusted p = {_p(ph)})"
+        return f"; it stays significant after Holm's correction for {k} {what} (adjusted p = {_p(ph)})"
+    return f"; not significant after Holm's correction for {k} {what} (adjusted p = {_p(ph)})"
+
+
+def _survives(d: Dict[str, Any]) -> bool:
+    return d.get("p_holm") is None or d.get("family_size", 1) < 2 or d["p_holm"] < 0.05
 
 
 def verdict(summary: Dict[str, Any]) -> List[str]:
@@ -119,7 +125,8 @@ def verdict(summary: Dict[str, Any]) -> List[str]:
             out.append(f"- {key}: not enough paired seeds to judge.")
         elif d["ci_low"] > 0 or d["ci_high"] < 0:
             side = "better" if d["ci_low"] > 0 else "worse"
-            out.append(f"- {key}: {side} than BN; the 95% interval excludes 0 ({d['mean']:+.2f} pp, "
+            qualifier = "" if _survives(d) else " without correction"
+            out.append(f"- {key}: {side} than BN{qualifier} — the 95% interval excludes 0 ({d['mean']:+.2f} pp, "
                        f"p = {_p(d['p_value'])}){_holm_caveat(d)}.")
         else:
             mde = f"; with this spread {d['n']} seeds detect only differences of about {d['mde_80']:.2f} pp (80% power), " \
@@ -141,7 +148,8 @@ def mechanism_table(summary: Dict[str, Any]) -> List[str]:
             lines.append(f"| {key} | {labels[metric]} | {d['bn']:.4g} | {d['l2']:.4g} | {d['mean']:+.4g} | {ci} | {_p(d.get('p_value'))} | {_p(d.get('p_holm'))} |")
     k = max((d.get("family_size", 0) for metrics in mech.values() for d in metrics.values()), default=0)
     if k > 1:
-        lines += ["", f"*p (Holm): adjusted for the {k} rows of this table.*"]
+        lines += ["", f"*p (Holm): adjusted for the {k} rows of this table that have a p-value (every metric of every "
+                      "comparison, so stricter than adjusting over the three claims below alone).*"]
     return lines
 
 
@@ -157,12 +165,14 @@ def mechanism_claims(summary: Dict[str, Any]) -> List[str]:
                 continue
             if d["ci_low"] is None:
                 verdict_ = "cannot be judged (fewer than 2 paired seeds)"
-            elif d["ci_low"] > 0:
-                verdict_ = "is higher (95% CI excludes 0): supports the paper's claim"
-            elif d["ci_high"] < 0:
-                verdict_ = "is lower (95% CI excludes 0): contradicts the paper's claim"
+            elif d["ci_low"] > 0 or d["ci_high"] < 0:
+                side = "higher" if d["ci_low"] > 0 else "lower"
+                effect = "supports" if d["ci_low"] > 0 else "contradicts"
+                verdict_ = (f"is {side} (95% CI excludes 0): {effect} the paper's claim" if _survives(d) else
+                            f"is {side} without correction (95% CI excludes 0): {effect} the paper's claim only weakly")
             else:
                 verdict_ = "does not differ significantly: does not settle the claim"
-            caveat = _holm_caveat(d) if d["ci_low"] is not None and (d["ci_low"] > 0 or d["ci_high"] < 0) else ""
+            caveat = (_holm_caveat(d, "rows of the mechanism table")
+                      if d["ci_low"] is not None and (d["ci_low"] > 0 or d["ci_high"] < 0) else "")
             out.append(f"- {key}: {what} {verdict_} ({d['mean']:+.4g}, p = {_p(d.get('p_value'))}){caveat}.")
     return out

@@ -9,6 +9,7 @@ configs, so ``l2bn report`` over any set of runs groups them the way ``l2bn comp
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -86,8 +87,11 @@ def _cell_key(model: str, norm: str, axes: Dict[str, Any]) -> str:
 
 
 def _adjust(family: List[Dict[str, Any]]) -> None:
-    """Add ``p_holm`` (Holm-adjusted p-value over ``family``) and ``family_size`` to each entry."""
-    adjusted = holm([d.get("p_value") for d in family])
+    """Add ``p_holm`` (Holm-adjusted p-value over ``family``) and ``family_size`` to each entry.
+    A comparison without a finite p-value (fewer than 2 seeds; a NaN metric of a diverged run) is
+    not part of the family and gets ``None``."""
+    ps = [d.get("p_value") for d in family]
+    adjusted = holm([p if p is not None and math.isfinite(p) else None for p in ps])
     size = sum(p is not None for p in adjusted)
     for d, p in zip(family, adjusted):
         d["p_holm"], d["family_size"] = p, size

@@ -550,7 +550,7 @@ BackOut backward_rows1(const Tensor& g, const Tensor& x, const Tensor& w, const 
       const T* gr = gp + i * C;
       const T* xr = xp + i * C;
       const T kk = kp[i];
-      const bool mask = rp[i] > l2e;  // at r == l2_eps no gradient through r (clamp_min)
+      const bool mask = rp[i] > l2e;  // at r == l2_eps no gradient through r (as the reference)
       const T rs = mask ? rp[i] : T(1), inv_rs = T(1) / rs;
       // t_n / r_n = sum_c a g x / r + (b u^2 + c u) / s, with u = k x
       Vec<T> acc1(T(0)), acc2(T(0));
@@ -664,7 +664,7 @@ BackOut backward_impl(const Tensor& g_in, const Tensor& x_in, const Tensor& w, c
   std::vector<T> radial(N);
   at::parallel_for(0, N, std::max<int64_t>(1, kGrain / C), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const bool mask = rp[i] > l2e;  // at r == l2_eps no gradient through r (clamp_min)
+      const bool mask = rp[i] > l2e;  // at r == l2_eps no gradient through r (as the reference)
       const T rs = mask ? rp[i] : T(1);
       const T* X = Xp + i * C;
       T t = 0;
