@@ -230,6 +230,38 @@ def test_report_with_a_nan_metric_leaves_it_out_of_the_family(tmp_path):
     assert all(d["family_size"] == len(finite) and d["p_holm"] is not None for d in finite)
 
 
+def test_report_pools_each_norm_over_the_cells(tmp_path):
+    """The pooled difference: per seed, the mean of that seed's differences over every cell, then
+    a paired t-interval over seeds; a seed missing from one cell is left out; a norm compared in
+    one cell only is not pooled; a report of one cell has no pooled section."""
+    from l2bn.report.build import build_report
+    from l2bn.report.stats import paired_difference
+
+    gain = {(16, 0): 0.1, (16, 1): 0.5, (16, 2): -0.2, (128, 0): 0.4, (128, 1): 0.0, (128, 2): 0.3}
+    dirs = []
+    for bs in (16, 128):
+        for s in range(3):
+            base = 88.0 + 0.3 * s - bs / 1000
+            dirs.append(_fake_run(tmp_path / f"bn-{bs}-{s}", "resnet8", "bn", s, base, batch_size=bs))
+            dirs.append(_fake_run(tmp_path / f"l2bn-{bs}-{s}", "resnet8", "l2bn", s, base + gain[bs, s], batch_size=bs))
+    dirs.append(_fake_run(tmp_path / "bn-128-3", "resnet8", "bn", 3, 90.0, batch_size=128))  # seed 3: one cell only
+    dirs.append(_fake_run(tmp_path / "l2bn-128-3", "resnet8", "l2bn", 3, 95.0, batch_size=128))
+    dirs.append(_fake_run(tmp_path / "rms-16-0", "resnet8", "l2bn-rms", 0, 88.0, batch_size=16))
+    dirs.append(_fake_run(tmp_path / "rms-16-1", "resnet8", "l2bn-rms", 1, 88.2, batch_size=16))
+    build_report(dirs, str(tmp_path / "rep"))
+    pooled = json.loads((tmp_path / "rep" / "summary.json").read_text())["pooled"]
+    assert set(pooled) == {"l2bn-bn"}  # l2bn-rms was compared at batch 16 only
+    want = paired_difference([(gain[16, s] + gain[128, s]) / 2 for s in range(3)], [0.0] * 3)
+    d = pooled["l2bn-bn"]
+    assert d["cells"] == 2 and d["seeds"] == [0, 1, 2] and d["n"] == 3
+    for k in ("mean", "ci_low", "ci_high", "p_value"):
+        assert d[k] == pytest.approx(want[k], abs=1e-9)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"- l2bn-bn, 2 cells, 3 seeds: {want['mean']:+.2f} pp, 95% CI [{want['ci_low']:+.2f}, {want['ci_high']:+.2f}]" in md
+    one = build_report([x for x in dirs if "-16-" in x and "rms" not in x], str(tmp_path / "one"))
+    assert "Pooled over the cells" not in one["md"].read_text()
+
+
 def test_report_figures_for_models_of_different_depths(tmp_path):
     """The mechanism figures of a depth study: each model is drawn with its own layers (a deeper
     model listed first once made the norm histograms index past a shallower model's layers)."""

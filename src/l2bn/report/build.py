@@ -22,6 +22,7 @@ from .markdown import (
     mechanism_claims,
     mechanism_table,
     per_group_table,
+    pooled_lines,
     verdict,
 )
 from .runs import ReportError, load_runs, summarize_runs
@@ -97,7 +98,7 @@ def build_report(run_dirs: Sequence[str], out_dir: str, title: str = "", note: s
     if pg:
         md += ["## Accuracy per group (mean over seeds)", "", *pg, ""]
     md += ["## Paired difference against BN (same seed: same initialisation and data order)", "", *difference_table(summary), "",
-           *verdict(summary), ""]
+           *verdict(summary), "", *pooled_lines(summary)]
     if axis_figs:
         md += ["## Grid axes" if summary["axes"] else "## Across models", "", *axis_tables(summary, plot_axes)]
         for axis, name in axis_figs:

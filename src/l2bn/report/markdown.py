@@ -135,6 +135,22 @@ def verdict(summary: Dict[str, Any]) -> List[str]:
     return out
 
 
+def pooled_lines(summary: Dict[str, Any]) -> List[str]:
+    """Each norm − BN on average over the report's cells (a secondary summary)."""
+    pooled = summary.get("pooled", {})
+    if not pooled:
+        return []
+    out = ["Pooled over the cells (secondary: per seed, the mean of its differences over every cell, then a paired "
+           "t-interval over seeds; not part of the Holm family above):", ""]
+    for key, d in pooled.items():
+        if d["ci_low"] is None:
+            out.append(f"- {key}, {d['cells']} cells: {len(d['seeds'])} seed(s) in every cell, no interval.")
+            continue
+        out.append(f"- {key}, {d['cells']} cells, {d['n']} seeds: {d['mean']:+.2f} pp, 95% CI "
+                   f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}], p = {_p(d['p_value'])}.")
+    return out + [""]
+
+
 def mechanism_table(summary: Dict[str, Any]) -> List[str]:
     """Paired differences (norm − BN, same seed) of the mechanism metrics, with 95% CIs."""
     mech = summary.get("mechanism", {})

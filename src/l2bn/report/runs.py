@@ -159,9 +159,33 @@ def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> 
                     }
     for cell in cells.values():
         cell.pop("_runs")
+    pooled = _pool(diffs)
     # Holm's correction within each family: the accuracy comparisons of this report, and the
     # rows of its mechanism table (every metric of every comparison)
     _adjust(list(diffs.values()))
     _adjust([d for metrics in mech.values() for d in metrics.values()])
-    return {"cells": cells, "differences": diffs, "mechanism": mech, "axes": axes, "models": models,
-            "norms": norms, "seeds": seeds}
+    return {"cells": cells, "differences": diffs, "pooled": pooled, "mechanism": mech, "axes": axes,
+            "models": models, "norms": norms, "seeds": seeds}
+
+
+def _pool(diffs: Dict[str, Any]) -> Dict[str, Any]:
+    """Each norm − BN pooled over the cells of the report (grid-axis values, models): per seed,
+    the mean of that seed's differences over every cell, then the paired statistics of those
+    means. Only seeds present in every cell count; only norms compared in two or more cells.
+
+    A secondary summary ("on average over this study's settings"), not one of the per-cell
+    comparisons, and not part of their Holm family.
+    """
+    out: Dict[str, Any] = {}
+    by_norm: Dict[str, List[Dict[str, Any]]] = {}
+    for d in diffs.values():
+        by_norm.setdefault(d["norm"], []).append(d)
+    for norm, ds in by_norm.items():
+        if len(ds) < 2:
+            continue
+        per_seed = [dict(zip(d["seeds"], d["diffs"])) for d in ds]
+        common = sorted(set.intersection(*(set(p) for p in per_seed)))
+        means = [sum(p[s] for p in per_seed) / len(per_seed) for s in common]
+        out[f"{norm}-{BASELINE}"] = {"norm": norm, "cells": len(ds), "seeds": common,
+                                     **paired_difference(means, [0.0] * len(means))}
+    return out
