@@ -49,7 +49,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         train=dict(epochs=20, batch_size=128, lr=0.1, weight_decay=5e-4, schedule="cosine", warmup_epochs=1),
     ),
     "batch-size": dict(
-        dataset="fashion-mnist", models=["resnet8"], norms=["bn", "l2bn", "l2bn-rms"], seeds=[0, 1, 2],
+        dataset="fashion-mnist", models=["resnet8"], norms=["bn", "l2bn", "l2bn-rms"], seeds=[0, 1, 2, 3, 4],
         grid={"batch_size": [16, 32, 64, 128]},
         note="Preset 'batch-size': the main job's ResNet-8 setting at batch 16-128, learning rate scaled linearly "
              "from 0.1 at batch 128 (lr_ref_batch=128).",
@@ -58,7 +58,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     ),
     "depth": dict(
         dataset="fashion-mnist", models=["resnet8", "resnet20", "resnet56"], norms=["bn", "l2bn", "l2bn-rms"],
-        seeds=[0, 1, 2], grid={},
+        seeds=[0, 1, 2, 3, 4], grid={},
         note="Preset 'depth': ResNet-8/20/56 at the main job's budget, three norms.",
         train=dict(epochs=5, batch_size=128, train_subset=20000, lr=0.1, weight_decay=5e-4,
                    schedule="cosine", warmup_epochs=0.5),
