@@ -256,10 +256,43 @@ def test_report_pools_each_norm_over_the_cells(tmp_path):
     assert d["cells"] == 2 and d["seeds"] == [0, 1, 2] and d["n"] == 3
     for k in ("mean", "ci_low", "ci_high", "p_value"):
         assert d[k] == pytest.approx(want[k], abs=1e-9)
+    assert d["over"] == {"batch_size": [16, 128]} and d["not_in_every_cell"] == [3] and d["not_finite"] == []
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert f"- l2bn-bn, 2 cells, 3 seeds: {want['mean']:+.2f} pp, 95% CI [{want['ci_low']:+.2f}, {want['ci_high']:+.2f}]" in md
+    assert (f"- l2bn-bn over 2 cells (batch_size ∈ {{16, 128}}), seeds 0, 1, 2: {want['mean']:+.2f} pp, 95% CI "
+            f"[{want['ci_low']:+.2f}, {want['ci_high']:+.2f}], p = ") in md
+    assert "Left out: seed(s) 3 not in every cell." in md
     one = build_report([x for x in dirs if "-16-" in x and "rms" not in x], str(tmp_path / "one"))
     assert "Pooled over the cells" not in one["md"].read_text()
+
+
+def test_pooled_difference_edge_cases(tmp_path):
+    """Pooled over models: labelled with the models; a seed whose difference is NaN (a diverged
+    run) is named and left out, not averaged into NaN; cells without a common seed give no
+    interval instead of an error."""
+    from l2bn.report.build import build_report
+    from l2bn.report.stats import paired_difference
+
+    dirs, gain = [], {("resnet8", 0): 0.2, ("resnet8", 1): 0.4, ("resnet8", 2): 0.1,
+                      ("resnet20", 0): 0.0, ("resnet20", 1): 0.6, ("resnet20", 2): 0.3}
+    for (m, s), g in gain.items():
+        dirs.append(_fake_run(tmp_path / f"{m}-bn-{s}", m, "bn", s, 90.0 + s))
+        dirs.append(_fake_run(tmp_path / f"{m}-l2bn-{s}", m, "l2bn", s, float("nan") if (m, s) == ("resnet20", 1) else 90.0 + s + g))
+    # l2bn-rms: resnet8 has seeds 0-1, resnet20 seed 2: no seed in every cell
+    for m, seeds in (("resnet8", (0, 1)), ("resnet20", (2,))):
+        for s in seeds:
+            dirs.append(_fake_run(tmp_path / f"{m}-rms-{s}", m, "l2bn-rms", s, 90.0 + s))
+    build_report(dirs, str(tmp_path / "rep"))
+    pooled = json.loads((tmp_path / "rep" / "summary.json").read_text())["pooled"]
+    d = pooled["l2bn-bn"]
+    assert d["over"] == {"model": ["resnet8", "resnet20"]} and d["seeds"] == [0, 2] and d["not_finite"] == [1]
+    want = paired_difference([(gain["resnet8", s] + gain["resnet20", s]) / 2 for s in (0, 2)], [0.0, 0.0])
+    assert d["mean"] == pytest.approx(want["mean"]) and d["ci_low"] == pytest.approx(want["ci_low"])
+    rms = pooled["l2bn-rms-bn"]
+    assert rms["seeds"] == [] and rms["ci_low"] is None and rms["not_in_every_cell"] == [0, 1, 2]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "- l2bn-bn over 2 cells (model ∈ {resnet8, resnet20}), seeds 0, 2: " in md
+    assert "Left out: seed(s) 1 with a non-finite difference." in md
+    assert "- l2bn-rms-bn over 2 cells (model ∈ {resnet8, resnet20}): 0 usable seed(s), no interval." in md
 
 
 def test_report_figures_for_models_of_different_depths(tmp_path):
@@ -284,3 +317,14 @@ def test_model_order_is_natural():
 
     names = ["resnet56", "mlp", "resnet8", "dcase-fcnn", "resnet110", "resnet20"]
     assert sorted(names, key=model_order) == ["dcase-fcnn", "mlp", "resnet8", "resnet20", "resnet56", "resnet110"]
+
+
+def test_report_cli_note_goes_under_the_title(tmp_path, capsys):
+    """`l2bn report --note` prints the paragraph under the title (how the runs were made, what
+    was decided after seeing them)."""
+    from l2bn.cli import main
+
+    dirs = [_fake_run(tmp_path / f"{n}-{s}", "resnet8", n, s, 90.0 + s + (0.2 if n == "l2bn" else 0)) for n in ("bn", "l2bn") for s in range(2)]
+    assert main(["report", *dirs, "-o", str(tmp_path / "rep"), "--title", "T", "--note", "Made on a laptop."]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    assert md[:3] == ["# T", "", "Made on a laptop."]

@@ -128,7 +128,7 @@ def _report(args: argparse.Namespace) -> int:
     from .report.build import build_report
 
     try:
-        paths = build_report(args.runs, args.output, title=args.title)
+        paths = build_report(args.runs, args.output, title=args.title, note=args.note)
     except _errors() as e:
         return _fail("report", e)
     print(f"wrote {paths['html']}, {paths['md']} and {paths['summary']}")
@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", help="run directories")
     r.add_argument("-o", "--output", required=True, help="output directory")
     r.add_argument("--title", default="")
+    r.add_argument("--note", default="", help="a paragraph printed under the title (e.g. how the runs were made)")
     r.set_defaults(func=_report)
 
     b = sub.add_parser("bench", help="benchmark L2BN against BatchNorm and the naive composite")

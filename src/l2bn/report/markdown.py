@@ -140,14 +140,22 @@ def pooled_lines(summary: Dict[str, Any]) -> List[str]:
     pooled = summary.get("pooled", {})
     if not pooled:
         return []
-    out = ["Pooled over the cells (secondary: per seed, the mean of its differences over every cell, then a paired "
-           "t-interval over seeds; not part of the Holm family above):", ""]
+    out = ["Pooled over the cells (secondary: per seed, the mean of its differences over every cell, each cell "
+           "weighted equally, then a paired t-interval over seeds; not part of the Holm family above):", ""]
     for key, d in pooled.items():
+        over = "; ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in d.get("over", {}).items())
+        head = f"- {key} over {d['cells']} cells ({over})" if over else f"- {key} over {d['cells']} cells"
+        left = []
+        if d.get("not_in_every_cell"):
+            left.append(f"seed(s) {', '.join(map(str, d['not_in_every_cell']))} not in every cell")
+        if d.get("not_finite"):
+            left.append(f"seed(s) {', '.join(map(str, d['not_finite']))} with a non-finite difference")
+        tail = f" Left out: {'; '.join(left)}." if left else ""
         if d["ci_low"] is None:
-            out.append(f"- {key}, {d['cells']} cells: {len(d['seeds'])} seed(s) in every cell, no interval.")
+            out.append(f"{head}: {len(d['seeds'])} usable seed(s), no interval.{tail}")
             continue
-        out.append(f"- {key}, {d['cells']} cells, {d['n']} seeds: {d['mean']:+.2f} pp, 95% CI "
-                   f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}], p = {_p(d['p_value'])}.")
+        out.append(f"{head}, seeds {', '.join(map(str, d['seeds']))}: {d['mean']:+.2f} pp, 95% CI "
+                   f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}], p = {_p(d['p_value'])}.{tail}")
     return out + [""]
 
 

@@ -170,8 +170,10 @@ def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> 
 
 def _pool(diffs: Dict[str, Any]) -> Dict[str, Any]:
     """Each norm − BN pooled over the cells of the report (grid-axis values, models): per seed,
-    the mean of that seed's differences over every cell, then the paired statistics of those
-    means. Only seeds present in every cell count; only norms compared in two or more cells.
+    the mean of that seed's differences over every cell (each cell weighted equally), then the
+    paired statistics of those means. Only seeds present in every cell count, and only seeds
+    whose mean is finite (a diverged run's NaN is named, not averaged); only norms compared in
+    two or more cells. ``over`` records what varied between the cells.
 
     A secondary summary ("on average over this study's settings"), not one of the per-cell
     comparisons, and not part of their Holm family.
@@ -184,8 +186,21 @@ def _pool(diffs: Dict[str, Any]) -> Dict[str, Any]:
         if len(ds) < 2:
             continue
         per_seed = [dict(zip(d["seeds"], d["diffs"])) for d in ds]
-        common = sorted(set.intersection(*(set(p) for p in per_seed)))
-        means = [sum(p[s] for p in per_seed) / len(per_seed) for s in common]
-        out[f"{norm}-{BASELINE}"] = {"norm": norm, "cells": len(ds), "seeds": common,
-                                     **paired_difference(means, [0.0] * len(means))}
+        every = set.intersection(*(set(p) for p in per_seed))
+        means = {s: sum(p[s] for p in per_seed) / len(per_seed) for s in sorted(every)}
+        used = [s for s, m in means.items() if math.isfinite(m)]
+        over: Dict[str, List[Any]] = {}
+        models = sorted({d["model"] for d in ds}, key=model_order)
+        if len(models) > 1:
+            over["model"] = models
+        for k in sorted({k for d in ds for k in d["axes"]}):
+            values = sorted({d["axes"].get(k) for d in ds}, key=lambda v: (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)))
+            if len(values) > 1:
+                over[k] = values
+        out[f"{norm}-{BASELINE}"] = {
+            "norm": norm, "cells": len(ds), "over": over, "seeds": used,
+            "not_in_every_cell": sorted(set().union(*(set(p) for p in per_seed)) - every),
+            "not_finite": [s for s in means if s not in used],
+            **paired_difference([means[s] for s in used], [0.0] * len(used)),
+        }
     return out
