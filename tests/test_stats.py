@@ -146,6 +146,7 @@ def test_holm_adjusted_values_reproduce_holms_procedure():
     assert holm([0.3, 0.8]) == pytest.approx([0.6, 0.8])  # running maximum, capped at 1 where it would exceed
     assert holm([0.7, 0.9]) == pytest.approx([1.0, 1.0])
     assert holm([0.02]) == [0.02] and holm([]) == []
+    assert holm([0.0, 1.0]) == [0.0, 1.0]  # the ends of the range are p-values too
     assert holm([None, 0.01, None, 0.02]) == [None, pytest.approx(0.02), None, pytest.approx(0.02)]
     rng = np.random.default_rng(0)
     for trial in range(300):
