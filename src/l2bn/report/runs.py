@@ -82,6 +82,11 @@ def model_order(name: str) -> List[Any]:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
 
 
+def _value_key(v: Any) -> Tuple[int, Any, str]:
+    """Sort key for grid-axis values: numbers in numeric order, then the rest as text."""
+    return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+
+
 def _cell_key(model: str, norm: str, axes: Dict[str, Any]) -> str:
     return "/".join([model, norm] + [f"{k}={v}" for k, v in axes.items()])
 
@@ -108,7 +113,7 @@ def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> 
     norms = sorted(norms, key=lambda n: NORM_ORDER.get(n, len(NORM_ORDER)))  # stable: others keep their order
     seeds = sorted({r["config"]["seed"] for r in runs})
     points = sorted({tuple(r["recipe"].get(k) for k in axes) for r in runs},
-                    key=lambda pt: [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in pt])
+                    key=lambda pt: [_value_key(v) for v in pt])
 
     def where(d: str) -> str:
         return os.path.relpath(d, rel_to) if rel_to else d
@@ -194,7 +199,7 @@ def _pool(diffs: Dict[str, Any]) -> Dict[str, Any]:
         if len(models) > 1:
             over["model"] = models
         for k in sorted({k for d in ds for k in d["axes"]}):
-            values = sorted({d["axes"].get(k) for d in ds}, key=lambda v: (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)))
+            values = sorted({d["axes"].get(k) for d in ds}, key=_value_key)
             if len(values) > 1:
                 over[k] = values
         out[f"{norm}-{BASELINE}"] = {
