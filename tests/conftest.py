@@ -15,7 +15,21 @@ def composite(bn: torch.nn.Module, x: torch.Tensor, unit_rms: bool = False) -> t
     u = torch.nn.functional.normalize(x.flatten(1), dim=1).view_as(x)
     if unit_rms:
         u = u * (x[0].numel() ** 0.5)
-    return bn(u)
+    return bn_step(bn, u)
+
+
+def bn_step(bn: torch.nn.Module, u: torch.Tensor) -> torch.Tensor:
+    """``bn(u)`` with L2BN's running-statistics rule, written out: the update factor of tracked
+    batch k is m / (1 - (1 - m)^k) (BN's moving average without its prior's weight)."""
+    m = bn.momentum
+    if not (bn.training and bn.track_running_stats and m is not None and 0 < m < 1):
+        return bn(u)
+    k = int(bn.num_batches_tracked) + 1
+    bn.momentum = m / (1 - (1 - m) ** k)
+    try:
+        return bn(u)
+    finally:
+        bn.momentum = m
 
 
 # Under CI (CI=true) nothing the README promises may be missing: a skipped test is a failure

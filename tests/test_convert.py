@@ -38,18 +38,20 @@ def _randomize_bn(model):
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
+                m.num_batches_tracked.fill_(1000)  # statistics of a trained model
 
 
 @pytest.mark.parametrize(
     "name", ["resnet18", "mobilenet_v2", "densenet121", "efficientnet_b0"]
 )
 def test_torchvision_models(name):
+    """With running_stats="keep", convert is BN(F.normalize(x)) with every value of the BN model."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).double()
     _randomize_bn(model)
     n_bn = _count(model, _BatchNorm)
     ref = _with_normalize_hooks(model)
-    conv = l2bn.convert(copy.deepcopy(model))
+    conv = l2bn.convert(copy.deepcopy(model), running_stats="keep")
     assert _count(conv, _L2NormBase) == n_bn and _count(conv, _BatchNorm) == 0
     assert list(conv.state_dict()) == list(model.state_dict())
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
@@ -63,7 +65,7 @@ def test_torchvision_models(name):
     for (k, a), b in zip(conv.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=k)
     trained = {k: v.clone() for k, v in conv.state_dict().items()}  # after the training-mode step
-    back = l2bn.revert(conv)
+    back = l2bn.revert(conv, running_stats="keep")
     assert _count(back, _L2NormBase) == 0 and _count(back, _BatchNorm) == n_bn
     assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
     for k, v in back.state_dict().items():  # revert keeps the L2 model's current values
@@ -147,7 +149,7 @@ def test_timm_models():
         n_bn = _count(model, _BatchNorm)
         n_act = _count(model, BatchNormAct2d)
         ref = _with_normalize_hooks(model)
-        conv = l2bn.convert(copy.deepcopy(model))
+        conv = l2bn.convert(copy.deepcopy(model), running_stats="keep")
         assert _count(conv, _BatchNorm) == 0 and _count(conv, _L2NormBase) == n_bn
         assert _count(conv, l2bn.convert.__globals__["L2BatchNormAct2d"]) == n_act
         x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
@@ -158,7 +160,7 @@ def test_timm_models():
             y_conv = conv(x)
             torch.manual_seed(1)
             torch.testing.assert_close(y_conv, ref(x), rtol=1e-7, atol=1e-7)
-        back = l2bn.revert(conv)
+        back = l2bn.revert(conv, running_stats="keep")
         assert _count(back, BatchNormAct2d) == n_act and _count(back, _L2NormBase) == 0
         model.load_state_dict(back.state_dict())  # revert kept the (updated) values
         model.eval()

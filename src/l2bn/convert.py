@@ -53,20 +53,50 @@ def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:
-    """Copy (never alias) parameters, buffers, requires_grad flags and train/eval mode."""
+_RUNNING_STATS = ("reset", "keep")
+
+
+def _has_statistics(m: nn.Module) -> bool:
+    """Whether a layer's running statistics hold data (tracked batches or values other than the
+    prior mean 0, variance 1) rather than a fresh layer's prior."""
+    rm, rv, nbt = (getattr(m, b, None) for b in ("running_mean", "running_var", "num_batches_tracked"))
+    if rm is None or rv is None:
+        return False
+    return bool((nbt is not None and nbt > 0) or (rm != 0).any() or (rv != 1).any())
+
+
+def _copy_state(src: nn.Module, dst: nn.Module, running_stats: str) -> nn.Module:
+    """Copy (never alias) parameters, requires_grad flags and train/eval mode; the running
+    statistics too with ``running_stats="keep"``, else ``dst`` keeps its fresh prior."""
     with torch.no_grad():
         for pname in ("weight", "bias"):
             sp, dp = getattr(src, pname, None), getattr(dst, pname, None)
             if sp is not None and dp is not None:
                 dp.copy_(sp)
                 dp.requires_grad_(sp.requires_grad)
-        for bname in ("running_mean", "running_var", "num_batches_tracked"):
-            sb = getattr(src, bname, None)
-            if sb is not None:
-                setattr(dst, bname, sb.detach().clone())
+        if running_stats == "keep":
+            for bname in ("running_mean", "running_var", "num_batches_tracked"):
+                sb = getattr(src, bname, None)
+                if sb is not None:
+                    setattr(dst, bname, sb.detach().clone())
     dst.train(src.training)
     return dst
+
+
+def _check_running_stats(fn: str, running_stats: str) -> None:
+    if running_stats not in _RUNNING_STATS:
+        raise ValueError(f"{fn}: running_stats must be 'reset' or 'keep', got {running_stats!r}")
+
+
+def _warn_reset(fn: str, names: list, what: str) -> None:
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warnings.warn(
+            f"l2bn.{fn}: reset the running statistics of {len(names)} layer(s) ({shown}): {what} "
+            "Recalibrate before evaluating — l2bn.update_bn(loader, model) on a few batches, or "
+            "train — or pass running_stats='keep' to copy them as they are.",
+            stacklevel=3,
+        )
 
 
 def _ref_tensor(m: nn.Module) -> Optional[Tensor]:
@@ -96,15 +126,23 @@ def convert(
     process_group: Any = None,
     unit_rms: bool = False,
     l2_eps: float = 1e-12,
+    running_stats: str = "reset",
 ) -> nn.Module:
     """Replace every BatchNorm layer of ``module`` by the matching L2BN layer.
 
     ``BatchNorm1d/2d/3d`` become ``L2BatchNorm1d/2d/3d`` (``SyncL2BatchNorm`` with
     ``sync=True``); ``SyncBatchNorm`` always becomes ``SyncL2BatchNorm``; timm's
     ``BatchNormAct2d`` / ``SyncBatchNormAct`` become :class:`L2BatchNormAct2d` /
-    :class:`SyncL2BatchNormAct`, keeping their ``drop`` and ``act``. Weight, bias, running
-    statistics and ``num_batches_tracked`` are copied (not aliased); device, dtype,
-    ``requires_grad`` flags and train/eval mode are kept; the state-dict keys do not change.
+    :class:`SyncL2BatchNormAct`, keeping their ``drop`` and ``act``. Weight and bias are copied
+    (not aliased); device, dtype, ``requires_grad`` flags and train/eval mode are kept; the
+    state-dict keys do not change.
+
+    **Running statistics are reset** by default: BN's running mean and variance describe the
+    layer's input :math:`x`, an L2BN layer's describe the l2-normalized :math:`u` (about
+    :math:`1/\\sqrt{D}` and :math:`1/D` as large, :math:`D` entries per sample), so copied
+    values would make evaluation wrong until well over a hundred training steps had replaced
+    them. A warning names the layers whose accumulated statistics were dropped; recalibrate
+    with :func:`l2bn.update_bn` (one pass over a few batches) or train before evaluating.
 
     Args:
         module: a model, or a single BN layer (then the new layer is returned).
@@ -115,6 +153,10 @@ def convert(
         exclude: never convert layers matching these patterns / this predicate.
         process_group: process group of the synced layers (``None``: world).
         unit_rms, l2_eps: passed to the new layers.
+        running_stats: ``"reset"`` (default: the new layers start from the prior with
+            ``num_batches_tracked = 0``, so their first training step sets the statistics) or
+            ``"keep"`` (copy BN's values and count as they are — only meaningful if they were
+            computed on L2BN's scale, e.g. to undo :func:`revert`).
 
     Returns:
         The converted module (converted in place; the root object is returned unless it is
@@ -130,7 +172,9 @@ def convert(
         >>> type(net.bn1).__name__
         'L2BatchNorm2d'
     """
+    _check_running_stats("convert", running_stats)
     found = [0]
+    dropped: list = []
 
     def visit(mod: nn.Module, name: str) -> nn.Module:
         if isinstance(mod, _BatchNorm):
@@ -141,7 +185,9 @@ def convert(
                     f"convert: layer {name or '<root>'!r} is matched by both include and exclude"
                 )
             if inc and not exc:
-                new = _convert_one(mod, name, sync, process_group, unit_rms, l2_eps)
+                new = _convert_one(mod, name, sync, process_group, unit_rms, l2_eps, running_stats)
+                if running_stats == "reset" and _has_statistics(mod):
+                    dropped.append(name or "<root>")
                 found[0] += 1
                 return new
             found[0] += 1  # a BN that was deliberately kept still counts as present
@@ -154,6 +200,7 @@ def convert(
         return mod
 
     out = visit(module, "")
+    _warn_reset("convert", dropped, "BN's statistics describe x, L2BN's the l2-normalized x.")
     if found[0] == 0:
         warnings.warn(
             f"l2bn.convert: no BatchNorm layer found in {type(module).__name__}; returned unchanged",
@@ -163,7 +210,8 @@ def convert(
 
 
 def _convert_one(
-    mod: _BatchNorm, name: str, sync: bool, process_group: Any, unit_rms: bool, l2_eps: float
+    mod: _BatchNorm, name: str, sync: bool, process_group: Any, unit_rms: bool, l2_eps: float,
+    running_stats: str,
 ) -> nn.Module:
     extra: dict = dict(unit_rms=unit_rms, l2_eps=l2_eps)
     if _is_timm_norm_act(mod):
@@ -181,7 +229,7 @@ def _convert_one(
         cls = SyncL2BatchNorm if (sync or dim == 0) else {1: L2BatchNorm1d, 2: L2BatchNorm2d, 3: L2BatchNorm3d}[dim]
     if cls in (SyncL2BatchNorm, SyncL2BatchNormAct):
         extra["process_group"] = process_group
-    new = _copy_state(mod, _build(cls, mod, extra))
+    new = _copy_state(mod, _build(cls, mod, extra), running_stats)
     new._l2bn_source = type(mod)  # remembered for revert()
     return new
 
@@ -194,12 +242,15 @@ _REVERT_DEFAULT = {
 }
 
 
-def revert(module: nn.Module) -> nn.Module:
-    """Turn L2BN layers back into BatchNorm layers with their values (inverse of :func:`convert`).
+def revert(module: nn.Module, *, running_stats: str = "reset") -> nn.Module:
+    """Turn L2BN layers back into BatchNorm layers with their parameters (inverse of
+    :func:`convert`).
 
     A layer made by :func:`convert` becomes its original class again (including timm's
     norm-act layers, with their ``drop``/``act``); a layer built directly becomes the matching
-    ``nn.BatchNorm*d`` (``nn.SyncBatchNorm`` for :class:`l2bn.SyncL2BatchNorm`).
+    ``nn.BatchNorm*d`` (``nn.SyncBatchNorm`` for :class:`l2bn.SyncL2BatchNorm`). As in
+    :func:`convert`, running statistics (on the l2-normalized scale) are reset unless
+    ``running_stats="keep"``, with a warning naming the layers whose statistics were dropped.
 
     Example:
         >>> import torch, l2bn
@@ -207,7 +258,17 @@ def revert(module: nn.Module) -> nn.Module:
         >>> type(net[0]).__name__
         'BatchNorm2d'
     """
+    _check_running_stats("revert", running_stats)
+    dropped: list = []
+    out = _revert(module, "", running_stats, dropped)
+    _warn_reset("revert", dropped, "L2BN's statistics describe the l2-normalized x, BN's x.")
+    return out
+
+
+def _revert(module: nn.Module, name: str, running_stats: str, dropped: list) -> nn.Module:
     if isinstance(module, _L2NormBase):
+        if running_stats == "reset" and _has_statistics(module):
+            dropped.append(name or "<root>")
         src = getattr(module, "_l2bn_source", None)
         if src is None:
             src = next(b for a, b in _REVERT_DEFAULT.items() if isinstance(module, a))
@@ -218,9 +279,9 @@ def revert(module: nn.Module) -> nn.Module:
         if hasattr(module, "act") and hasattr(new, "act"):
             new.drop = copy.deepcopy(module.drop)
             new.act = copy.deepcopy(module.act)
-        return _copy_state(module, new)
+        return _copy_state(module, new, running_stats)
     for child_name, child in list(module.named_children()):
-        new_child = revert(child)
+        new_child = _revert(child, f"{name}.{child_name}" if name else child_name, running_stats, dropped)
         if new_child is not child:
             setattr(module, child_name, new_child)
     return module

@@ -23,6 +23,9 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from .functional import l2_batch_norm
+from .running import check_eps_share, running_factor
+from .running import correct_traced_update as _correct_traced_update
+from .running import tracing as _tracing
 
 __all__ = ["L2BatchNorm1d", "L2BatchNorm2d", "L2BatchNorm3d"]
 
@@ -95,6 +98,9 @@ class _L2NormBase(_NormBase):
             self.register_parameter("bias", None)
         self.unit_rms = bool(unit_rms)
         self.l2_eps = float(l2_eps)
+        # True while the running statistics may still carry the prior's weight (see
+        # running_factor); a host-side flag, so that a trained layer reads no tensor per call
+        self._stats_warmup = True
 
     def _check_input_dim(self, input: Tensor) -> Tensor:
         return _check_input(input, self._expected_dims, self.num_features, type(self).__name__)
@@ -102,19 +108,41 @@ class _L2NormBase(_NormBase):
     def _process_group(self) -> Any:
         return None
 
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        self._stats_warmup = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._stats_warmup = True  # the loaded count decides at the next training step
+
     def forward(self, input: Tensor) -> Tensor:
         input = self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
+        step = 0  # the tracked batch this call is, when read on the host (0: not read)
+        traced_warmup = False
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+            if self.momentum is None:  # cumulative moving average, read on the host as BN does
+                step = int(self.num_batches_tracked)
+                factor = 1.0 / step
+            elif self._stats_warmup:
+                if _tracing() or self.num_batches_tracked.is_meta:
+                    traced_warmup = True  # no host read: corrected with tensor ops below
+                else:
+                    step = int(self.num_batches_tracked)
+                    factor = running_factor(self.momentum, step)
+                    if factor == self.momentum:
+                        self._stats_warmup = False  # the correction is exactly 1 from here on
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
-        return l2_batch_norm(
+        running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
+        if traced_warmup:  # the kernel updates copies; the corrected values go to the buffers
+            running_mean, running_var = running_mean.clone(), running_var.clone()
+        out = l2_batch_norm(
             input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
+            running_mean,
+            running_var,
             self.weight,
             self.bias,
             use_batch_stats,
@@ -124,6 +152,11 @@ class _L2NormBase(_NormBase):
             unit_rms=self.unit_rms,
             process_group=self._process_group() if use_batch_stats else None,
         )
+        if traced_warmup:
+            _correct_traced_update(self, running_mean, running_var)
+        elif step == 1:
+            check_eps_share(self, input)
+        return out
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
