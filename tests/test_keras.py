@@ -274,9 +274,10 @@ def test_moving_statistics_use_the_biased_variance():
         t.train()(torch.from_numpy(x).double())
         u = l2_normalize_samples(torch.from_numpy(x).double())
         dims = (0, 2, 3)
-        mm = momentum * mm + (1 - momentum) * u.mean(dims)
-        mv_biased = momentum * mv_biased + (1 - momentum) * u.var(dims, unbiased=False)
-        mv_unbiased = momentum * mv_unbiased + (1 - momentum) * u.var(dims, unbiased=True)
+        f = (1 - momentum) / (1 - momentum ** (step + 1))  # bias-corrected (l2bn.running)
+        mm = (1 - f) * mm + f * u.mean(dims)
+        mv_biased = (1 - f) * mv_biased + f * u.var(dims, unbiased=False)
+        mv_unbiased = (1 - f) * mv_unbiased + f * u.var(dims, unbiased=True)
     np.testing.assert_allclose(_np(k.moving_mean), mm.numpy(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(_np(k.moving_variance), mv_biased.numpy(), rtol=1e-4)
     np.testing.assert_allclose(t.running_mean.numpy(), mm.numpy(), rtol=1e-12)
@@ -496,3 +497,25 @@ def test_other_backend(backend):
     assert r.returncode == 0, f"KERAS_BACKEND={backend}:\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
     passed = re.search(r"(\d+) passed", r.stdout)
     assert passed and int(passed.group(1)) >= 12, r.stdout[-2000:]
+
+
+def test_first_step_sets_the_moving_statistics_and_older_files_load():
+    """The first training step copies the batch statistics (no prior of variance 1, about D times
+    too large after the l2 step); a file saved before ``moving_count`` existed loads as a trained
+    layer and keeps Keras's plain update."""
+    shape = (6, 4, 5, 5)
+    x = _data(shape)
+    u = l2_normalize_samples(torch.from_numpy(x).double())
+    biased = u.var((0, 2, 3), unbiased=False).numpy()
+    k = L2BatchNormalization(axis=1)
+    k(x, training=True)
+    np.testing.assert_allclose(_np(k.moving_variance), biased, rtol=1e-4)
+    np.testing.assert_allclose(_np(k.moving_mean), u.mean((0, 2, 3)).numpy(), rtol=1e-4, atol=1e-7)
+    assert float(_np(k.moving_count)) == 1.0
+    store = {str(i): _np(v) for i, v in enumerate([k.gamma, k.beta, k.moving_mean, k.moving_variance])}
+    old = L2BatchNormalization(axis=1)
+    old.build(shape)
+    old.load_own_variables(store)
+    np.testing.assert_allclose(_np(old.moving_variance), store["3"])
+    old(x, training=True)
+    np.testing.assert_allclose(_np(old.moving_variance), 0.99 * store["3"] + 0.01 * biased, rtol=1e-4)

@@ -199,43 +199,6 @@ def test_errors_like_bn():
     assert layer(torch.randn(1, 3, 4, 4)).shape == (1, 3, 4, 4)
 
 
-def test_not_replaced_by_convert_sync_batchnorm():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), l2bn.L2BatchNorm2d(4), nn.BatchNorm2d(4))
-    out = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
-    assert type(out[1]) is l2bn.L2BatchNorm2d
-    assert type(out[2]) is nn.SyncBatchNorm  # the plain BN is converted, ours is not
-
-
-def test_not_folded_by_fx_fuse():
-    from torch.fx.experimental.optimization import fuse
-
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), l2bn.L2BatchNorm2d(4), nn.ReLU()).eval()
-    with torch.no_grad():
-        model[1].running_mean.uniform_(-1, 1)
-    x = torch.randn(2, 3, 8, 8)
-    fused = fuse(model)
-    # traced through (not a leaf), but the l2 step is still in the graph, not folded into conv
-    assert "l2_batch_norm" in fused.code
-    assert any(isinstance(m, nn.Conv2d) for m in fused.modules())
-    torch.testing.assert_close(fused(x), model(x))
-
-
-def test_not_folded_by_quantization_fuse_modules():
-    from torch.ao.quantization import fuse_modules
-
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), l2bn.L2BatchNorm2d(4)).eval()
-    # fuse_modules looks fusers up by exact type: a (Conv2d, L2BatchNorm2d) pair has none, so it
-    # refuses instead of folding the layer into the conv as if it were BN
-    with pytest.raises(AssertionError, match="did not find fuser method.*L2BatchNorm2d"):
-        fuse_modules(copy.deepcopy(model), [["0", "1"]])
-    # and a model with both kinds: only the real BN pair is fused
-    mixed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), l2bn.L2BatchNorm2d(4)).eval()
-    fused = fuse_modules(copy.deepcopy(mixed), [["0", "1"]])
-    assert isinstance(fused[1], nn.Identity) and isinstance(fused[3], l2bn.L2BatchNorm2d)
-    x = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(fused(x), mixed(x), rtol=1e-5, atol=1e-5)
-
-
 def test_compile_fullgraph():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), l2bn.L2BatchNorm2d(8), nn.ReLU())
     ref = copy.deepcopy(model)

@@ -23,6 +23,8 @@ import importlib.util
 import math
 from typing import Any, Dict, Optional
 
+from .running import warmup_steps
+
 __all__ = ["L2BatchNormalization"]
 
 _IMPORT_ERROR: Optional[str] = None
@@ -94,6 +96,13 @@ if _IMPORT_ERROR is None:
           of PyTorch (PyTorch's 0.1 is Keras's 0.9). There is no cumulative average
           (PyTorch's ``momentum=None``).
         * ``epsilon`` defaults to 1e-3 (PyTorch: 1e-5).
+        * The moving averages start as the PyTorch layers' running statistics do
+          (:mod:`l2bn.running`): the update factor of training step :math:`k` is
+          :math:`(1 - \\text{momentum}) / (1 - \\text{momentum}^k)`, so the first step copies
+          the batch statistics instead of keeping most of the initial ``moving_variance = 1``
+          (about :math:`D` times too large after the l2 step). The step count is the
+          non-trainable variable ``moving_count``; files saved without it load as trained
+          layers (plain Keras updates from then on).
         * ``moving_variance`` averages the **biased** batch variance (divided by the number
           ``n`` of entries per channel), as Keras's BatchNormalization does; PyTorch's
           ``running_var`` averages the unbiased one (divided by ``n - 1``). Outputs in training
@@ -152,6 +161,39 @@ if _IMPORT_ERROR is None:
             self.l2_epsilon = l2_epsilon
             self.unit_rms = bool(unit_rms)
 
+        def build(self, input_shape: Any) -> None:
+            super().build(input_shape)
+            # the number of training steps, for the bias-corrected moving averages (last
+            # variable, so files saved before it existed still load: load_own_variables)
+            self.moving_count = self.add_weight(
+                shape=(), name="moving_count", initializer="zeros", trainable=False,
+                autocast=False,
+            )
+
+        def load_own_variables(self, store: Any) -> None:
+            if len(store.keys()) == len(self.variables) - 1:  # saved without moving_count
+                for i, var in enumerate(v for v in self.variables if v is not self.moving_count):
+                    var.assign(store[f"{i}"])
+                # a trained layer: its statistics keep BN's update rule (no correction)
+                self.moving_count.assign(float(warmup_steps(1.0 - self.momentum)))
+                return
+            super().load_own_variables(store)
+
+        def _step_momentum(self) -> Any:
+            """Count this training step ``k`` and return its decay: ``1 - f_k`` with the
+            bias-corrected factor ``f_k = (1 - mom) / (1 - mom^k)`` of :mod:`l2bn.running` (as
+            the PyTorch layers), ``mom`` itself once the correction is exactly 1, so the first
+            step copies the batch statistics."""
+            k = self.moving_count + 1.0
+            self.moving_count.assign(k)
+            mom = self.momentum
+            if not 0.0 < mom < 1.0:
+                return mom
+            # 1 - f_k = mom (1 - mom^(k-1)) / (1 - mom^k): exactly 0 at k = 1 in any precision
+            m32 = ops.cast(mom, "float32")
+            decay = m32 * (1.0 - ops.power(m32, k - 1.0)) / (1.0 - ops.power(m32, k))
+            return ops.where(ops.greater_equal(k, float(warmup_steps(1.0 - mom))), mom, decay)
+
         def _l2_normalize(self, x: Any, mask: Any) -> Any:
             """``x`` scaled per sample to unit l2 norm (or unit RMS) over all non-batch axes."""
             ndim = len(x.shape)
@@ -185,7 +227,15 @@ if _IMPORT_ERROR is None:
             # Statistics in at least float32, as BatchNormalization computes them.
             compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
             x = ops.cast(inputs, compute_dtype)
-            return super().call(self._l2_normalize(x, mask), training=training, mask=mask)
+            u = self._l2_normalize(x, mask)
+            if not (training and self.trainable):
+                return super().call(u, training=training, mask=mask)
+            momentum = self.momentum  # Keras's update reads it: this step's decay meanwhile
+            self.momentum = self._step_momentum()
+            try:
+                return super().call(u, training=training, mask=mask)
+            finally:
+                self.momentum = momentum
 
         def get_config(self) -> Dict[str, Any]:
             config = super().get_config()
