@@ -9,7 +9,7 @@ import pytest
 
 SRC = Path(__file__).parent.parent / "src" / "l2bn"
 LEVEL = {
-    "io": 0, "kernels": 1, "functional": 2, "modules": 3, "running": 3, "sync": 3, "norm_act": 3, "keras": 3,
+    "io": 0, "recipes": 0, "kernels": 1, "functional": 2, "modules": 3, "running": 3, "sync": 3, "norm_act": 3, "keras": 3,
     "factory": 4, "convert": 4, "frozen": 4, "models": 5, "data": 5, "train": 6, "analysis": 7, "report": 8,
     "experiment": 9, "bench": 9, "cli": 10, "__main__": 10,
 }

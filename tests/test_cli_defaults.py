@@ -188,12 +188,12 @@ def test_corrupt_checkpoint_through_train_resume_and_analyze(tmp_path):
 
 @pytest.mark.parametrize("net", ["resnet", "fcnn", "fsfcnn"])
 def test_compare_dcase_recipes_on_the_official_layout(tmp_path, net):
-    """`l2bn compare --config configs/dcase2020-1a-<net>.yaml` end to end with default flags on a
-    fixture in the official TAU layout (epochs and steps cut to fit a test)."""
+    """`l2bn compare --config dcase2020-1a-<net>` (a shipped recipe, by name) end to end with
+    default flags on a fixture in the official TAU layout (epochs and steps cut to fit a test)."""
     from test_audio import make_dcase
 
     make_dcase(tmp_path / "tau", seconds=1.5)
-    cfg = Path(__file__).parent.parent / "configs" / f"dcase2020-1a-{net}.yaml"
+    cfg = f"dcase2020-1a-{net}"
     out = tmp_path / "cmp"
     _ok(cli("compare", "--config", str(cfg), "--dataset", "dcase2020-1a", "--data-dir", str(tmp_path / "tau"),
             "--models", f"dcase-{net}", "--seeds", "0", "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "4",

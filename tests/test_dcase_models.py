@@ -417,7 +417,7 @@ def test_apply_pipeline_masks_before_cropping():
 @pytest.mark.parametrize("name,epochs,wd,decay,specaug", [
     ("resnet", 126, 2e-3, 1e-6, False), ("fcnn", 254, 0.0, 1e-6, True), ("fsfcnn", 254, 0.0, 0.0, True)])
 def test_recipes_equal_the_reference(name, epochs, wd, decay, specaug):
-    cfg = yaml.safe_load((ROOT / "configs" / f"dcase2020-1a-{name}.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "src" / "l2bn" / "recipes" / f"dcase2020-1a-{name}.yaml").read_text())
     assert cfg["model"] == f"dcase-{name}" and cfg["dataset"] == "dcase2020-1a" and cfg["norm"] == "l2bn-rms"
     assert cfg["epochs"] == epochs and cfg["weight_decay"] == wd and cfg["lr_decay"] == decay
     assert (cfg["schedule"], cfg["sgdr_t0"], cfg["sgdr_mult"], cfg["lr"], cfg["min_lr"]) == ("sgdr", 2, 2, 0.1, 1e-5)

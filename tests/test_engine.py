@@ -128,12 +128,15 @@ def test_config_file_with_override(tmp_path):
     assert cfg.epochs == 2 and cfg.lr == 0.2 and cfg.model == "resnet8"
 
 
-def test_recipes_parse():
-    root = Path(__file__).parent.parent / "configs"
-    files = sorted(root.glob("*.yaml"))
-    assert len(files) >= 9
-    for f in files:
-        make_config({}, str(f))
+def test_recipes_parse_and_ship_with_the_package():
+    from l2bn.recipes import list_recipes
+
+    names = list_recipes()
+    assert len(names) >= 15 and "dcase2020-1a-resnet" in names
+    for name in names:
+        make_config({}, name)  # by name, as `--config NAME` finds them
+    with pytest.raises(FileNotFoundError, match="shipped recipes: cifar10-mobilenetv2"):
+        make_config({}, "cifar10-resnet57")
 
 
 @pytest.mark.parametrize("sync", [False, True])

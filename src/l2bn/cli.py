@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import sys
 import typing
@@ -18,25 +19,35 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 
-def _add_config_flags(p: argparse.ArgumentParser, skip: tuple = ()) -> None:
-    """One flag per :class:`l2bn.train.TrainConfig` field; unset flags stay unset (SUPPRESS)."""
-    from .train.config import TrainConfig
+def _add_config_flags(p: argparse.ArgumentParser, skip: tuple = (), defaults: Optional[Dict[str, Any]] = None,
+                      defaults_note: str = "") -> None:
+    """One flag per :class:`l2bn.train.TrainConfig` field, its help from the field's metadata
+    (what it does, the values it takes, the default that applies); unset flags stay unset
+    (SUPPRESS). ``defaults`` replace the fields' defaults in the help (a preset's values)."""
+    from .train.config import FIELDS, expected, field_type
 
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in skip:
+    for name, f in FIELDS.items():
+        if name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        t = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        helptext = f"(default: {default})"
-        if t is bool:
+        flag = "--" + name.replace("_", "-")
+        base, _ = field_type(name)
+        if defaults is not None and name in defaults:
+            default = f"{defaults[name]}{defaults_note}"
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        what = expected(name)
+        accepts = "" if base in (bool, str) and not what.startswith("one of") else f"; {what}"
+        helptext = f"{f.metadata['help']}{accepts} (default: {default})".replace("%", "%%")
+        if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
-        elif typing.get_origin(t) in (list, List):
+        elif base is list:
             p.add_argument(flag, type=float, nargs="+", default=argparse.SUPPRESS, help=helptext)
         else:
-            base = next((a for a in typing.get_args(t) if a is not type(None)), t) if typing.get_origin(t) else t
             p.add_argument(flag, type=base, default=argparse.SUPPRESS, help=helptext)
+
+
+#: recipe fields that ``compare`` sets itself (axes, directories) or that mean nothing there
+COMPARE_SKIP = ("model", "norm", "seed", "out", "dataset", "data_dir", "resume", "test_only")
 
 
 def _overrides(args: argparse.Namespace, skip: tuple = ()) -> Dict[str, Any]:
@@ -56,27 +67,65 @@ def _errors() -> tuple:
             RuntimeError)
 
 
+#: OS errors that describe the machine, not a bug: one line naming the file
+_ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST,
+                                 errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG})
+
+
+def _environment_error(e: OSError) -> bool:
+    return e.errno in _ENVIRONMENT_ERRNOS
+
+
 def _fail(cmd: str, e: BaseException) -> int:
     from .train import TrainingDiverged
 
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:
+        e = f"{e.filename}: {e.strerror}" if e.filename else e.strerror  # type: ignore[assignment]
     print(f"l2bn {cmd}: error: {e}", file=sys.stderr)
     return 3 if isinstance(e, TrainingDiverged) else 2
+
+
+def _interrupted(cmd: str, out: str, again: str) -> int:
+    """Ctrl-C: one line saying where the work stopped and the command that continues it."""
+    done = 0
+    try:
+        with open(Path(out) / "metrics.jsonl") as f:
+            done = sum(1 for line in f if line.strip())
+    except OSError:
+        pass
+    print(f"l2bn {cmd}: interrupted ({done} epoch(s) of {out} saved); continue with: {again}", file=sys.stderr)
+    return 130
 
 
 def _train(args: argparse.Namespace) -> int:
     from .train import train
     from .train.config import make_config
 
+    if args.list_configs:
+        from .recipes import list_recipes
+
+        print("\n".join(list_recipes()))
+        return 0
+    cfg = None
     try:
-        train(make_config(_overrides(args), args.config))
+        cfg = make_config(_overrides(args), args.config)
+        train(cfg)
     except _errors() as e:
         return _fail("train", e)
+    except OSError as e:
+        if not _environment_error(e):
+            raise
+        return _fail("train", e)
+    except KeyboardInterrupt:
+        if cfg is None:
+            return 130
+        return _interrupted("train", cfg.out, f"l2bn train --out {cfg.out} --resume")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
     from .experiment import PRESETS, compare, parse_grid
-    from .train.config import check_keys, load_config
+    from .train.config import load_config
 
     try:
         preset = PRESETS[args.preset]
@@ -86,9 +135,7 @@ def _compare(args: argparse.Namespace) -> int:
             from_file = load_config(args.config, extra_keys=("grid",))
             grid.update(parse_grid([f"{k}={','.join(map(str, v))}" for k, v in (from_file.pop("grid", None) or {}).items()]))
             train_kw.update(from_file)
-        over = _overrides(args, skip=("model", "norm", "seed", "out", "dataset", "data_dir"))
-        check_keys(over, "arguments")
-        train_kw.update(over)
+        train_kw.update(_overrides(args, skip=COMPARE_SKIP))
         grid.update(parse_grid(args.grid or []))
         dataset = args.dataset or train_kw.pop("dataset", None) or preset["dataset"]
         train_kw.pop("dataset", None)
@@ -96,7 +143,7 @@ def _compare(args: argparse.Namespace) -> int:
         cfg_norm = train_kw.get("norm") if args.config else None
         norms = args.norms or (["bn", cfg_norm] if cfg_norm and cfg_norm != "bn" else preset["norms"])
         seeds = args.seeds if args.seeds is not None else preset["seeds"]
-        for k in ("model", "norm", "seed", "out", "data_dir", "resume", "test_only"):
+        for k in COMPARE_SKIP:
             train_kw.pop(k, None)
         out = args.out or (f"runs/compare-{dataset}" if args.preset == "quick" else f"runs/{args.preset}-{dataset}")
         note = preset["note"] if not args.config else f"Recipe: {args.config}."
@@ -104,6 +151,14 @@ def _compare(args: argparse.Namespace) -> int:
                 analyze=args.analyze)
     except _errors() as e:
         return _fail("compare", e)
+    except OSError as e:
+        if not _environment_error(e):
+            raise
+        return _fail("compare", e)
+    except KeyboardInterrupt:
+        print("l2bn compare: interrupted; finished runs are kept and a started run resumes from its last "
+              "epoch: run the same command again to continue", file=sys.stderr)
+        return 130
     print(Path(out, "report.md").read_text())
     print(f"report: {out}/report.html (and report.md)   summary: {out}/summary.json")
     return 0
@@ -159,9 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one model (also under torchrun)")
-    t.add_argument("--config", default=None, help="YAML recipe; flags given on the command line override it")
+    t.add_argument("--config", default=None,
+                   help="YAML recipe: a file or a shipped recipe's name (--list-configs); flags override it")
+    t.add_argument("--list-configs", action="store_true", help="list the shipped recipes and exit")
     _add_config_flags(t)
     t.set_defaults(func=_train)
+
+    from .experiment import PRESETS
 
     c = sub.add_parser("compare", help="BN vs L2BN over models x norms x seeds x any config axis, with a report (the main job)")
     c.add_argument("--preset", default="quick", choices=["quick", "paper", "batch-size", "depth"],
@@ -174,10 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", default=None)
     c.add_argument("--data-dir", default=None)
     c.add_argument("--out", default=None, help="comparison directory (default: runs/compare-DATASET for quick, runs/PRESET-DATASET)")
-    c.add_argument("--config", default=None, help="YAML recipe applied to every run")
+    c.add_argument("--config", default=None,
+                   help="YAML recipe applied to every run: a file or a shipped recipe's name (l2bn train --list-configs)")
     c.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=True,
                    help="probe every run (norm spread, compactness, discrepancy) and add it to the report (default: on)")
-    _add_config_flags(c, skip=("model", "norm", "seed", "out", "dataset", "data_dir", "config"))
+    _add_config_flags(c, skip=COMPARE_SKIP, defaults=PRESETS["quick"]["train"],
+                      defaults_note=" with --preset quick; other presets set their own")
     c.set_defaults(func=_compare)
 
     a = sub.add_parser("analyze", help="probe trained runs: norm spread per layer, compactness, discrepancy")

@@ -26,7 +26,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .io import read_json
 from .train.config import (
     TrainConfig,
+    check_config,
     check_keys,
+    check_value,
+    field_type,
     conflict_message,
     recipe_conflicts,
     saved_config,
@@ -78,9 +81,6 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
         >>> parse_grid(["batch_size=16,32", "mixup=0,0.4"])
         {'batch_size': [16, 32], 'mixup': [0.0, 0.4]}
     """
-    import typing
-
-    hints = typing.get_type_hints(TrainConfig)
     grid: Dict[str, List[Any]] = {}
     for item in items:
         if "=" not in item:
@@ -90,13 +90,9 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
         check_keys({key: None}, "--grid")
         if key in ("model", "norm", "seed"):
             raise ExperimentError(f"--grid {key}: use --models/--norms/--seeds for that axis")
-        t = hints[key]
-        base = next((a for a in typing.get_args(t) if a is not type(None)), t) if typing.get_origin(t) else t
-        conv = {bool: lambda s: s.strip().lower() in ("1", "true", "yes", "on")}.get(base, base)
-        try:
-            grid[key] = [conv(v.strip()) for v in vals.split(",") if v.strip()]
-        except (TypeError, ValueError) as e:
-            raise ExperimentError(f"--grid {item!r}: values must be {getattr(base, '__name__', base)} ({e})") from None
+        words = {"true": True, "false": False} if field_type(key)[0] is bool else {}
+        grid[key] = [check_value(key, words.get(v.strip().lower(), v.strip()), f"--grid {key}")
+                     for v in vals.split(",") if v.strip()]
         if not grid[key]:
             raise ExperimentError(f"--grid {item!r}: no values")
     return grid
@@ -128,6 +124,7 @@ def plan_runs(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequ
                     cfg = TrainConfig(**{**train_overrides, **point, "dataset": dataset, "data_dir": data_dir, "model": model,
                                          "norm": norm, "seed": seed, "out": str(d), "resume": True})
                     label = " ".join([model, norm, *(f"{k}={v}" for k, v in point.items()), f"seed {seed}"])
+                    check_config(cfg, f"run {label}")  # the whole plan, before any training
                     plan.append((label, cfg))
     return plan
 

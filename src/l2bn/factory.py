@@ -40,6 +40,8 @@ _ALIASES = {
     "none": "none", "identity": "none",
 }
 NORM_NAMES = ("bn", "l2bn", "l2bn-rms", "syncbn", "sync-l2bn", "sync-l2bn-rms", "none")
+#: every accepted spelling (case-insensitive), canonical names first
+NORM_ALIASES = NORM_NAMES + tuple(a for a in _ALIASES if a not in NORM_NAMES)
 _SYNC = {"bn": "syncbn", "l2bn": "sync-l2bn", "l2bn-rms": "sync-l2bn-rms"}
 _BASE = {v: k for k, v in _SYNC.items()}
 

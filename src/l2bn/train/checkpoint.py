@@ -26,8 +26,21 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
-    """Write ``state`` atomically (temp file, fsync, rename)."""
-    atomic_write_bytes(Path(path), lambda f: torch.save(state, f))
+    """Write ``state`` atomically (temp file, fsync, rename).
+
+    Raises:
+        CheckpointError: the file could not be written (a full disk, a read-only or vanished
+            directory); the previous checkpoint at ``path``, if any, is intact.
+    """
+    try:
+        atomic_write_bytes(Path(path), lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as RuntimeError
+        if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "write" not in str(e).lower():
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed; is the disk full?"
+        kept = f"the previous {path.name} is intact" if Path(path).is_file() else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write {path} ({reason}); {kept} (checkpoints are written atomically). "
+                              "Free space and continue with --resume.") from e
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:

@@ -10,71 +10,105 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 
+def _f(default: Any, help: str, *, choices: Any = None, ge: Any = None, gt: Any = None, le: Any = None,
+       shown: Optional[str] = None) -> Any:
+    """A recipe field: its default, what it does (the ``--help`` text and the docs), and what
+    values it accepts (``choices``: a tuple, or a callable returning one, for registries;
+    ``shown``: the choices in words where they are too many to list)."""
+    meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, shown=shown)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _datasets() -> Tuple[str, ...]:
+    from ..data import list_datasets
+
+    return tuple(list_datasets())
+
+
+def _models() -> Tuple[str, ...]:
+    from ..models import list_models
+
+    return tuple(list_models())
+
+
+def _norms() -> Tuple[str, ...]:
+    from ..factory import NORM_ALIASES
+
+    return NORM_ALIASES
+
+
 @dataclass
 class TrainConfig:
-    """One training run. Every field is a ``l2bn train`` flag (``--batch-size`` for ``batch_size``)."""
+    """One training run. Every field is a ``l2bn train`` flag (``--batch-size`` for ``batch_size``);
+    its metadata says what it does and which values it takes (:func:`check_values`)."""
 
-    dataset: str = "fashion-mnist"
-    data_dir: Optional[str] = None
-    verify_data: bool = True  # check the official checksums of CIFAR / Fashion-MNIST files
-    model: str = "resnet8"
-    norm: str = "l2bn"
-    epochs: int = 10
-    batch_size: int = 128
-    seed: int = 0
-    out: str = "runs/default"
-    train_subset: int = 0  # 0: the whole training set
-    width: int = 1  # channel multiplier of the CIFAR ResNets
+    dataset: str = _f("fashion-mnist", "dataset name", choices=_datasets)
+    data_dir: Optional[str] = _f(None, "directory of the dataset's files (None: the dataset's usual place)")
+    verify_data: bool = _f(True, "check the official checksums of CIFAR / Fashion-MNIST files")
+    model: str = _f("resnet8", "model name", choices=_models)
+    norm: str = _f("l2bn", "normalization layer", choices=_norms,
+                   shown="one of bn, l2bn, l2bn-rms, syncbn, sync-l2bn, sync-l2bn-rms, none (any case)")
+    epochs: int = _f(10, "training epochs", ge=1)
+    batch_size: int = _f(128, "batch size per process", ge=1)
+    seed: int = _f(0, "random seed (data order, initialisation, augmentation)", ge=0)
+    out: str = _f("runs/default", "run directory (checkpoints, metrics, result.json)")
+    train_subset: int = _f(0, "train on the first N training examples (0: all)", ge=0)
+    width: int = _f(1, "channel multiplier of the CIFAR ResNets", ge=1)
     # optimisation
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.1
-    lr_ref_batch: int = 0  # >0: linear scaling rule, the lr used is lr * batch_size / lr_ref_batch
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    wd_on_norm_and_bias: bool = False
-    schedule: str = "cosine"  # cosine | step | onecycle | sgdr | constant
-    sgdr_t0: float = 2.0  # sgdr: first cycle length in epochs (then x sgdr_mult each restart)
-    sgdr_mult: int = 2
-    lr_decay: float = 0.0  # Keras-style inverse-time decay per step: lr / (1 + lr_decay * step)
-    warmup_epochs: float = 0.0
-    milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions or epochs
-    gamma: float = 0.1
-    min_lr: float = 0.0
-    label_smoothing: float = 0.0
-    mixup: float = 0.0  # alpha of Beta(alpha, alpha); 0: off
-    mixup_mode: str = "batch"  # batch: one lambda, partners from the same batch | pairs: Hu et al. (see below)
-    augment: str = ""  # overrides the dataset's training augmentation (l2bn.data.augment names, "+"-joined)
-    bn_eps: Optional[float] = None  # norm-layer eps / momentum for the models that take them (dcase-*)
-    bn_momentum: Optional[float] = None
+    optimizer: str = _f("sgd", "optimizer", choices=("sgd", "adamw"))
+    lr: float = _f(0.1, "peak learning rate", gt=0)
+    lr_ref_batch: int = _f(0, "linear scaling rule: the lr used is lr * batch_size / lr_ref_batch (0: off)", ge=0)
+    momentum: float = _f(0.9, "SGD momentum", ge=0, le=1)
+    nesterov: bool = _f(True, "Nesterov momentum (SGD)")
+    weight_decay: float = _f(5e-4, "weight decay (on weights of rank >= 2 unless --wd-on-norm-and-bias)", ge=0)
+    wd_on_norm_and_bias: bool = _f(False, "also decay norm scales and biases")
+    schedule: str = _f("cosine", "learning-rate schedule", choices=("cosine", "step", "onecycle", "sgdr", "constant"))
+    sgdr_t0: float = _f(2.0, "sgdr: first cycle length in epochs (then x sgdr_mult each restart)", gt=0)
+    sgdr_mult: int = _f(2, "sgdr: cycle length multiplier", ge=1)
+    lr_decay: float = _f(0.0, "Keras-style inverse-time decay per step: lr / (1 + lr_decay * step)", ge=0)
+    warmup_epochs: float = _f(0.0, "linear warm-up epochs", ge=0)
+    milestones: List[float] = _f([0.5, 0.75], "step schedule: milestones as fractions of the run (< 1) or epochs", ge=0)
+    gamma: float = _f(0.1, "step schedule: lr factor at each milestone", gt=0)
+    min_lr: float = _f(0.0, "lowest learning rate of the cosine/sgdr schedules", ge=0)
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy", ge=0, le=1)
+    mixup: float = _f(0.0, "mixup alpha of Beta(alpha, alpha) (0: off)", ge=0)
+    mixup_mode: str = _f("batch", "mixup partners: batch (one lambda per batch) or pairs (Hu et al.)", choices=("batch", "pairs"))
+    augment: str = _f("", "training augmentation, l2bn.data.augment names joined by '+' (default: the dataset's)")
+    bn_eps: Optional[float] = _f(None, "norm-layer eps for the models that take it (dcase-*)", gt=0)
+    bn_momentum: Optional[float] = _f(None, "norm-layer momentum for the models that take it (dcase-*)", ge=0, le=1)
     # numerics / speed
-    amp: str = "none"  # none | bf16 | fp16
-    channels_last: bool = False
-    compile: bool = False
-    deterministic: bool = False
-    device: str = "auto"  # auto | cpu | cuda
-    workers: int = 4  # DataLoader workers for large (folder) datasets
-    threads: int = 0  # torch CPU threads; 0: torch's default
+    amp: str = _f("none", "mixed precision", choices=("none", "bf16", "fp16"))
+    channels_last: bool = _f(False, "channels_last memory format")
+    compile: bool = _f(False, "torch.compile the model")
+    deterministic: bool = _f(False, "deterministic algorithms (torch.use_deterministic_algorithms)")
+    device: str = _f("auto", "device: auto, cpu, cuda or cuda:N")
+    workers: int = _f(4, "DataLoader workers for folder datasets", ge=0)
+    threads: int = _f(0, "torch CPU threads (0: torch's default)", ge=0)
     # audio front-end overrides (0: the dataset's default)
-    sample_rate: int = 0
-    clip_seconds: float = 0.0
-    n_fft: int = 0
-    hop_length: int = 0
-    n_mels: int = 0
+    sample_rate: int = _f(0, "audio: sample rate in Hz (0: the dataset's)", ge=0)
+    clip_seconds: float = _f(0.0, "audio: clip length in seconds (0: the dataset's)", ge=0)
+    n_fft: int = _f(0, "audio: FFT size (0: the dataset's)", ge=0)
+    hop_length: int = _f(0, "audio: hop length (0: the dataset's)", ge=0)
+    n_mels: int = _f(0, "audio: mel bands (0: the dataset's)", ge=0)
     # distributed
-    sync_bn: bool = False
+    sync_bn: bool = _f(False, "synchronised norm layers across processes (under torchrun)")
     # run control
-    resume: bool = False
-    test_only: bool = False
-    eval_every: int = 1
-    progress: bool = True
-    tensorboard: bool = True
-    max_steps_per_epoch: int = 0  # 0: full epochs (a cap is for smoke tests)
+    resume: bool = _f(False, "continue the run in --out from its last checkpoint")
+    test_only: bool = _f(False, "evaluate the run in --out (best.pt, else last.pt) without training")
+    eval_every: int = _f(1, "evaluate on the test set every N epochs (and after the last)", ge=1)
+    progress: bool = _f(True, "progress bar")
+    tensorboard: bool = _f(True, "TensorBoard logs in OUT/tb")
+    max_steps_per_epoch: int = _f(0, "cap on steps per epoch, for smoke tests (0: full epochs)", ge=0)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,6 +168,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
 
 #: Fields that control how a run executes, not what it computes. Everything else is the recipe.
 RUN_CONTROL = frozenset({
@@ -143,6 +178,109 @@ RUN_CONTROL = frozenset({
 #: Recipe keys that may change when a run is resumed (extending the number of epochs).
 RESUMABLE = frozenset({"epochs"})
 AUDIO_KEYS = ("sample_rate", "clip_seconds", "n_fft", "hop_length", "n_mels")
+
+
+class ConfigError(ValueError):
+    """A recipe value of the wrong type, out of its range, or not one of its choices."""
+
+
+def field_type(key: str) -> Tuple[type, bool]:
+    """``(base type, None allowed)`` of a field: ``(float, True)`` for ``Optional[float]``,
+    ``(list, False)`` for the list of floats."""
+    t = _HINTS[key]
+    if typing.get_origin(t) in (list, List):
+        return list, False
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return (args[0], True) if args else (t, False)
+
+
+def field_choices(key: str) -> Optional[Tuple[str, ...]]:
+    choices = FIELDS[key].metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
+def expected(key: str) -> str:
+    """What field ``key`` accepts, in words (error messages and ``--help``)."""
+    base, optional = field_type(key)
+    meta = FIELDS[key].metadata
+    choices = field_choices(key)
+    if meta.get("shown"):
+        return meta["shown"]
+    if choices:
+        return "one of " + ", ".join(choices)
+    what = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            list: "a list of numbers"}[base]
+    bounds = [f"{op} {meta[k]:g}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<=")) if meta.get(k) is not None]
+    if bounds:
+        what += (" (each " if base is list else " ") + " and ".join(bounds) + (")" if base is list else "")
+    return what + (" or null" if optional else "")
+
+
+def _number(v: Any, integral: bool) -> Any:
+    """``v`` as a number if that is unambiguous (YAML reads ``1e-2`` as a string), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, str):
+        try:
+            v = float(v.strip())
+        except ValueError:
+            return None
+    if not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        return None
+    if integral:
+        return int(v) if float(v).is_integer() else None
+    return float(v)
+
+
+def check_value(key: str, value: Any, where: str) -> Any:
+    """``value`` for field ``key``, coerced where unambiguous (``"1e-2"`` -> 0.01, ``64.0`` ->
+    64); otherwise :class:`ConfigError` naming ``where``, the key, the value and what is
+    expected. No truthy strings: a bool field takes only true or false."""
+    base, optional = field_type(key)
+    meta = FIELDS[key].metadata
+    out: Any = None
+    if value is None and optional:
+        return None
+    if base is bool:
+        out = value if isinstance(value, bool) else None
+    elif base in (int, float):
+        out = _number(value, base is int)
+    elif base is str:
+        out = value if isinstance(value, str) else None
+    elif base is list:
+        items = value if isinstance(value, (list, tuple)) else None
+        nums = [_number(x, False) for x in items] if items is not None else None
+        out = nums if nums is not None and None not in nums else None
+    ok = out is not None
+    if ok and base is not list and base is not bool and base is not str:
+        vals = [out]
+    elif ok and base is list:
+        vals = out
+    else:
+        vals = []
+    for v in vals:
+        ok = ok and (meta.get("ge") is None or v >= meta["ge"]) and (meta.get("gt") is None or v > meta["gt"])
+        ok = ok and (meta.get("le") is None or v <= meta["le"])
+    choices = field_choices(key)
+    if ok and choices and out not in choices and not (key == "norm" and out.lower() in choices):
+        ok = False
+    if not ok:
+        what = f"--{key.replace('_', '-')} {value!r}" if where == "arguments" else f"{where}: {key} = {value!r}"
+        raise ConfigError(f"{what}: expected {expected(key)}")
+    return out
+
+
+def check_values(values: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """Every given field checked (:func:`check_value`) and coerced; unknown keys refused."""
+    check_keys(values, where)
+    return {k.replace("-", "_"): check_value(k.replace("-", "_"), v, where) for k, v in values.items()}
+
+
+def check_config(cfg: "TrainConfig", where: str = "config") -> "TrainConfig":
+    """Every field of ``cfg`` checked (:func:`check_value`); ``cfg`` itself if all are valid."""
+    for key in FIELDS:
+        check_value(key, getattr(cfg, key), where)
+    return cfg
 
 
 class RunConfigError(ValueError):
@@ -193,19 +331,23 @@ def check_keys(d: Dict[str, Any], where: str) -> None:
 
 
 def load_config(path: str, extra_keys: Tuple[str, ...] = ()) -> Dict[str, Any]:
-    """Read a YAML recipe into a dict of :class:`TrainConfig` fields (checked); ``extra_keys``
-    are allowed besides the fields (``grid`` for ``l2bn compare``)."""
+    """Read a YAML recipe (a path, or the name of a shipped recipe, :mod:`l2bn.recipes`) into a
+    dict of :class:`TrainConfig` fields, each checked and coerced (:func:`check_values`);
+    ``extra_keys`` are allowed besides the fields (``grid`` for ``l2bn compare``)."""
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
+    from ..recipes import resolve_recipe
+
+    p = resolve_recipe(path)
     with open(p) as f:
-        d = yaml.safe_load(f) or {}
+        try:
+            d = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{p}: expected a mapping of config keys, got {type(d).__name__}")
-    check_keys({k: v for k, v in d.items() if k not in extra_keys}, str(p))
-    return {k.replace("-", "_"): v for k, v in d.items()}
+    extra = {k: v for k, v in d.items() if k in extra_keys}
+    return {**check_values({k: v for k, v in d.items() if k not in extra_keys}, str(p)), **extra}
 
 
 def make_config(overrides: Dict[str, Any], config_file: Optional[str] = None) -> TrainConfig:
@@ -217,8 +359,7 @@ def make_config(overrides: Dict[str, Any], config_file: Optional[str] = None) ->
     values: Dict[str, Any] = {}
     if config_file:
         values.update(load_config(config_file))
-    check_keys(overrides, "arguments")
-    values.update({k.replace("-", "_"): v for k, v in overrides.items()})
+    values.update(check_values(overrides, "arguments"))
     probe = TrainConfig(**values)
     if probe.resume or probe.test_only:
         return config_for_run(values)

@@ -29,7 +29,7 @@ from ..factory import canonical_norm
 from ..io import write_json
 from ..models import build_model
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
-from .config import RunConfigError, TrainConfig, conflict_message, recipe_conflicts, saved_config
+from .config import ConfigError, RunConfigError, TrainConfig, check_config, conflict_message, recipe_conflicts, saved_config
 from .distributed import DistEnv, cleanup, init_distributed
 from .lock import run_lock
 from .loop import TrainingDiverged, evaluate, train_one_epoch
@@ -111,10 +111,12 @@ def fit(cfg: TrainConfig) -> Tuple[nn.Module, Dict[str, Any]]:
         l2bn.train.lock.RunDirBusy: another live process is training ``cfg.out``.
     """
     t_start = time.time()
+    check_config(cfg)
+    out = Path(cfg.out)
+    check_out_dir(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    out = Path(cfg.out)
     with run_lock(out) if _takes_lock(cfg) else nullcontext():
         if cfg.resume or cfg.test_only:
             _check_run_dir(cfg)
@@ -198,8 +200,8 @@ def _fit(cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_star
     writer = None
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        write_json(cfg.to_dict(), out / "config.json")  # the run's truth, also after --resume --epochs N
         if st.epoch == 0:
-            write_json(cfg.to_dict(), out / "config.json")
             (out / "metrics.jsonl").unlink(missing_ok=True)
         writer = _tensorboard(cfg, out)
     _log(f"{cfg.model}/{cfg.norm} on {data.name} ({train_b.num_examples} train examples, {steps_per_epoch} steps/epoch "
@@ -258,6 +260,25 @@ def _fit(cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_star
         if writer is not None:
             writer.close()
     return model, result
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse, before any work, an ``out`` that is a file or cannot be created/written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; expected a run directory (new, or holding a run)")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        why = "a read-only file system" if _read_only(parent) else "no write permission"
+        raise ConfigError(f"--out {out}: cannot write there ({why} at {parent})")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
