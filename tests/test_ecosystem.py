@@ -10,6 +10,7 @@ from torch import nn
 
 import l2bn
 
+
 def test_not_replaced_by_convert_sync_batchnorm():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), l2bn.L2BatchNorm2d(4), nn.BatchNorm2d(4))
     out = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))

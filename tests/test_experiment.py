@@ -21,7 +21,7 @@ def test_parse_grid_types_and_errors():
         "batch_size": [16, 32], "lr": [0.1, 0.05], "nesterov": [True, False], "amp": ["none", "bf16"]}
     with pytest.raises(ValueError, match="unknown config key 'batch_sise'.*did you mean 'batch_size'"):
         parse_grid(["batch_sise=16"])
-    with pytest.raises(ExperimentError, match="values must be int"):
+    with pytest.raises(ValueError, match="batch_size = .x.: expected an integer >= 1"):
         parse_grid(["batch_size=16,x"])
     with pytest.raises(ExperimentError, match="use --models/--norms/--seeds"):
         parse_grid(["norm=bn,l2bn"])

@@ -14,7 +14,6 @@ import dataclasses
 import errno
 import logging
 import sys
-import typing
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 

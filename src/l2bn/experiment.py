@@ -29,8 +29,8 @@ from .train.config import (
     check_config,
     check_keys,
     check_value,
-    field_type,
     conflict_message,
+    field_type,
     recipe_conflicts,
     saved_config,
 )

@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 HIST_RANGE = (-4.0, 4.0)  # log10(norm)
 HIST_BINS = 80
+MIN_HIST_SPAN = 0.01  # log10 units: a histogram of equal norms still has a width
 
 
 def norm_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -25,7 +26,8 @@ def norm_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 
 class _Stream:
-    """Streaming moments (float64, Chan's merge) plus a fixed-range log10 histogram."""
+    """Streaming moments (float64, Chan's merge) plus a log10 histogram whose range is that of
+    the data (the log norms are kept: one float per sample)."""
 
     def __init__(self) -> None:
         self.n = 0
@@ -33,7 +35,7 @@ class _Stream:
         self.m2 = 0.0
         self.min = math.inf
         self.max = -math.inf
-        self.hist = torch.zeros(HIST_BINS, dtype=torch.float64)
+        self.logs: List[Tensor] = []
 
     def update(self, v: Tensor) -> None:
         v = v.detach().double().cpu()
@@ -49,7 +51,7 @@ class _Stream:
         self.n = tot
         self.min = min(self.min, float(v.min()))
         self.max = max(self.max, float(v.max()))
-        self.hist += torch.histc(torch.log10(v.clamp_min(1e-30)), HIST_BINS, *HIST_RANGE).double()
+        self.logs.append(torch.log10(v.clamp_min(1e-30)).flatten())
 
     def summary(self) -> Dict[str, object]:
         std = math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else 0.0
@@ -58,8 +60,20 @@ class _Stream:
             "cv": std / self.mean if self.mean > 0 else float("nan"),
             "min": self.min, "max": self.max,
             "max_min_ratio": self.max / self.min if self.min > 0 else float("inf"),
-            "hist_log10": self.hist.tolist(), "hist_range": list(HIST_RANGE),
+            **self._histogram(),
         }
+
+
+    def _histogram(self) -> Dict[str, object]:
+        """``HIST_BINS`` bins over the data's log10 range widened by 5 % on each side (at least
+        ``MIN_HIST_SPAN`` wide, centred on the data): a narrow spike stays readable."""
+        logs = torch.cat(self.logs) if self.logs else torch.zeros(0, dtype=torch.float64)
+        if logs.numel() == 0:
+            return {"hist_log10": [0.0] * HIST_BINS, "hist_range": list(HIST_RANGE)}
+        lo, hi = float(logs.min()), float(logs.max())
+        pad = max((hi - lo) * 0.05, (MIN_HIST_SPAN - (hi - lo)) / 2, 0.0)
+        lo, hi = lo - pad, hi + pad
+        return {"hist_log10": torch.histc(logs, HIST_BINS, lo, hi).tolist(), "hist_range": [lo, hi]}
 
 
 class NormInputProbe:

@@ -25,7 +25,7 @@ from .markdown import (
     pooled_lines,
     verdict,
 )
-from .runs import ReportError, load_runs, summarize_runs
+from .runs import NORM_ORDER, ReportError, load_runs, summarize_runs
 
 __all__ = ["build_report", "to_html", "ReportError"]
 
@@ -74,7 +74,8 @@ def build_report(run_dirs: Sequence[str], out_dir: str, title: str = "", note: s
         pca_views(analyses, out / "pca.png")
         figs += ["norm_cv.png", "norm_hist.png", "metrics.png", "pca.png"]
     axis_figs = []
-    plot_axes = list(summary["axes"]) + (["model"] if len(summary["models"]) > 1 and summary["differences"] else [])
+    paired = any(d["n"] for d in summary["differences"].values())
+    plot_axes = (list(summary["axes"]) + (["model"] if len(summary["models"]) > 1 else [])) if paired else []
     for axis in plot_axes:
         name = f"axis_{re.sub(r'[^A-Za-z0-9_]+', '_', axis)}.png"
         axis_plot(summary, axis, out / name)
@@ -83,10 +84,17 @@ def build_report(run_dirs: Sequence[str], out_dir: str, title: str = "", note: s
     from ..train.config import TrainConfig
 
     cfg0 = TrainConfig(**{k: v for k, v in runs[0]["config"].items() if k in TrainConfig.__dataclass_fields__})
-    recipe = {k: v for k, v in cfg0.recipe_summary().items() if k not in ("seed", "norm", "model", *summary["axes"])}
+    recipe = {k: v for k, v in cfg0.recipe_summary().items() if k not in ("seed", "norm", "model", *summary["axes"])
+              and all(repr(r["recipe"].get(k)) == repr(v) for r in runs)}  # "every run": only what they share
+    if recipe.get("train_subset") and all(r.get("train_examples") is not None and r["train_examples"] < recipe["train_subset"]
+                                     for r in runs):
+        del recipe["train_subset"]  # larger than the training set: it had no effect
+    datasets = sorted({r["config"]["dataset"] for r in runs})
+    norms = sorted({r["norm"] for r in runs}, key=lambda n: NORM_ORDER.get(n, len(NORM_ORDER)))
+    title = title or f"{' vs '.join(n.upper() for n in norms)} on {', '.join(datasets)}"
     walls = [_train_time(r) for r in runs]
     devices = sorted({str(r.get("device")) for r in runs})
-    md: List[str] = [f"# {title or f'BN vs L2BN on {dataset}'}", ""]
+    md: List[str] = [f"# {title}", ""]
     if note:
         md += [note, ""]
     md += [f"Recipe (every run): {', '.join(f'{k}={v}' for k, v in recipe.items())}."
@@ -97,8 +105,13 @@ def build_report(run_dirs: Sequence[str], out_dir: str, title: str = "", note: s
     pg = per_group_table(summary)
     if pg:
         md += ["## Accuracy per group (mean over seeds)", "", *pg, ""]
-    md += ["## Paired difference against BN (same seed: same initialisation and data order)", "", *difference_table(summary), "",
-           *verdict(summary), "", *pooled_lines(summary)]
+    if paired:
+        md += ["## Paired difference against BN (same seed: same initialisation and data order)", "",
+               *difference_table(summary), "", *verdict(summary), "", *pooled_lines(summary)]
+    else:
+        why = ("there is no BN run among them" if "bn" not in norms else
+               "no other run has a BN run with the same model, recipe and seed (different epochs, grid values or seeds?)")
+        md += ["## Paired difference against BN", "", f"*No paired comparison: {why}.*", ""]
     if axis_figs:
         md += ["## Grid axes" if summary["axes"] else "## Across models", "", *axis_tables(summary, plot_axes)]
         for axis, name in axis_figs:
@@ -118,7 +131,7 @@ def build_report(run_dirs: Sequence[str], out_dir: str, title: str = "", note: s
         md += ["*(No analysis.json in these runs: run `l2bn analyze RUN_DIR...` to add the mechanism section.)*", ""]
     md_text = "\n".join(md) + "\n"
     (out / "report.md").write_text(md_text)
-    (out / "report.html").write_text(to_html(md_text, out, title or f"BN vs L2BN on {dataset}"))
+    (out / "report.html").write_text(to_html(md_text, out, title))
     summary.update(dataset=dataset, recipe=recipe, **(extra or {}))
     write_json(summary, out / "summary.json")
     return {"md": out / "report.md", "html": out / "report.html", "summary": out / "summary.json"}
@@ -139,6 +152,7 @@ def to_html(md_text: str, fig_dir: Path, title: str) -> str:
     body = re.sub(r'(<img[^>]*src=")([^"]+)"', embed, body)
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "td:first-child{white-space:nowrap;text-align:left}"
              "th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}em{color:#555}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>"
             f"<body>{body}</body></html>")

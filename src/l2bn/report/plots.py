@@ -39,10 +39,14 @@ def learning_curves(runs: List[Dict[str, Any]], path: Path) -> Path:
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("train loss")
     axes[1].set_yscale("log")
-    axes[0].legend(fontsize=8)
+    if seen:
+        axes[0].legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.suptitle("BN vs L2BN: learning curves (one line per seed)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    fig.suptitle("Learning curves (one line per seed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -58,6 +58,8 @@ def load_runs(run_dirs: Sequence[str]) -> List[Dict[str, Any]]:
             raise ReportError(f"{d}: run is not complete (status {r.get('status') if isinstance(r, dict) else None!r})")
         if not isinstance(r.get("config"), dict) or "test_acc" not in r:
             raise ReportError(f"{p}: not an l2bn result (no 'config'/'test_acc')")
+        if not isinstance(r["test_acc"], (int, float)) or not r.get("history"):
+            raise ReportError(f"{d}: the run trained no epoch (no test accuracy): nothing to report")
         cfg = TrainConfig(**{k: v for k, v in r["config"].items() if k in TrainConfig.__dataclass_fields__})
         r["recipe"] = cfg.recipe()
         r["norm"] = canonical_norm(cfg.norm)

@@ -41,6 +41,12 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     if n < 2 or s is None:
         out.update(ci_low=None, ci_high=None, p_value=None, note=f"only {n} paired seed(s): no confidence interval")
         return out
+    if s <= 1e-9 * max(1.0, max(abs(x) for x in d)):
+        # every seed gave the same difference (to rounding): a t-interval and p-value would be
+        # artefacts of the rounding (e.g. p = 1e-14), not evidence
+        out.update(std=0.0, ci_low=None, ci_high=None, p_value=None,
+                   note=f"no spread: all {n} paired differences are equal, so no test is possible")
+        return out
     half = t_quantile(0.5 + confidence / 2, n - 1) * s / math.sqrt(n)
     out.update(ci_low=m - half, ci_high=m + half, p_value=paired_t_pvalue(m, s, n))
     if s > 0:

@@ -276,7 +276,7 @@ def check_values(values: Dict[str, Any], where: str) -> Dict[str, Any]:
     return {k.replace("-", "_"): check_value(k.replace("-", "_"), v, where) for k, v in values.items()}
 
 
-def check_config(cfg: "TrainConfig", where: str = "config") -> "TrainConfig":
+def check_config(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     """Every field of ``cfg`` checked (:func:`check_value`); ``cfg`` itself if all are valid."""
     for key in FIELDS:
         check_value(key, getattr(cfg, key), where)

@@ -29,7 +29,15 @@ from ..factory import canonical_norm
 from ..io import write_json
 from ..models import build_model
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
-from .config import ConfigError, RunConfigError, TrainConfig, check_config, conflict_message, recipe_conflicts, saved_config
+from .config import (
+    ConfigError,
+    RunConfigError,
+    TrainConfig,
+    check_config,
+    conflict_message,
+    recipe_conflicts,
+    saved_config,
+)
 from .distributed import DistEnv, cleanup, init_distributed
 from .lock import run_lock
 from .loop import TrainingDiverged, evaluate, train_one_epoch
