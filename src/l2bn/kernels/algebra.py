@@ -90,16 +90,17 @@ def norm_scale(
         >>> r.tolist(), k.tolist()
         ([5.0, 0.0], [0.20000000298023224, 999999995904.0])
     """
-    # k is capped at sqrt(max) so that k and k^2 stay finite: only an all-zero sample with
-    # s / l2_eps beyond that (l2_eps < ~5e-20 in float32) reaches the cap, and its u is 0 anyway.
-    cap = math.sqrt(torch.finfo(rs.dtype).max)
+    # k is s / max(r, l2_eps) as in the reference, also where k^2 would overflow (an all-zero
+    # sample with l2_eps < ~5e-20 in float32): its gradient k (g a + c) depends on k, so k^2 is
+    # never formed (sample_norms multiplies twice, the backward rescales). Only where s / l2_eps
+    # itself overflows (l2_eps below the dtype's range) is k the largest finite value, so that
+    # an all-zero sample's u is 0 * k = 0, as the reference's 0 / l2_eps.
+    top = torch.finfo(rs.dtype).max
     if sigma is None:
-        k = s / rs.clamp_min(l2_eps)
-        if s > l2_eps * cap:
-            k = k.clamp_max(cap)
+        k = (s / rs.clamp_min(l2_eps)).clamp_max(top)
         return rs, k, k
-    ku = (s / torch.maximum(rs, sigma * l2_eps)).clamp_max(cap)
-    return rs / sigma, ku * sigma, ku
+    ku = (s / torch.maximum(rs, sigma * l2_eps)).clamp_max(top)
+    return rs / sigma, (ku * sigma).clamp_max(top), ku
 
 
 def sample_norms(
@@ -119,7 +120,8 @@ def sample_norms(
     """
     rs = ((v + m * m).sum(1) * m_sp).sqrt()
     r, k, ku = norm_scale(rs, s, l2_eps, sigma)
-    return SampleNorms(r, k, m * ku[:, None], v * (ku * ku)[:, None])
+    kc = ku[:, None]
+    return SampleNorms(r, k, m * kc, (v * kc) * kc)  # (v k) k: k^2 alone may overflow where v = 0
 
 
 def batch_moments(mk: Tensor, vk: Tensor, m_sp: int) -> Tuple[Tensor, Tensor]:
@@ -178,16 +180,19 @@ def affine_coeffs(
     return amat, bvec
 
 
-def channel_grad_sums(g_nc: Tensor, gx_nc: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
-    r"""Per-channel :math:`\sum g` and :math:`\sum g u = \sum_n k_n \sum_s g x` from the
-    per-(n, c) sums (the two quantities a synchronised backward all-reduces)."""
-    return g_nc.sum(0), (k[:, None] * gx_nc).sum(0)
+def channel_grad_sums(g_nc: Tensor, gxc_nc: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""Per-channel :math:`\sum g` and the centred :math:`\sum g (u - \mu) = \sum_n k_n
+    \sum_s g (x - \mu_c / k_n)` from the per-(n, c) sums, the second taken with the shift
+    :math:`\mu_c / k_n` (the two quantities a synchronised backward all-reduces; centred, so no
+    cancellation when :math:`|\mu| \gg` the spread of :math:`u`)."""
+    return g_nc.sum(0), (k[:, None] * gxc_nc).sum(0)
 
 
-def param_grads(g_c: Tensor, su_c: Tensor, mu: Tensor, invstd: Tensor) -> Tuple[Tensor, Tensor]:
-    r""":math:`\partial L/\partial\gamma_c = (\sum g u - \mu_c \sum g) / \sigma_c` and
-    :math:`\partial L/\partial\beta_c = \sum g` (as BN, local to this process)."""
-    return (su_c - mu * g_c) * invstd, g_c
+def param_grads(g_c: Tensor, suc_c: Tensor, invstd: Tensor) -> Tuple[Tensor, Tensor]:
+    r""":math:`\partial L/\partial\gamma_c = \sum g (u - \mu_c) / \sigma_c` and
+    :math:`\partial L/\partial\beta_c = \sum g` (as BN, local to this process), from the
+    centred sum of :func:`channel_grad_sums`."""
+    return suc_c * invstd, g_c
 
 
 def input_grad_coeffs(
@@ -218,7 +223,7 @@ def input_grad_coeffs(
     kk = k[:, None]
     p = kk * a
     if batch_stats:
-        h = (su_c - mu * g_c) * invstd
+        h = su_c * invstd  # su_c is centred: sum g (u - mu)
         b = -a * h * invstd / count
         c = -a * g_c / count - b * mu
         t_over_r = (a * gx_nc / r_safe[:, None] + (b * (vk + mk * mk) + c * mk) * (m_sp / s)).sum(1)

@@ -45,9 +45,12 @@ def _affine_apply(xs: Tensor, amat: Tensor, bvec: Tensor, out_dtype: torch.dtype
     return (xs.to(amat.dtype) * _bshape(amat, nd) + _bshape(bvec, nd)).to(out_dtype)
 
 
-def _grad_sums(gs: Tensor, xs: Tensor, dims: Tuple[int, ...], acc: torch.dtype) -> Tuple[Tensor, Tensor]:
-    ga = gs.to(acc)
-    return ga.sum(dims), (ga * xs.to(acc)).sum(dims)
+def _grad_sums(gs: Tensor, xs: Tensor, dims: Tuple[int, ...], acc: torch.dtype,
+               shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    ga, xa = gs.to(acc), xs.to(acc)
+    if shift is not None:
+        xa = xa - _bshape(shift, xs.dim())
+    return ga.sum(dims), (ga * xa).sum(dims)
 
 
 def _grad_apply(gs: Tensor, xs: Tensor, p: Tensor, q: Tensor, r: Tensor, out_dtype: torch.dtype) -> Tensor:

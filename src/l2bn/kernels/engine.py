@@ -79,10 +79,14 @@ def _affine_apply(xs: Tensor, amat: Tensor, bvec: Tensor, out_dtype: torch.dtype
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
-def _grad_sums(gs: Tensor, xs: Tensor, dims: Tuple[int, ...], acc: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """Per-(n, c) sums of ``g`` and ``g * x`` in ``acc``."""
+def _grad_sums(gs: Tensor, xs: Tensor, dims: Tuple[int, ...], acc: torch.dtype,
+               shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Per-(n, c) sums of ``g`` and ``g * (x - shift[n, c])`` in ``acc`` (``shift`` 0 if not
+    given)."""
     if gs.dtype != acc or xs.dtype != acc:
         gs, xs = gs.to(acc), xs.to(acc)
+    if shift is not None:
+        xs = xs - _bshape(shift, xs.dim())
     return gs.sum(dims), (gs * xs).sum(dims)
 
 
@@ -106,7 +110,7 @@ class Kernels(NamedTuple):
 
     row_stats: Callable[[Tensor, Tuple[int, ...], int, torch.dtype], Tuple[Tensor, Tensor]]
     affine_apply: Callable[[Tensor, Tensor, Tensor, torch.dtype], Tensor]
-    grad_sums: Callable[[Tensor, Tensor, Tuple[int, ...], torch.dtype], Tuple[Tensor, Tensor]]
+    grad_sums: Callable[..., Tuple[Tensor, Tensor]]  # (g, x, dims, acc, shift=None)
     grad_apply: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, torch.dtype], Tensor]
     sample_norm: Callable[[Tensor, torch.dtype], Tensor]
 
@@ -148,13 +152,24 @@ def finish_train(
     m2: Tensor,
     count: algebra.Count,
     affine_apply: Callable,
+    sigma: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Batch variance, ``1/sqrt(var + eps)`` and the output ``y = x*A + B``; an empty batch has
-    variance 0 (its statistics are never used)."""
+    variance 0 (its statistics are never used). With ``sigma`` the output is formed from
+    ``sigma * x`` and ``k / sigma`` (no coefficient ``a k`` overflows)."""
     var = m2 / (count.clamp_min(1) if isinstance(count, Tensor) else max(count, 1))
     invstd = torch.rsqrt(var + eps)
-    amat, bvec = algebra.affine_coeffs(norms.k, mu, invstd, weight, bias)
-    return affine_apply(xs, amat, bvec, xs.dtype), var, invstd
+    return _affine_out(xs, norms.k, sigma, mu, invstd, weight, bias, affine_apply), var, invstd
+
+
+def _affine_out(xs: Tensor, k: Tensor, sigma: Optional[Tensor], mu: Tensor, invstd: Tensor,
+                weight: Optional[Tensor], bias: Optional[Tensor], affine_apply: Callable) -> Tensor:
+    """``y = x * (a k) + B``, or ``(sigma x) * (a k / sigma) + B`` with ``sigma``."""
+    out_dtype = xs.dtype
+    if sigma is not None:
+        xs, k = xs.to(invstd.dtype) * _bshape(sigma[:, None], xs.dim()), k / sigma
+    amat, bvec = algebra.affine_coeffs(k, mu, invstd, weight, bias)
+    return affine_apply(xs, amat, bvec, out_dtype)
 
 
 def train_forward(
@@ -172,7 +187,7 @@ def train_forward(
     m_sp = _numel(xs.shape[2:])
     norms = local_stats(xs, acc, s, l2_eps, kernels.row_stats, sigma)
     mu, m2 = algebra.batch_moments(norms.mk, norms.vk, m_sp)
-    y, var, invstd = finish_train(xs, norms, weight, bias, eps, mu, m2, xs.shape[0] * m_sp, kernels.affine_apply)
+    y, var, invstd = finish_train(xs, norms, weight, bias, eps, mu, m2, xs.shape[0] * m_sp, kernels.affine_apply, sigma)
     return (y, *norms, mu, var, invstd)
 
 
@@ -199,8 +214,23 @@ def eval_forward(
     r, k, _ = algebra.norm_scale(rs, s, l2_eps, sigma)
     mu, var_a = mean.to(acc), var.to(acc)
     invstd = torch.rsqrt(var_a + eps)
-    amat, bvec = algebra.affine_coeffs(k, mu, invstd, weight, bias)
-    return kernels.affine_apply(xs, amat, bvec, xs.dtype), r, k, mu, var_a, invstd
+    return _affine_out(xs, k, sigma, mu, invstd, weight, bias, kernels.affine_apply), r, k, mu, var_a, invstd
+
+
+def _with_big_k(k: Tensor, sigma: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
+    """``sigma`` extended by a power of two close to ``k_n`` for every sample whose ``k_n^2``
+    would overflow in the input-gradient coefficient ``k^2 b`` (a norm far below a tiny
+    ``l2_eps``: an all-zero sample gave ``0 * inf = NaN``): the passes then run on ``u = k x``
+    (bounded) with ``k`` near 1, and the coefficients are rescaled exactly. Checked on the CPU
+    outside compilation only (elsewhere it would synchronise)."""
+    if k.numel() == 0 or k.device.type != "cpu" or torch.compiler.is_compiling():
+        return sigma
+    kk = k if sigma is None else k / sigma
+    lim = math.sqrt(torch.finfo(acc).max) * 1e-4
+    if not float(kk.max()) > lim:
+        return sigma
+    extra = torch.where(kk > lim, torch.exp2(torch.floor(torch.log2(kk))), torch.ones_like(kk))
+    return extra if sigma is None else sigma * extra
 
 
 def backward_core(
@@ -234,20 +264,25 @@ def backward_core(
     if count is None:
         count = n * m_sp
     mask = r > l2_eps  # at r == l2_eps no gradient through r, as in the reference composite
+    sigma = _with_big_k(k, sigma, acc)
     if sigma is not None:
         xs = xs.to(acc) * _bshape(sigma[:, None], xs.dim())
         k, r = k / sigma, r * sigma
     if batch_stats and mk is None:  # one entry per (n, c): not saved, recompute
         mk = xs.reshape(n, c).to(acc) * k[:, None]
         vk = torch.zeros_like(mk)
-    g_nc, gx_nc = kernels.grad_sums(gs, xs, tuple(range(2, xs.dim())), acc)
-    g_c, su_c = algebra.channel_grad_sums(g_nc, gx_nc, k)
-    grad_w, grad_b = algebra.param_grads(g_c, su_c, mu, invstd)
+    # centred sums: shifted by mu_c / k_n, k_n * sum_s g (x - shift) = sum g (u - mu) directly,
+    # without the cancellation of sum g u - mu sum g when |mu| >> the spread of u
+    shift = mu[None, :] / k[:, None]
+    g_nc, gxc_nc = kernels.grad_sums(gs, xs, tuple(range(2, xs.dim())), acc, shift)
+    g_c, su_c = algebra.channel_grad_sums(g_nc, gxc_nc, k)
+    grad_w, grad_b = algebra.param_grads(g_c, su_c, invstd)
     if not need_dx:
         return None, grad_w, grad_b
     if all_reduce is not None and batch_stats:
         g_c, su_c = all_reduce(g_c, su_c)
     norms = SampleNorms(r, k, mk, vk)  # type: ignore[arg-type]  (unused in eval)
+    gx_nc = gxc_nc + shift * g_nc  # sum_s g x, for the radial term
     p, q, rr = algebra.input_grad_coeffs(
         g_c, su_c, gx_nc, norms, mu, invstd, weight, count, m_sp, s, mask, batch_stats
     )

@@ -112,15 +112,21 @@ def needs_rescale(r: Tensor, acc: torch.dtype, d: int, l2_eps: float) -> bool:
     return not bool(ok.all())
 
 
-def pow2_scale(xs: Tensor, acc: torch.dtype) -> Tensor:
+def pow2_scale(xs: Tensor, acc: torch.dtype, l2_eps: Optional[float] = None) -> Tensor:
     r"""Per-sample power of two :math:`\sigma_n` with :math:`\max|\sigma_n x_n| \in [1/2, 1)`
-    (1 for an all-zero or non-finite sample); scaling by it is exact.
+    (1 for a non-finite sample); scaling by it is exact. An all-zero sample gets the power of
+    two that brings ``l2_eps`` near 1 (1 without ``l2_eps``): its scale :math:`k = s /
+    \epsilon_2` is then formed as :math:`(s / (\sigma \epsilon_2)) \sigma`, so no coefficient
+    :math:`a k` or :math:`k^2 b` overflows even where :math:`k` itself is near the dtype's
+    largest value.
 
     Example:
         >>> x = torch.tensor([[3e30, 1.0], [0.0, 0.0]])
         >>> s = pow2_scale(x, torch.float32)
         >>> s.log2().tolist(), round((s[0] * x[0, 0]).item(), 4)
         ([-102.0, 0.0], 0.5916)
+        >>> pow2_scale(x, torch.float32, l2_eps=1e-20).log2().tolist()
+        [-102.0, 66.0]
     """
     if xs.numel() == 0:  # (N, C, 0): nothing to scale
         return xs.new_ones(xs.shape[0], dtype=acc)
@@ -128,7 +134,11 @@ def pow2_scale(xs: Tensor, acc: torch.dtype) -> Tensor:
     # a subnormal maximum would need a power of two beyond the dtype's range: stop at the largest
     # one (the scaled sample's maximum is then >= 2^-(mantissa bits), far inside the safe range)
     top = int(math.log2(torch.finfo(acc).max))
-    return torch.exp2(-torch.frexp(amax).exponent.clamp_min(-top).to(acc))
+    sigma = torch.exp2(-torch.frexp(amax).exponent.clamp_min(-top).to(acc))
+    if l2_eps is not None:
+        zero = min(top, max(0, -math.floor(math.log2(l2_eps))))
+        sigma = torch.where(amax == 0, torch.full_like(sigma, 2.0**zero), sigma)
+    return sigma
 
 
 # --------------------------------------------------------------------------- autograd
@@ -221,23 +231,23 @@ def _forward_core(
     if batch_stats and process_group is None:
         y, r, k, mk, vk, mu, var, invstd = eng.train(xs, w, b, eps, l2_eps, s)
         if needs_rescale(r, acc, c * m_sp, l2_eps):
-            sigma = pow2_scale(xs, acc)
+            sigma = pow2_scale(xs, acc, l2_eps)
             y, r, k, mk, vk, mu, var, invstd = train_forward(xs, w, b, eps, l2_eps, s, EAGER_KERNELS, sigma)
         count: Any = _static_count(n * m_sp, acc, x.device)
     elif batch_stats:
         norms = local_stats(xs, acc, s, l2_eps, eng.kernels.row_stats)
         if needs_rescale(norms.r, acc, c * m_sp, l2_eps):  # before any collective
-            sigma = pow2_scale(xs, acc)
+            sigma = pow2_scale(xs, acc, l2_eps)
             norms = local_stats(xs, acc, s, l2_eps, EAGER_KERNELS.row_stats, sigma)
         r, k, mk, vk = norms
         mu, m2 = algebra.batch_moments(mk, vk, m_sp)
         count, mu, m2 = _combine_across(n * m_sp, mu, m2, process_group)
-        y, var, invstd = finish_train(xs, norms, w, b, eps, mu, m2, count, eng.kernels.affine_apply)
+        y, var, invstd = finish_train(xs, norms, w, b, eps, mu, m2, count, eng.kernels.affine_apply, sigma)
     else:
         assert stat_var is not None
         y, r, k, mu, var, invstd = eng.evaluate(xs, w, b, stat_mean, stat_var, eps, l2_eps, s)
         if needs_rescale(r, acc, c * m_sp, l2_eps):
-            sigma = pow2_scale(xs, acc)
+            sigma = pow2_scale(xs, acc, l2_eps)
             y, r, k, mu, var, invstd = eval_forward(xs, w, b, stat_mean, stat_var, eps, l2_eps, s, EAGER_KERNELS, sigma)
         count = _static_count(n * m_sp, acc, x.device)
         var_saved = var

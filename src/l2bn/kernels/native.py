@@ -133,10 +133,20 @@ def load() -> None:
 _registered = [False]
 
 
+def _rows_of_one(x: Tensor) -> bool:
+    """Whether ``x`` has one entry per (n, c) as ``layout_of`` in C++ counts it (an empty batch
+    counts as M = 0)."""
+    n, c = x.shape[0], x.shape[1]
+    return n * c > 0 and x.numel() // (n * c) == 1
+
+
 def _out_format(x: Tensor) -> torch.memory_format:
-    """The memory format of the kernel's outputs for input ``x`` (see ``layout_of`` in C++)."""
-    m = math.prod(x.shape[2:])
-    if m == 1 or x.is_contiguous():
+    """The memory format of the kernel's outputs for input ``x`` (see ``layout_of`` in C++). A
+    half-precision input is widened to float32 first, with ``x.to``'s own layout rule (a strided
+    slice of a channels_last tensor becomes a dense channels_last one): the fake decides on that."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = torch.empty_like(x, dtype=torch.float32)
+    if _rows_of_one(x) or x.is_contiguous():
         return torch.contiguous_format
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -153,7 +163,7 @@ def _register_python_side() -> None:
     @torch.library.register_fake("l2bn::train_forward")
     def _train_fake(x, weight, bias, eps, l2_eps, s):  # type: ignore[no-untyped-def]
         n, c = x.shape[0], x.shape[1]
-        one = math.prod(x.shape[2:]) == 1
+        one = _rows_of_one(x)
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
         st = functools.partial(x.new_empty, dtype=accumulate_dtype(x.dtype))
         rows = [st(0), st(0)] if one else [st(n, c), st(n, c)]
@@ -169,8 +179,8 @@ def _register_python_side() -> None:
     @torch.library.register_fake("l2bn::backward")
     def _backward_fake(g, x, weight, k, r, mk, vk, mu, invstd, l2_eps, s, batch_stats, need_dx):  # type: ignore[no-untyped-def]
         c = x.shape[1]
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x)) if need_dx else x.new_empty(0)
-        acc = accumulate_dtype(x.dtype)
+        acc = accumulate_dtype(x.dtype)  # an unneeded dx stays the kernel's empty accumulation-dtype tensor
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x)) if need_dx else x.new_empty(0, dtype=acc)
         return dx, x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
 
     def _setup_train(ctx, inputs, output):  # type: ignore[no-untyped-def]
@@ -178,14 +188,17 @@ def _register_python_side() -> None:
         _y, r, k, mk, vk, mu, _var, invstd = output
         ctx.save_for_backward(x, weight, k, r, mk, vk, mu, invstd)
         ctx.l2_eps, ctx.s, ctx.batch_stats = l2_eps, s, True
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        # only y is differentiable (first order); the statistics are outputs, not functions of x here
+        ctx.mark_non_differentiable(*output[1:])
 
     def _setup_eval(ctx, inputs, output):  # type: ignore[no-untyped-def]
         x, weight, bias, _mean, _var, _eps, l2_eps, s = inputs
         _y, r, k, mu, _v, invstd = output
         ctx.save_for_backward(x, weight, k, r, None, None, mu, invstd)
         ctx.l2_eps, ctx.s, ctx.batch_stats = l2_eps, s, False
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.mark_non_differentiable(*output[1:])
 
     def _backward(ctx, gy, *_rest):  # type: ignore[no-untyped-def]
         """First-order backward of ``y``; the statistics outputs are treated as constants."""
@@ -198,8 +211,8 @@ def _register_python_side() -> None:
             ctx.l2_eps, ctx.s, ctx.batch_stats, ctx.needs_input_grad[0],
         )
         grads = [dx if ctx.needs_input_grad[0] else None,
-                 gw.to(weight.dtype) if ctx.has_weight else None,
-                 gb.to(x.dtype) if ctx.has_bias else None]
+                 gw.to(weight.dtype) if weight is not None else None,
+                 gb.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None]  # the bias's dtype, not x's
         return (*grads, *([None] * (len(ctx.needs_input_grad) - 3)))
 
     torch.library.register_autograd("l2bn::train_forward", _backward, setup_context=_setup_train)

@@ -63,9 +63,12 @@ def _jit() -> Any:
         tl.store(var_ptr + row, tl.sum(sq, axis=0) / M)
 
     @triton.jit
-    def _affine(x_ptr, y_ptr, a_ptr, b_ptr, M, C, BLOCK: tl.constexpr, ACC: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    def _affine(x_ptr, y_ptr, a_ptr, b_ptr, M, C, NBLK, BLOCK: tl.constexpr, ACC: tl.constexpr):
+        # one program per (row, block of the row), flattened onto grid axis 0 (CUDA allows 2^31 - 1
+        # programs there, 65,535 on axes 1 and 2)
+        pid = tl.program_id(0).to(tl.int64)
+        row = pid // NBLK
+        offs = (pid % NBLK) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < M
         a = tl.load(a_ptr + row)
         b = tl.load(b_ptr + row % C)
@@ -73,8 +76,9 @@ def _jit() -> Any:
         tl.store(y_ptr + row * M + offs, (x * a + b).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _grad_sums(g_ptr, x_ptr, gs_ptr, gx_ptr, M, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    def _grad_sums(g_ptr, x_ptr, shift_ptr, gs_ptr, gx_ptr, M, BLOCK: tl.constexpr, ACC: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
+        shift = tl.load(shift_ptr + row).to(ACC)
         s1 = tl.zeros([BLOCK], dtype=ACC)
         s2 = tl.zeros([BLOCK], dtype=ACC)
         for start in range(0, M, BLOCK):
@@ -83,14 +87,15 @@ def _jit() -> Any:
             g = tl.load(g_ptr + row * M + offs, mask=mask, other=0.0).to(ACC)
             x = tl.load(x_ptr + row * M + offs, mask=mask, other=0.0).to(ACC)
             s1 += g
-            s2 += g * x
+            s2 += g * tl.where(mask, x - shift, 0.0)
         tl.store(gs_ptr + row, tl.sum(s1, axis=0))
         tl.store(gx_ptr + row, tl.sum(s2, axis=0))
 
     @triton.jit
-    def _grad_apply(g_ptr, x_ptr, p_ptr, q_ptr, r_ptr, dx_ptr, M, BLOCK: tl.constexpr, ACC: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    def _grad_apply(g_ptr, x_ptr, p_ptr, q_ptr, r_ptr, dx_ptr, M, NBLK, BLOCK: tl.constexpr, ACC: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        row = pid // NBLK
+        offs = (pid % NBLK) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < M
         p = tl.load(p_ptr + row)
         q = tl.load(q_ptr + row)
@@ -111,6 +116,18 @@ def _jit() -> Any:
 
     return triton, tl, dict(row_stats=_row_stats, affine=_affine, grad_sums=_grad_sums,
                             grad_apply=_grad_apply, sample_norm=_sample_norm)
+
+
+#: CUDA's grid limits: axis 0 up to 2^31 - 1 programs, axes 1 and 2 up to 65,535
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def launch(name: str, grid: Tuple[int, ...], *args: Any, **meta: Any) -> None:
+    """Launch kernel ``name`` on ``grid`` after checking it against CUDA's limits (the
+    interpreter does not enforce them, so the CPU tests would not see a violation)."""
+    if len(grid) > 3 or any(not 0 < g <= lim for g, lim in zip(grid, GRID_LIMITS)):
+        raise ValueError(f"l2bn triton: grid {grid} for {name!r} exceeds CUDA's limits {GRID_LIMITS[:len(grid)]}")
+    _jit()[2][name][grid](*args, **meta)
 
 
 def _acc(dtype: torch.dtype) -> Any:
@@ -143,7 +160,7 @@ def _row_stats(xs: Tensor, dims: Tuple[int, ...], m_sp: int, acc: torch.dtype) -
     mean = torch.empty((n, c), dtype=acc, device=x.device)
     var = torch.empty_like(mean)
     if n * c:
-        _jit()[2]["row_stats"][(n * c,)](x, mean, var, m_sp, BLOCK=_block(m_sp), ACC=_acc(acc))
+        launch("row_stats", (n * c,), x, mean, var, m_sp, BLOCK=_block(m_sp), ACC=_acc(acc))
     return mean, var
 
 
@@ -154,19 +171,22 @@ def _affine_apply(xs: Tensor, amat: Tensor, bvec: Tensor, out_dtype: torch.dtype
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if x.numel():
         blk = _block(m)
-        grid = (n * c, -(-m // blk))
-        _jit()[2]["affine"][grid](x, y, amat.contiguous(), bvec.contiguous(), m, c, BLOCK=blk, ACC=_acc(amat.dtype))
+        nblk = -(-m // blk)
+        launch("affine", (n * c * nblk,), x, y, amat.contiguous(), bvec.contiguous(), m, c, nblk, BLOCK=blk,
+               ACC=_acc(amat.dtype))
     return _like_input(y, xs)
 
 
-def _grad_sums(gs: Tensor, xs: Tensor, dims: Tuple[int, ...], acc: torch.dtype) -> Tuple[Tensor, Tensor]:
+def _grad_sums(gs: Tensor, xs: Tensor, dims: Tuple[int, ...], acc: torch.dtype,
+               shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     g, x = _rows(gs), _rows(xs)
     n, c = x.shape[0], x.shape[1]
     m = x.numel() // max(n * c, 1)
     s1 = torch.empty((n, c), dtype=acc, device=x.device)
     s2 = torch.empty_like(s1)
+    sh = (shift.to(acc) if shift is not None else s1.new_zeros(n, c)).contiguous()
     if n * c:
-        _jit()[2]["grad_sums"][(n * c,)](g, x, s1, s2, m, BLOCK=_block(m), ACC=_acc(acc))
+        launch("grad_sums", (n * c,), g, x, sh, s1, s2, m, BLOCK=_block(m), ACC=_acc(acc))
     return s1, s2
 
 
@@ -177,9 +197,9 @@ def _grad_apply(gs: Tensor, xs: Tensor, p: Tensor, q: Tensor, r: Tensor, out_dty
     dx = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if x.numel():
         blk = _block(m)
-        grid = (n * c, -(-m // blk))
-        _jit()[2]["grad_apply"][grid](g, x, p.contiguous(), q.contiguous(), r.contiguous(), dx, m,
-                                      BLOCK=blk, ACC=_acc(p.dtype))
+        nblk = -(-m // blk)
+        launch("grad_apply", (n * c * nblk,), g, x, p.contiguous(), q.contiguous(), r.contiguous(), dx, m, nblk,
+               BLOCK=blk, ACC=_acc(p.dtype))
     return _like_input(dx, xs)
 
 
@@ -189,7 +209,7 @@ def _sample_norm(xs: Tensor, acc: torch.dtype) -> Tensor:
     d = x.numel() // max(n, 1)
     out = torch.empty(n, dtype=acc, device=x.device)
     if n:
-        _jit()[2]["sample_norm"][(n,)](x, out, d, BLOCK=_block(d, 2048), ACC=_acc(acc))
+        launch("sample_norm", (n,), x, out, d, BLOCK=_block(d, 2048), ACC=_acc(acc))
     return out
 
 

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -86,23 +87,25 @@ inline T centred_sumsq(const T* p, int64_t n, T mean) {
   return s;
 }
 
-// sums of g and g*x over n contiguous entries
+// sums of g and g*(x - shift) over n contiguous entries (the shift, mu / k of the row, makes the
+// second sum the centred one that the weight gradient needs, without cancellation)
 template <typename T>
-inline void grad_sums_of(const T* g, const T* x, int64_t n, T& sg, T& sgx) {
+inline void grad_sums_of(const T* g, const T* x, int64_t n, T shift, T& sg, T& sgx) {
   constexpr int64_t L = Vec<T>::size();
+  const Vec<T> shv(shift);
   Vec<T> a0(T(0)), a1(T(0)), b0(T(0)), b1(T(0));
   int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) {
     Vec<T> g0 = Vec<T>::loadu(g + i), g1 = Vec<T>::loadu(g + i + L);
     a0 = a0 + g0;
     a1 = a1 + g1;
-    b0 = at::vec::fmadd(g0, Vec<T>::loadu(x + i), b0);
-    b1 = at::vec::fmadd(g1, Vec<T>::loadu(x + i + L), b1);
+    b0 = at::vec::fmadd(g0, Vec<T>::loadu(x + i) - shv, b0);
+    b1 = at::vec::fmadd(g1, Vec<T>::loadu(x + i + L) - shv, b1);
   }
   T s = hsum<T>(a0 + a1), t = hsum<T>(b0 + b1);
   for (; i < n; ++i) {
     s += g[i];
-    t += g[i] * x[i];
+    t += g[i] * (x[i] - shift);
   }
   sg = s;
   sgx = t;
@@ -137,6 +140,27 @@ inline void grad_row(T* dx, const T* g, const T* x, int64_t n, T p, T q, T r) {
   for (; i + L <= n; i += L)
     at::vec::fmadd(Vec<T>::loadu(g + i), pv, at::vec::fmadd(Vec<T>::loadu(x + i), qv, rv)).store(dx + i);
   for (; i < n; ++i) dx[i] = g[i] * p + (x[i] * q + r);
+}
+
+// k = s / max(r, l2_eps), at most the largest finite value (s / l2_eps overflows for an l2_eps
+// below the dtype's range; an all-zero sample then still has u = 0 * k = 0, as the reference's 0 / l2_eps)
+template <typename T>
+inline T scale_of(T s, T r, T l2e) {
+  return std::min(s / std::max(r, l2e), std::numeric_limits<T>::max());
+}
+
+// whether k^2 * b would overflow (or lose its sign to inf - inf) for the largest |b|
+template <typename T>
+inline bool big_k(T k, T bmax) {
+  const T k2 = k * k, big = std::numeric_limits<T>::max() / T(16);
+  return !(k2 < big) || !(k2 * bmax < big);
+}
+
+// dx = g * p + (x * k) * kb + (r - x * rad) over n entries: the form for a sample whose k^2
+// would overflow (a tiny norm under a tiny l2_eps); x * k is at most s in magnitude
+template <typename T>
+inline void grad_row_big_k(T* dx, const T* g, const T* x, int64_t n, T p, T k, T kb, T rad, T r) {
+  for (int64_t i = 0; i < n; ++i) dx[i] = g[i] * p + ((x[i] * k) * kb + (r - x[i] * rad));
 }
 
 // dx[c] = g[c] * p[c] + x[c] * q[c] + r[c]
@@ -192,8 +216,14 @@ Tensor widen(const Tensor& x) {
   return is_reduced(x) ? x.to(at::kFloat) : x;
 }
 
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(!t.defined() || t.device().is_cpu(), "l2bn native kernel: ", name, " must be on the CPU, got ",
+              t.device());
+}
+
 Tensor vec_param(const std::optional<Tensor>& t, int64_t c, const Tensor& like) {
   if (!t.has_value() || !t->defined()) return Tensor();
+  check_cpu(*t, "weight, bias and running statistics");
   TORCH_CHECK(t->numel() == c, "l2bn: expected a per-channel tensor of ", c, " entries, got ", t->sizes());
   return t->to(like.scalar_type()).contiguous();
 }
@@ -274,20 +304,32 @@ void column_sums(int64_t N, int64_t C, T* out, const F& f) {
 }
 
 
-// Rows of an (N, C) array, in parallel, each adding `nacc` length-C vectors of column sums into
-// a per-thread slot; returns the slots' total (nacc * C entries). One read of the rows.
+// Rows of an (N, C) array in fixed blocks (their size depends on C only, never on the thread
+// count), each block in parallel: `block_fn(begin, end, acc)` adds `nacc` length-C vectors into
+// the block's own slot; the slots are then summed in block order. The result is the same bits for
+// any number of threads.
+inline int64_t row_block(int64_t C) { return std::max<int64_t>(8, kGrain / std::max<int64_t>(C, 1)); }
+
+template <typename T, typename F>
+std::vector<T> block_slots(int64_t N, int64_t C, int64_t nacc, const F& block_fn) {
+  const int64_t B = row_block(C), nb = (N + B - 1) / B;
+  std::vector<T> slots(static_cast<size_t>(nb * nacc * C), T(0));
+  at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk)
+      block_fn(blk * B, std::min(N, (blk + 1) * B), slots.data() + blk * nacc * C);
+  });
+  return slots;
+}
+
 template <typename T, typename F>
 std::vector<T> rows_with_column_sums(int64_t N, int64_t C, int64_t nacc, const F& row_fn) {
-  const int64_t nt = at::get_num_threads();
-  std::vector<T> slots(static_cast<size_t>(nt * nacc * C), T(0));
-  at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
-    const int64_t t = std::min<int64_t>(at::get_thread_num(), nt - 1);
-    T* acc = slots.data() + t * nacc * C;
+  std::vector<T> slots = block_slots<T>(N, C, nacc, [&](int64_t b, int64_t e, T* acc) {
     for (int64_t i = b; i < e; ++i) row_fn(i, acc);
   });
+  const int64_t nb = static_cast<int64_t>(slots.size()) / std::max<int64_t>(nacc * C, 1);
   std::vector<T> total(slots.begin(), slots.begin() + nacc * C);
-  for (int64_t t = 1; t < nt; ++t)
-    for (int64_t j = 0; j < nacc * C; ++j) total[j] += slots[t * nacc * C + j];
+  for (int64_t blk = 1; blk < nb; ++blk)
+    for (int64_t j = 0; j < nacc * C; ++j) total[j] += slots[blk * nacc * C + j];
   return total;
 }
 
@@ -296,8 +338,10 @@ std::vector<T> rows_with_column_sums(int64_t N, int64_t C, int64_t nacc, const F
 using TrainOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // (N, C) input (one entry per (n, c)): the row statistics would be as large as x, so none are
-// formed. One sweep: each row's norm, then its shifted contributions to the column sums of u
-// (shift: u of the first sample); then one sweep y = x * (a_c k_n) + B_c.
+// formed. Rows go in fixed blocks (row_block): each block computes its rows' norms, then the
+// mean and the centred sum of squares of u = k x over its rows (a second read, from cache), and
+// the blocks are combined in order with Chan's formula — accurate for any mean/spread ratio, and
+// the same bits for any thread count. Then one sweep y = x * (a_c k_n) + B_c.
 template <typename T>
 TrainOut train_rows1(const Tensor& x, const Tensor& w, const Tensor& bias, double eps, double l2_eps, double s_d,
                      at::IntArrayRef out_sizes) {
@@ -312,34 +356,50 @@ TrainOut train_rows1(const Tensor& x, const Tensor& w, const Tensor& bias, doubl
   const T* xp = x.const_data_ptr<T>();
   T* rp = r.data_ptr<T>();
   T* kp = k.data_ptr<T>();
-  const T k0 = s / std::max(std::sqrt(centred_sumsq(xp, C, T(0))), l2e);
-  std::vector<T> shift(C);
-  for (int64_t j = 0; j < C; ++j) shift[j] = k0 * xp[j];
-  const T* sh = shift.data();
-  std::vector<T> tot = rows_with_column_sums<T>(N, C, 2, [&](int64_t i, T* acc) {
-    const T* p = xp + i * C;
-    const T rs = std::sqrt(centred_sumsq(p, C, T(0)));
-    const T kk = s / std::max(rs, l2e);
-    rp[i] = rs;
-    kp[i] = kk;
-    T* s1 = acc;
-    T* s2 = acc + C;
-    for (int64_t j = 0; j < C; ++j) {
-      const T d = kk * p[j] - sh[j];
-      s1[j] += d;
-      s2[j] += d * d;
+  const int64_t B = row_block(C);
+  std::vector<T> slots = block_slots<T>(N, C, 2, [&](int64_t b, int64_t e, T* acc) {
+    T* mean = acc;
+    T* m2 = acc + C;
+    for (int64_t i = b; i < e; ++i) {
+      const T* p = xp + i * C;
+      const T rs = std::sqrt(centred_sumsq(p, C, T(0)));
+      const T kk = scale_of(s, rs, l2e);
+      rp[i] = rs;
+      kp[i] = kk;
+      for (int64_t j = 0; j < C; ++j) mean[j] += kk * p[j];
+    }
+    const T inv = T(1) / T(e - b);
+    for (int64_t j = 0; j < C; ++j) mean[j] *= inv;
+    for (int64_t i = b; i < e; ++i) {
+      const T* p = xp + i * C;
+      const T kk = kp[i];
+      for (int64_t j = 0; j < C; ++j) {
+        const T d = kk * p[j] - mean[j];
+        m2[j] += d * d;
+      }
     }
   });
   T* mup = mu.data_ptr<T>();
   T* varp = var.data_ptr<T>();
   T* isp = invstd.data_ptr<T>();
+  std::vector<T> m2(C);
+  for (int64_t j = 0; j < C; ++j) {  // Chan et al.: merge the blocks in order
+    T n_a = T(0), mean_a = T(0), m2_a = T(0);
+    for (int64_t blk = 0, b = 0; b < N; ++blk, b += B) {
+      const T n_b = T(std::min(N, b + B) - b), mean_b = slots[blk * 2 * C + j], m2_b = slots[blk * 2 * C + C + j];
+      const T n = n_a + n_b, delta = mean_b - mean_a;
+      mean_a += delta * (n_b / n);
+      m2_a += m2_b + delta * delta * (n_a * n_b / n);
+      n_a = n;
+    }
+    mup[j] = mean_a;
+    m2[j] = m2_a;
+  }
   const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
   const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   std::vector<T> a(C), bvec(C);
   for (int64_t j = 0; j < C; ++j) {
-    const T s1 = tot[j], s2 = tot[C + j];
-    mup[j] = sh[j] + s1 / T(N);
-    varp[j] = std::max((s2 - s1 * s1 / T(N)) / T(N), T(0));
+    varp[j] = m2[j] / T(N);
     isp[j] = T(1) / std::sqrt(varp[j] + T(eps));
     a[j] = wp ? wp[j] * isp[j] : isp[j];
     bvec[j] = bp ? bp[j] - mup[j] * a[j] : -mup[j] * a[j];
@@ -383,12 +443,12 @@ TrainOut train_forward_impl(const Tensor& x_in, const Tensor& w, const Tensor& b
       T ss = 0;
       for (int64_t j = 0; j < C; ++j) ss += v[j] + m[j] * m[j];
       const T rs = std::sqrt(ss * T(M));
-      const T kk = s / std::max(rs, l2e), k2 = kk * kk;
+      const T kk = scale_of(s, rs, l2e);
       rp[i] = rs;
       kp[i] = kk;
       for (int64_t j = 0; j < C; ++j) {
         m[j] *= kk;
-        v[j] *= k2;
+        v[j] = (v[j] * kk) * kk;  // k^2 alone may overflow (a zero row under a tiny l2_eps)
       }
     }
   });
@@ -464,30 +524,66 @@ EvalOut eval_forward_impl(const Tensor& x_in, const Tensor& w, const Tensor& bia
   T* yp = y.data_ptr<T>();
   T* rp = r.data_ptr<T>();
   T* kp = k.data_ptr<T>();
-  // one sweep per sample: its norm, then the affine map while the sample is in cache
-  at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
-    std::vector<T> arow(lay.nmc ? C : 0);
-    for (int64_t i = b; i < e; ++i) {
-      const T* p = xp + i * D;
-      T* q = yp + i * D;
-      const T rs = std::sqrt(centred_sumsq(p, D, T(0)));
-      const T kk = s / std::max(rs, l2e);
-      rp[i] = rs;
-      kp[i] = kk;
-      if (!lay.nmc) {
-        for (int64_t j = 0; j < C; ++j) affine_row(q + j * M, p + j * M, M, a[j] * kk, bvec[j]);
-      } else {
-        for (int64_t j = 0; j < C; ++j) arow[j] = a[j] * kk;
-        for (int64_t sp = 0; sp < M; ++sp) affine_vec(q + sp * C, p + sp * C, arow.data(), bvec.data(), C);
-      }
+  // Each sample is cut into fixed chunks of whole units (channel rows of M entries, or spatial
+  // positions of C entries in the (N, M, C) layout); the chunk size depends on the shape only, and
+  // a sample's norm is the sum of its chunks' partial sums in order: the same bits for any thread
+  // count. A one-chunk sample is read once (its norm, then the affine map while it is in cache);
+  // a larger one is spread over the threads (batch-1 inference uses them all): partial sums, then
+  // the map over the same chunks, reread from the cache of the core that summed them.
+  const int64_t unit = lay.nmc ? C : M, units = lay.nmc ? M : C;
+  const int64_t per = std::max<int64_t>(1, kGrain / std::max<int64_t>(unit, 1));
+  const int64_t nch = std::max<int64_t>(1, (units + per - 1) / per);
+  auto apply_chunk = [&](int64_t i, int64_t u0, int64_t u1, T kk, T* arow) {
+    const T* p = xp + i * D;
+    T* q = yp + i * D;
+    if (!lay.nmc) {
+      for (int64_t j = u0; j < u1; ++j) affine_row(q + j * M, p + j * M, M, a[j] * kk, bvec[j]);
+    } else {
+      for (int64_t j = 0; j < C; ++j) arow[j] = a[j] * kk;
+      for (int64_t sp = u0; sp < u1; ++sp) affine_vec(q + sp * C, p + sp * C, arow, bvec.data(), C);
     }
-  });
+  };
+  if (nch == 1) {
+    at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
+      std::vector<T> arow(lay.nmc ? C : 0);
+      for (int64_t i = b; i < e; ++i) {
+        const T rs = std::sqrt(centred_sumsq(xp + i * D, D, T(0)));
+        const T kk = scale_of(s, rs, l2e);
+        rp[i] = rs;
+        kp[i] = kk;
+        apply_chunk(i, 0, units, kk, arow.data());
+      }
+    });
+  } else {
+    std::vector<T> part(static_cast<size_t>(N * nch));
+    at::parallel_for(0, N * nch, 1, [&](int64_t b, int64_t e) {
+      for (int64_t idx = b; idx < e; ++idx) {
+        const int64_t i = idx / nch, u0 = (idx % nch) * per, u1 = std::min(units, u0 + per);
+        part[idx] = centred_sumsq(xp + i * D + u0 * unit, (u1 - u0) * unit, T(0));
+      }
+    });
+    for (int64_t i = 0; i < N; ++i) {
+      T ss = 0;
+      for (int64_t ch = 0; ch < nch; ++ch) ss += part[i * nch + ch];
+      rp[i] = std::sqrt(ss);
+      kp[i] = scale_of(s, rp[i], l2e);
+    }
+    at::parallel_for(0, N * nch, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> arow(lay.nmc ? C : 0);
+      for (int64_t idx = b; idx < e; ++idx) {
+        const int64_t i = idx / nch, u0 = (idx % nch) * per;
+        apply_chunk(i, u0, std::min(units, u0 + per), kp[i], arow.data());
+      }
+    });
+  }
   return {y, r, k, mu, var, invstd};
 }
 
 EvalOut eval_forward(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                      const Tensor& mean, const Tensor& var, double eps, double l2_eps, double s) {
   check_input(x, "input");
+  check_cpu(mean, "running_mean");
+  check_cpu(var, "running_var");
   const int64_t c = x.size(1);
   TORCH_CHECK(mean.numel() == c && var.numel() == c, "l2bn: running statistics must have ", c, " entries");
   const Tensor xw = widen(x);
@@ -519,7 +615,7 @@ BackOut backward_rows1(const Tensor& g, const Tensor& x, const Tensor& w, const 
     T* s2 = acc + C;
     for (int64_t j = 0; j < C; ++j) {
       s1[j] += gr[j];
-      s2[j] += kk * (gr[j] * xr[j]);
+      s2[j] += gr[j] * (kk * xr[j] - mup[j]);  // centred: sum g (u - mu), no cancellation
     }
   });
   Tensor grad_w = at::empty({C}, opt), grad_b = at::empty({C}, opt);
@@ -527,18 +623,20 @@ BackOut backward_rows1(const Tensor& g, const Tensor& x, const Tensor& w, const 
   T* gbp = grad_b.data_ptr<T>();
   for (int64_t j = 0; j < C; ++j) {
     gbp[j] = tot[j];
-    gwp[j] = (tot[C + j] - mup[j] * tot[j]) * isp[j];
+    gwp[j] = tot[C + j] * isp[j];
   }
   if (!need_dx) return {at::empty({0}, opt), grad_w, grad_b};
   const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
   const T count = T(N), s = T(s_d), l2e = T(l2_eps), inv_s = T(1) / s;
   std::vector<T> a(C), bc(C, T(0)), cc(C, T(0));
+  T bcmax = T(0);
   for (int64_t j = 0; j < C; ++j) {
     a[j] = wp ? wp[j] * isp[j] : isp[j];
     if (batch_stats) {
-      const T h = (tot[C + j] - mup[j] * tot[j]) * isp[j];
+      const T h = tot[C + j] * isp[j];
       bc[j] = -a[j] * h * isp[j] / count;
       cc[j] = -a[j] * tot[j] / count - bc[j] * mup[j];
+      bcmax = std::max(bcmax, std::abs(bc[j]));
     }
   }
   Tensor dx = at::empty(out_sizes, opt, at::MemoryFormat::Contiguous);  // the input's shape, not a view
@@ -574,6 +672,11 @@ BackOut backward_rows1(const Tensor& g, const Tensor& x, const Tensor& w, const 
       }
       const T t = t1 * inv_rs + t2 * inv_s;
       const T radial = mask ? (kk * inv_rs) * t : T(0);
+      if (big_k(kk, bcmax)) {
+        for (int64_t c = 0; c < C; ++c)
+          dxp[i * C + c] = gr[c] * (kk * a[c]) + ((xr[c] * kk) * (kk * bc[c]) + (kk * cc[c] - xr[c] * radial));
+        continue;
+      }
       for (int64_t c = 0; c < C; ++c) {
         p[c] = kk * a[c];
         q[c] = kk * kk * bc[c] - radial;
@@ -611,22 +714,26 @@ BackOut backward_impl(const Tensor& g_in, const Tensor& x_in, const Tensor& w, c
   Tensor G = at::empty({N, C}, opt), X = at::empty({N, C}, opt);
   T* Gp = G.data_ptr<T>();
   T* Xp = X.data_ptr<T>();
+  // Xp holds the centred sums sum_s g (x - mu_c / k_n): k_n times them is sum g (u - mu)
   if (!lay.nmc) {
     at::parallel_for(0, N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row) grad_sums_of(gp + row * M, xp + row * M, M, Gp[row], Xp[row]);
+      for (int64_t row = b; row < e; ++row)
+        grad_sums_of(gp + row * M, xp + row * M, M, mup[row % C] / kp[row / C], Gp[row], Xp[row]);
     });
   } else {
     at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(M * C, 1)), [&](int64_t b, int64_t e) {
+      std::vector<T> shift(C);
       for (int64_t i = b; i < e; ++i) {
         T* gs = Gp + i * C;
         T* xs = Xp + i * C;
         std::fill(gs, gs + C, T(0));
         std::fill(xs, xs + C, T(0));
+        for (int64_t j = 0; j < C; ++j) shift[j] = mup[j] / kp[i];
         for (int64_t sp = 0; sp < M; ++sp) {
           const int64_t off = (i * M + sp) * C;
           for (int64_t j = 0; j < C; ++j) {
             gs[j] += gp[off + j];
-            xs[j] += gp[off + j] * xp[off + j];
+            xs[j] += gp[off + j] * (xp[off + j] - shift[j]);
           }
         }
       }
@@ -637,7 +744,7 @@ BackOut backward_impl(const Tensor& g_in, const Tensor& x_in, const Tensor& w, c
   std::vector<T> su(C);
   column_sums<T>(N, C, gbp, [&](int64_t i, int64_t j) { return Gp[i * C + j]; });
   column_sums<T>(N, C, su.data(), [&](int64_t i, int64_t j) { return kp[i] * Xp[i * C + j]; });
-  for (int64_t j = 0; j < C; ++j) gwp[j] = (su[j] - mup[j] * gbp[j]) * isp[j];
+  for (int64_t j = 0; j < C; ++j) gwp[j] = su[j] * isp[j];  // su is centred: sum g (u - mu)
   if (!need_dx || N * C * M == 0) {
     Tensor dx = need_dx ? at::zeros_like(x, lay.format) : at::empty({0}, opt);
     return {dx, grad_w, grad_b};
@@ -652,12 +759,14 @@ BackOut backward_impl(const Tensor& g_in, const Tensor& x_in, const Tensor& w, c
   const T* vkp = vkc.defined() ? vkc.const_data_ptr<T>() : nullptr;
   const T count = T(N * M), s = T(s_d), l2e = T(l2_eps), msp_s = T(M) / s;
   std::vector<T> a(C), bc(C, T(0)), cc(C, T(0));
+  T bcmax = T(0);
   for (int64_t j = 0; j < C; ++j) {
     a[j] = wp ? wp[j] * isp[j] : isp[j];
     if (batch_stats) {
-      const T h = (su[j] - mup[j] * gbp[j]) * isp[j];
+      const T h = su[j] * isp[j];
       bc[j] = -a[j] * h * isp[j] / count;
       cc[j] = -a[j] * gbp[j] / count - bc[j] * mup[j];
+      bcmax = std::max(bcmax, std::abs(bc[j]));
     }
   }
   // radial term per sample
@@ -666,7 +775,9 @@ BackOut backward_impl(const Tensor& g_in, const Tensor& x_in, const Tensor& w, c
     for (int64_t i = b; i < e; ++i) {
       const bool mask = rp[i] > l2e;  // at r == l2_eps no gradient through r (as the reference)
       const T rs = mask ? rp[i] : T(1);
-      const T* X = Xp + i * C;
+      const T* X = Xp + i * C;  // centred: X_j + (mu_j / k) G_j is sum_s g x
+      const T* Gr = Gp + i * C;
+      const T inv_k = T(1) / kp[i];
       T t = 0;
       if (batch_stats) {
         for (int64_t j = 0; j < C; ++j) {
@@ -678,10 +789,10 @@ BackOut backward_impl(const Tensor& g_in, const Tensor& x_in, const Tensor& w, c
             mkv = xp[i * C + j] * kp[i];
             vkv = T(0);
           }
-          t += a[j] * X[j] / rs + (bc[j] * (vkv + mkv * mkv) + cc[j] * mkv) * msp_s;
+          t += a[j] * (X[j] + mup[j] * inv_k * Gr[j]) / rs + (bc[j] * (vkv + mkv * mkv) + cc[j] * mkv) * msp_s;
         }
       } else {
-        for (int64_t j = 0; j < C; ++j) t += a[j] * X[j];
+        for (int64_t j = 0; j < C; ++j) t += a[j] * (X[j] + mup[j] * inv_k * Gr[j]);
         t /= rs;
       }
       radial[i] = mask ? (kp[i] / rs) * t : T(0);
@@ -694,7 +805,10 @@ BackOut backward_impl(const Tensor& g_in, const Tensor& x_in, const Tensor& w, c
       for (int64_t row = b; row < e; ++row) {
         const int64_t i = row / C, j = row % C;
         const T kk = kp[i];
-        grad_row(dxp + row * M, gp + row * M, xp + row * M, M, kk * a[j], kk * kk * bc[j] - radial[i], kk * cc[j]);
+        if (big_k(kk, bcmax))
+          grad_row_big_k(dxp + row * M, gp + row * M, xp + row * M, M, kk * a[j], kk, kk * bc[j], radial[i], kk * cc[j]);
+        else
+          grad_row(dxp + row * M, gp + row * M, xp + row * M, M, kk * a[j], kk * kk * bc[j] - radial[i], kk * cc[j]);
       }
     });
   } else {
@@ -702,6 +816,15 @@ BackOut backward_impl(const Tensor& g_in, const Tensor& x_in, const Tensor& w, c
       std::vector<T> p(C), q(C), rr(C);
       for (int64_t i = b; i < e; ++i) {
         const T kk = kp[i];
+        if (big_k(kk, bcmax)) {
+          for (int64_t sp = 0; sp < M; ++sp) {
+            const int64_t off = (i * M + sp) * C;
+            for (int64_t j = 0; j < C; ++j)
+              dxp[off + j] = gp[off + j] * (kk * a[j]) +
+                             ((xp[off + j] * kk) * (kk * bc[j]) + (kk * cc[j] - xp[off + j] * radial[i]));
+          }
+          continue;
+        }
         for (int64_t j = 0; j < C; ++j) {
           p[j] = kk * a[j];
           q[j] = kk * kk * bc[j] - radial[i];
@@ -721,6 +844,10 @@ BackOut backward(const Tensor& g, const Tensor& x, const std::optional<Tensor>& 
                  const Tensor& r, const std::optional<Tensor>& mk, const std::optional<Tensor>& vk, const Tensor& mu,
                  const Tensor& invstd, double l2_eps, double s, bool batch_stats, bool need_dx) {
   check_input(x, "input");
+  check_cpu(g, "grad_output");
+  for (const Tensor* t : {&k, &r, &mu, &invstd}) check_cpu(*t, "the saved statistics");
+  if (mk.has_value()) check_cpu(*mk, "the saved statistics");
+  if (vk.has_value()) check_cpu(*vk, "the saved statistics");
   TORCH_CHECK(g.sizes() == x.sizes(), "l2bn backward: grad_output shape ", g.sizes(), " != input shape ", x.sizes());
   const int64_t c = x.size(1);
   const Tensor xw = widen(x);
