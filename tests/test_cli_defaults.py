@@ -151,7 +151,8 @@ def test_compare_bad_input_is_one_line(tmp_path):
     _one_line_error(cli("compare", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")),
                     "unknown config key 'epochz'", "did you mean 'epochs'")
     _one_line_error(cli("compare", "--grid", "batch_sise=16,32", "--out", str(tmp_path / "o")), "unknown config key 'batch_sise'")
-    _one_line_error(cli("compare", "--grid", "batch_size=16,abc", "--out", str(tmp_path / "o")), "values must be int")
+    _one_line_error(cli("compare", "--grid", "batch_size=16,abc", "--out", str(tmp_path / "o")),
+                    "batch_size = 'abc': expected an integer >= 1")
     assert not (tmp_path / "o").exists()
     # a corrupt checkpoint in an unfinished run that compare would resume
     args = ("compare", "--dataset", "digits", "--models", "resnet8", "--norms", "bn", "--seeds", "0", "--epochs", "1",

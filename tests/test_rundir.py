@@ -93,7 +93,8 @@ def test_analyze_uses_the_saved_recipe(run, tmp_path):
 
 def test_resume_cannot_shorten(run, tmp_path):
     _, d = _copy(run, tmp_path)
-    r = cli("train", "--out", str(d), "--resume", "--epochs", "0")
+    assert cli("train", "--out", str(d), "--resume", "--epochs", "2").returncode == 0
+    r = cli("train", "--out", str(d), "--resume", "--epochs", "1")
     assert r.returncode == 2 and "would not extend the run" in r.stderr
 
 

@@ -59,7 +59,8 @@ def running_factor(momentum: Optional[float], step: int) -> float:
         return 1.0 / step
     if not 0.0 < momentum < 1.0:
         return float(momentum)
-    return momentum / (1.0 - (1.0 - momentum) ** step)
+    # 1 - (1 - m)^k as -expm1(k log1p(-m)): exactly m at k = 1, so the first step copies the batch
+    return momentum / -math.expm1(step * math.log1p(-momentum))
 
 
 def warmup_steps(momentum: float) -> int:
@@ -95,7 +96,7 @@ def correct_traced_update(layer: _NormBase, new_mean: Tensor, new_var: Tensor) -
     m = float(layer.momentum)
     k = layer.num_batches_tracked
     with torch.no_grad():
-        gain = 1.0 / (1.0 - torch.pow(1.0 - m, k.to(torch.float64))) if 0.0 < m < 1.0 else None
+        gain = -1.0 / torch.expm1(k.to(torch.float64) * math.log1p(-m)) if 0.0 < m < 1.0 else None
         for buf, new in ((layer.running_mean, new_mean), (layer.running_var, new_var)):
             if gain is None:
                 buf.copy_(new)
@@ -123,7 +124,7 @@ def check_eps_share(layer: _NormBase, input: Tensor) -> None:
         f"{d:,} entries per sample, about 1/D after the l2 step), so the layer hardly "
         "standardizes its channels. Use unit_rms=True (norm 'l2bn-rms') or a smaller eps.",
         EpsDominanceWarning,
-        stacklevel=4,
+        stacklevel=5,  # the caller of the layer (past forward and Module.__call__)
     )
 
 

@@ -1,5 +1,9 @@
 """The training recipe as one dataclass; YAML files and command-line flags set its fields.
 
+Why one file: each field's default, help text and allowed values (its metadata), the checks
+that read that metadata, and the rules for recipes saved in run directories all work on the one
+table :data:`FIELDS`; split apart, each piece would import the others.
+
 Unknown keys are errors that name the key (no silent typos). :meth:`TrainConfig.recipe` is the
 one definition of what identifies a run (as opposed to run control: progress bars, TensorBoard,
 threads, ...); ``compare`` (skip finished runs), the report and ``--resume``/``--test-only`` all

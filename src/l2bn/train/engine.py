@@ -30,7 +30,6 @@ from ..io import write_json
 from ..models import build_model
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from .config import (
-    ConfigError,
     RunConfigError,
     TrainConfig,
     check_config,
@@ -39,7 +38,7 @@ from .config import (
     saved_config,
 )
 from .distributed import DistEnv, cleanup, init_distributed
-from .lock import run_lock
+from .lock import check_out_dir, run_lock
 from .loop import TrainingDiverged, evaluate, train_one_epoch
 from .optim import fast_forward, make_optimizer, make_scheduler
 
@@ -268,25 +267,6 @@ def _fit(cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_star
         if writer is not None:
             writer.close()
     return model, result
-
-
-def check_out_dir(out: Path) -> None:
-    """Refuse, before any work, an ``out`` that is a file or cannot be created/written."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: is a file; expected a run directory (new, or holding a run)")
-    parent = out
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        why = "a read-only file system" if _read_only(parent) else "no write permission"
-        raise ConfigError(f"--out {out}: cannot write there ({why} at {parent})")
-
-
-def _read_only(path: Path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:

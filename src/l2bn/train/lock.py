@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
+from .config import ConfigError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -208,3 +210,22 @@ def run_lock(out: str | os.PathLike[str], wait: bool = False) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse, before any work, an ``out`` that is a file or cannot be created/written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; expected a run directory (new, or holding a run)")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        why = "a read-only file system" if _read_only(parent) else "no write permission"
+        raise ConfigError(f"--out {out}: cannot write there ({why} at {parent})")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
