@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The evidence studies, in order, each resumable: stop at any time, rerun to continue.
 # Finished runs keep their small files in docs/results/<study>/<run>/ (config, result, analysis,
-# metrics; checkpoints are not committed), so a later sitting on a fresh clone skips them.
+# metrics; checkpoints are not committed), so a later call on a fresh clone skips them.
 #   bash scripts/sweeps.sh                 # all studies, lowest CPU priority
 #   THREADS=1 bash scripts/sweeps.sh       # leave a core free
 #   setsid bash scripts/sweeps.sh > sweeps.log 2>&1 &   # in the background, its own session

@@ -3,6 +3,8 @@ report -> experiment -> cli; io at the bottom), and no source file grows past ~3
 without a reason stated in its docstring."""
 
 import ast
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,31 @@ def test_committed_outputs_hold_no_absolute_paths():
         if re.search(r'"(/tmp/|/work/|/root/|/home/)', text) or re.search(r"\((/tmp/|/work/|/root/|/home/)", text):
             bad.append(str(p.relative_to(docs)))
     assert not bad, f"absolute paths of another machine in: {bad}"
+
+
+# Words from how the work was organised, not from the product. Spelled in pieces so that this
+# file does not match itself.
+_PROCESS = re.compile("|".join([
+    r"\bsit" + r"tings?\b", r"\bround [0-9]\b", r"\bround-[0-9]\b", r"clos" + r"ing notes?", r"\ble" + r"nt\b",
+    r"this sess" + r"ion", r"helper age" + r"nts?", r"\bsubage" + r"nts?\b",
+]), re.IGNORECASE)
+_TEXT = {".md", ".py", ".sh", ".toml", ".yaml", ".yml", ".html", ".json", ".txt", ".cpp", ".cfg", ".ini"}
+
+
+def test_the_repository_speaks_of_the_product_only():
+    """README, docs, reports, code, tests and scripts date results by version, commit, machine
+    and day: no words from how the work was organised (a reader cannot know what they mean)."""
+    root = Path(__file__).parent.parent
+    try:
+        files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        files = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".git" not in p.parts]
+    bad = []
+    for name in files:
+        p = root / name
+        if p.suffix not in _TEXT or name.startswith(".ci/") or not p.is_file():
+            continue
+        for i, line in enumerate(p.read_text(errors="ignore").splitlines(), 1):
+            if _PROCESS.search(line):
+                bad.append(f"{name}:{i}: {line.strip()[:100]}")
+    assert not bad, "\n".join(bad)

@@ -433,7 +433,7 @@ def test_half_precision_statistics_are_float32(backend, dtype, training):
                                atol=4 * ulp * float(xf.grad.abs().max()))
 
 
-# ---- found by mutation testing of kernels/fused.py (round 2): each fails on a surviving mutant or a bug
+# ---- found by mutation testing of kernels/fused.py: each fails on a surviving mutant or a bug
 
 
 def test_pow2_scale_of_subnormal_samples_is_finite():

@@ -203,3 +203,16 @@ def test_automatic_selection_prefers_native_for_cpu_floats():
     assert not native._prefer(torch.empty(2, 3, device="meta"))
     assert "CPU only" in native._unavailable(torch.empty(2, 3, device="meta"))
     assert "supports float16/bfloat16/float32/float64" in native._unavailable(torch.empty(2, 3, dtype=torch.int64))
+
+
+def test_import_and_first_call_print_nothing():
+    """On a CPU-only machine torch warns "No CUDA runtime is found" when its extension module is
+    first imported, which loading l2bn's kernel does: l2bn drops that one message."""
+    import subprocess
+    import sys
+
+    code = ("import torch, l2bn; x = torch.randn(2, 4, 3, 3); l2bn.L2BatchNorm2d(4)(x).sum().backward(); "
+            "print(l2bn.kernels.backends.select(None, x))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "native", r.stderr
+    assert r.stderr == "", r.stderr

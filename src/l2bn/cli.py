@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import logging
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -276,16 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _DropNoCudaNote(logging.Filter):
-    """torch.utils.cpp_extension warns "No CUDA runtime is found" on every CPU machine with a
-    CUDA build of PyTorch; it says nothing to an l2bn user."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "No CUDA runtime is found" not in record.getMessage()
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    logging.getLogger("torch.utils.cpp_extension").addFilter(_DropNoCudaNote())
+    from .kernels.native import quiet_cpp_extension
+
+    quiet_cpp_extension()
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -126,7 +126,7 @@ def pow2_scale(xs: Tensor, acc: torch.dtype, l2_eps: Optional[float] = None) -> 
         >>> s.log2().tolist(), round((s[0] * x[0, 0]).item(), 4)
         ([-102.0, 0.0], 0.5916)
         >>> pow2_scale(x, torch.float32, l2_eps=1e-20).log2().tolist()
-        [-102.0, 66.0]
+        [-102.0, 67.0]
     """
     if xs.numel() == 0:  # (N, C, 0): nothing to scale
         return xs.new_ones(xs.shape[0], dtype=acc)

@@ -30,6 +30,7 @@ selection warns once and uses the ``fused`` ATen path. ``L2BN_NO_NATIVE=1`` disa
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import re
@@ -55,6 +56,22 @@ _NAME = "l2bn_cpu_" + re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+class _DropNoCudaNote(logging.Filter):
+    """``torch.utils.cpp_extension`` warns "No CUDA runtime is found, using CUDA_HOME=..." when
+    it is first imported on a CPU-only machine with a CUDA build of PyTorch; loading l2bn's CPU
+    kernel imports it, and the note says nothing to an l2bn user. Only that message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
+
+
+def quiet_cpp_extension() -> None:
+    """Install :class:`_DropNoCudaNote` on torch's extension logger (once)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _DropNoCudaNote) for f in logger.filters):
+        logger.addFilter(_DropNoCudaNote())
+
+
 def _cflags() -> list:
     flags = ["-O3", "-fopenmp"]  # at::parallel_for is header code: OpenMP must be on here too
     cap = torch.backends.cpu.get_cpu_capability()
@@ -64,6 +81,7 @@ def _cflags() -> list:
 
 
 def _library_path() -> Path:
+    quiet_cpp_extension()
     from torch.utils.cpp_extension import _get_build_directory
 
     return Path(_get_build_directory(_NAME, False)) / f"{_NAME}.so"
@@ -71,6 +89,7 @@ def _library_path() -> Path:
 
 def build(verbose: bool = False) -> Path:
     """Compile (if needed) and load the kernel library; returns its path. Raises if it cannot."""
+    quiet_cpp_extension()
     from torch.utils.cpp_extension import load as _load
 
     if shutil.which("ninja") is None:  # the pip wheel's binary, when the venv is not activated
