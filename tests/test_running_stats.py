@@ -254,3 +254,30 @@ def test_short_training_evaluates_like_bn(tmp_path):
     bn, l2 = _train(tmp_path, "bn"), _train(tmp_path, "l2bn")
     assert bn > 30
     assert l2 > bn - 5, (l2, bn)
+
+
+def test_traced_first_step_is_exact_in_half_precision():
+    """Under torch.compile the correction cannot read the count on the host: the kernel updates
+    zero copies (m b exactly) and lerp writes b at step 1. Recovering b from the difference with
+    the prior (about 1/D against 1) gave a negative half-precision variance and NaN in eval."""
+    torch.manual_seed(0)
+    layer = l2bn.L2BatchNorm2d(8).half()
+    ref = copy.deepcopy(layer)
+    x = torch.randn(4, 8, 40, 40).half()
+    torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    ref(x)
+    assert bool((layer.running_var > 0).all())
+    torch.testing.assert_close(layer.running_var.float(), ref.running_var.float(), rtol=5e-3, atol=3e-7)  # half ulps
+    torch.testing.assert_close(layer.running_mean.float(), ref.running_mean.float(), rtol=2e-3, atol=1e-6)
+
+
+def test_convert_a_meta_model_and_load_an_older_pickle():
+    tv = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        net = tv.models.resnet18()
+    conv = l2bn.convert(net)  # no values to lose: no warning, no error
+    assert conv.bn1.running_var.is_meta
+    layer = l2bn.L2BatchNorm2d(3)
+    del layer.__dict__["_stats_warmup"]  # as unpickled from a version without the flag
+    layer(torch.randn(4, 3, 2, 2))
+    assert int(layer.num_batches_tracked) == 1

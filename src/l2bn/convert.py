@@ -60,7 +60,7 @@ def _has_statistics(m: nn.Module) -> bool:
     """Whether a layer's running statistics hold data (tracked batches or values other than the
     prior mean 0, variance 1) rather than a fresh layer's prior."""
     rm, rv, nbt = (getattr(m, b, None) for b in ("running_mean", "running_var", "num_batches_tracked"))
-    if rm is None or rv is None:
+    if rm is None or rv is None or rm.is_meta:  # a meta model holds no values to lose
         return False
     return bool((nbt is not None and nbt > 0) or (rm != 0).any() or (rv != 1).any())
 

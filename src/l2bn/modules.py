@@ -74,6 +74,7 @@ class _L2NormBase(_NormBase):
     """Common implementation of the L2BN layers (see :class:`L2BatchNorm2d`)."""
 
     _expected_dims: tuple = ()
+    _stats_warmup: bool = True  # class default: modules pickled before the flag existed
 
     def __init__(
         self,
@@ -126,7 +127,7 @@ class _L2NormBase(_NormBase):
             if self.momentum is None:  # cumulative moving average, read on the host as BN does
                 step = int(self.num_batches_tracked)
                 factor = 1.0 / step
-            elif self._stats_warmup:
+            elif self._stats_warmup and 0.0 < self.momentum < 1.0:
                 if _tracing() or self.num_batches_tracked.is_meta:
                     traced_warmup = True  # no host read: corrected with tensor ops below
                 else:
@@ -137,8 +138,8 @@ class _L2NormBase(_NormBase):
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
         running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
-        if traced_warmup:  # the kernel updates copies; the corrected values go to the buffers
-            running_mean, running_var = running_mean.clone(), running_var.clone()
+        if traced_warmup:  # the kernel updates zero copies (m * batch); corrected values go to the buffers
+            running_mean, running_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
         out = l2_batch_norm(
             input,
             running_mean,

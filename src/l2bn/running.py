@@ -88,21 +88,20 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or exporting() or in_functorch_transform()
 
 
-def correct_traced_update(layer: _NormBase, new_mean: Tensor, new_var: Tensor) -> None:
-    """Write the corrected update ``R + f_k (b - R)`` into the layer's buffers ``R``, given the
-    plain update ``R' = R + m (b - R)`` that the kernel made in copies, with tensor ops only
-    (``f_k / m`` from the ``num_batches_tracked`` tensor; no host read). From
-    :func:`warmup_steps` on, ``R'`` itself is written (bit-identical to the eager path)."""
+def correct_traced_update(layer: _NormBase, m_mean: Tensor, m_var: Tensor) -> None:
+    """Write the corrected update ``lerp(R, b, f_k)`` into the layer's buffers ``R`` with tensor
+    ops only (``f_k`` from the ``num_batches_tracked`` tensor; no host read). The kernel updated
+    zero-filled copies, so they hold ``m b`` (the batch statistics times the momentum) exactly:
+    ``b`` is recovered by one division, never from a difference with the prior (which lost the
+    first step's ``b`` of about ``1/D`` against a prior of 1 in half precision). ``lerp`` is
+    exact at ``f_k = 1``, so the first step copies ``b``. Agrees with the eager path to rounding
+    (the eager path is BN's update bit for bit after :func:`warmup_steps`; this one is lerp's)."""
     m = float(layer.momentum)
     k = layer.num_batches_tracked
     with torch.no_grad():
-        gain = -1.0 / torch.expm1(k.to(torch.float64) * math.log1p(-m)) if 0.0 < m < 1.0 else None
-        for buf, new in ((layer.running_mean, new_mean), (layer.running_var, new_var)):
-            if gain is None:
-                buf.copy_(new)
-                continue
-            corrected = buf + gain.to(buf.dtype) * (new - buf)
-            buf.copy_(torch.where(k < warmup_steps(m), corrected, new))
+        f = m / -torch.expm1(k.to(torch.float64) * math.log1p(-m))
+        for buf, mb in ((layer.running_mean, m_mean), (layer.running_var, m_var)):
+            buf.copy_(torch.lerp(buf, mb / m, f.to(buf.dtype)))
 
 
 def check_eps_share(layer: _NormBase, input: Tensor) -> None:

@@ -272,7 +272,7 @@ def tangent_coeffs(
     if batch_stats:
         if d_nc is not None and xd_nc is not None:
             sdu = (kk * d_nc - rho * m_sp * mk).sum(0)
-            sudu = (kk * kk * xd_nc - rho * m_sp * (vk + mk * mk)).sum(0)
+            sudu = ((kk * xd_nc) * kk - rho * m_sp * (vk + mk * mk)).sum(0)  # k^2 alone may overflow
             dmu = sdu / count
             dvar = 2 * (sudu - mu * sdu) / count
         else:
