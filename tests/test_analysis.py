@@ -18,6 +18,7 @@ from l2bn.analysis import (
     fisher_ratio,
     knn_accuracy,
 )
+from browser import dump_dom
 from l2bn.analysis.analyze import probe_model
 from l2bn.models import create_model
 
@@ -189,14 +190,7 @@ def test_report_renders_in_chromium(tmp_path, two_runs):
             "document.body.dataset.errors=window.__errors.length;});</script>")
     probe = out / "probe.html"
     probe.write_text(html.replace("</head>", hook + "</head>", 1))
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    assert chromium, "chromium is required for this test (apt-get install chromium; scripts/install.sh does it)"
-    dom = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    ).stdout
+    dom = dump_dom(probe, tmp_path)
     assert 'data-images="5"' in dom and 'data-images-ok="5"' in dom and 'data-errors="0"' in dom, dom[:500]
 
 

@@ -119,7 +119,7 @@ if _IMPORT_ERROR is None:
         meaning; the normalized direction is the same. The default is the paper's formula.
 
         Args:
-            *args, **kwargs: exactly those of ``keras.layers.BatchNormalization`` (including
+            \*args, \*\*kwargs: exactly those of ``keras.layers.BatchNormalization`` (including
                 ``name`` and ``dtype``).
             l2_epsilon: (keyword) lower bound of each sample's l2 norm, so an all-zero sample
                 gives zeros and finite gradients. Must be ``>= 0``; keep it above ~1e-18 in

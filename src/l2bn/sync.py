@@ -42,9 +42,10 @@ class SyncL2BatchNorm(_L2NormBase):
     Evaluation never communicates: it uses the running statistics, or with
     ``track_running_stats=False`` each rank's own batch statistics (as ``nn.SyncBatchNorm``).
 
+    ``num_features``, ``eps``, ``momentum``, ``affine``, ``track_running_stats``, ``device``,
+    ``dtype``, ``unit_rms`` and ``l2_eps`` are as in :class:`l2bn.L2BatchNorm2d`.
+
     Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype, unit_rms,
-        l2_eps: as in :class:`l2bn.L2BatchNorm2d`.
         process_group: the group to synchronise over; ``None`` for the default (world) group.
 
     Shape:
