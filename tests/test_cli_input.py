@@ -119,7 +119,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(tmp_path, monk
 
 def test_ctrl_c_says_how_to_continue(tmp_path):
     out = tmp_path / "R"
-    proc = subprocess.Popen([sys.executable, "-m", "l2bn", "train", "--dataset", "digits", "--epochs", "200",
+    proc = subprocess.Popen([sys.executable, "-m", "l2bn", "train", "--dataset", "digits", "--epochs", "100000",
                              "--out", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and (out / "last.pt").is_file()):
@@ -153,3 +153,37 @@ def test_shipped_recipes_by_name(tmp_path):
     assert "dcase2020-1a-resnet" in r.stdout.split() and "cifar10-resnet56" in r.stdout.split()
     _one_line_error(cli("train", "--config", "cifar10-resnet57", "--out", str(tmp_path / "R")),
                     "config file not found: cifar10-resnet57", "cifar10-resnet56")
+
+
+def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch):
+    """A bug (here a shape error raised inside the training step) is not bad input: the CLI lets
+    the traceback through instead of one line and exit 2."""
+    import l2bn.train.engine as loop  # the trainer's own reference to the epoch function
+
+    def broken(*a, **k):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (128x64 and 32x10)")
+
+    monkeypatch.setattr(loop, "train_one_epoch", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        l2bn_cli.main(["train", "--dataset", "digits", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "R")])
+    for err in (ValueError("a value error inside torch"), ImportError("cannot import name 'x' from 'l2bn.models'")):
+        monkeypatch.setattr(loop, "train_one_epoch", lambda *a, e=err, **k: (_ for _ in ()).throw(e))
+        with pytest.raises(type(err)):
+            l2bn_cli.main(["train", "--dataset", "digits", "--epochs", "1", "--no-progress", "--out",
+                           str(tmp_path / "S")])
+
+
+def test_deliberate_input_errors_are_usage_errors(tmp_path, capsys):
+    """Every error l2bn raises for bad input derives from l2bn.io.UsageError (one line, exit 2),
+    and stays the builtin type callers catch (ValueError, FileNotFoundError, ...)."""
+    from l2bn.data import DataNotFoundError
+    from l2bn.io import BadInput, UsageError
+    from l2bn.models import create_model
+
+    assert issubclass(DataNotFoundError, FileNotFoundError) and issubclass(DataNotFoundError, UsageError)
+    with pytest.raises(BadInput, match="unknown model 'resnet9'"):
+        create_model("resnet9", num_classes=10)
+    assert issubclass(BadInput, ValueError)
+    code = l2bn_cli.main(["analyze", str(tmp_path / "missing-run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "missing-run" in err[0], err

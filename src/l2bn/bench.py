@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .io import BadInput
 from .modules import l2_layer_for_dim
 
 Shape = Tuple[str, Tuple[int, ...]]
@@ -328,7 +329,7 @@ def bench_layers(
     least :data:`BANDWIDTH_MIN_BYTES`; ``channels_last`` lays 4-D inputs out as NHWC.
     """
     if rounds < 1 or reps < 1:
-        raise ValueError(f"rounds and reps must be at least 1, got rounds={rounds}, reps={reps}")
+        raise BadInput(f"rounds and reps must be at least 1, got rounds={rounds}, reps={reps}")
     dev = torch.device(device)
     bandwidth = dev.type == "cuda" if bandwidth is None else bandwidth
     cases = []
@@ -489,11 +490,11 @@ def run(
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but torch.cuda.is_available() is False")
+            raise BadInput(f"device {device!r} asked for, but torch.cuda.is_available() is False")
         if dev.index is not None:
             torch.cuda.set_device(dev)
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise BadInput(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if threads:
         torch.set_num_threads(threads)
     rounds = rounds if rounds is not None else (3 if quick else 5)

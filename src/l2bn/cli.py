@@ -5,6 +5,7 @@
     l2bn analyze RUN_DIR...           # norm spread, compactness, discrepancy -> analysis.json
     l2bn report  RUN_DIR... -o DIR    # report.html + report.md
     l2bn bench   [--device cpu] [--threads 2] [--json out.json]
+    l2bn eps-trap [--per-layer]       # eps's share of each norm layer's denominator (DCASE networks)
 """
 
 from __future__ import annotations
@@ -44,8 +45,6 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple = (), defaults: Op
             p.add_argument(flag, type=base, default=argparse.SUPPRESS, help=helptext)
 
 
-#: recipe fields that ``compare`` sets itself (axes, directories) or that mean nothing there
-COMPARE_SKIP = ("model", "norm", "seed", "out", "dataset", "data_dir", "resume", "test_only")
 
 
 def _overrides(args: argparse.Namespace, skip: tuple = ()) -> Dict[str, Any]:
@@ -55,19 +54,17 @@ def _overrides(args: argparse.Namespace, skip: tuple = ()) -> Dict[str, Any]:
 
 
 def _errors() -> tuple:
-    """Exceptions that mean bad input (one clear line, exit 2), not a bug."""
-    from .data import DataNotFoundError
-    from .io import JSONFileError
-    from .report.runs import ReportError
-    from .train.checkpoint import CheckpointError
+    """Exceptions that mean bad input (one clear line, exit 2), not a bug: the errors l2bn
+    raises on purpose (:class:`l2bn.io.UsageError`) and a missing optional package. Every other
+    exception — a shape error inside torch, out of memory, a bug of ours — keeps its traceback."""
+    from .io import UsageError
 
-    return (DataNotFoundError, CheckpointError, JSONFileError, ReportError, ValueError, FileNotFoundError, ImportError,
-            RuntimeError)
+    return (UsageError, ModuleNotFoundError)
 
 
-#: OS errors that describe the machine, not a bug: one line naming the file
+#: OS errors that describe the machine or a path the user gave, not a bug: one line naming the file
 _ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST,
-                                 errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG})
+                                 errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ENOENT})
 
 
 def _environment_error(e: OSError) -> bool:
@@ -77,10 +74,29 @@ def _environment_error(e: OSError) -> bool:
 def _fail(cmd: str, e: BaseException) -> int:
     from .train import TrainingDiverged
 
+    if isinstance(e, ModuleNotFoundError) and not isinstance(e, _errors()[0]):
+        if (e.name or "").split(".")[0] in ("l2bn", ""):
+            raise e  # our own module missing: a broken install, keep the traceback
+        print(f"l2bn {cmd}: error: this needs the optional package {e.name!r} "
+              f"(pip install 'l2bn[dev]' installs every extra)", file=sys.stderr)
+        return 2
     if isinstance(e, OSError) and e.errno is not None and e.strerror:
         e = f"{e.filename}: {e.strerror}" if e.filename else e.strerror  # type: ignore[assignment]
     print(f"l2bn {cmd}: error: {e}", file=sys.stderr)
     return 3 if isinstance(e, TrainingDiverged) else 2
+
+
+def _guarded(cmd: str, work) -> int:
+    """Run ``work()``; bad input and environment errors become one line and exit 2 (3 when
+    training diverged), anything else keeps its traceback."""
+    try:
+        return work()
+    except _errors() as e:
+        return _fail(cmd, e)
+    except OSError as e:
+        if not _environment_error(e):
+            raise
+        return _fail(cmd, e)
 
 
 def _interrupted(cmd: str, out: str, again: str) -> int:
@@ -122,31 +138,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .experiment import PRESETS, compare, parse_grid
-    from .train.config import load_config
+    from .experiment import COMPARE_SKIP, compare, plan_compare
 
     try:
-        preset = PRESETS[args.preset]
-        train_kw: Dict[str, Any] = dict(preset["train"])
-        grid = dict(preset["grid"])
-        if args.config:
-            from_file = load_config(args.config, extra_keys=("grid",))
-            grid.update(parse_grid([f"{k}={','.join(map(str, v))}" for k, v in (from_file.pop("grid", None) or {}).items()]))
-            train_kw.update(from_file)
-        train_kw.update(_overrides(args, skip=COMPARE_SKIP))
-        grid.update(parse_grid(args.grid or []))
-        dataset = args.dataset or train_kw.pop("dataset", None) or preset["dataset"]
-        train_kw.pop("dataset", None)
-        models = args.models or ([train_kw["model"]] if args.config and "model" in train_kw else preset["models"])
-        cfg_norm = train_kw.get("norm") if args.config else None
-        norms = args.norms or (["bn", cfg_norm] if cfg_norm and cfg_norm != "bn" else preset["norms"])
-        seeds = args.seeds if args.seeds is not None else preset["seeds"]
-        for k in COMPARE_SKIP:
-            train_kw.pop(k, None)
-        out = args.out or (f"runs/compare-{dataset}" if args.preset == "quick" else f"runs/{args.preset}-{dataset}")
-        note = preset["note"] if not args.config else f"Recipe: {args.config}."
-        compare(out, models, norms, seeds, dataset, train_kw, grid=grid, data_dir=args.data_dir, note=note,
-                analyze=args.analyze)
+        plan = plan_compare(args.preset, args.config, _overrides(args, skip=COMPARE_SKIP), args.grid or [],
+                            models=args.models, norms=args.norms, seeds=args.seeds, dataset=args.dataset,
+                            out=args.out)
+        out = plan["out"]
+        compare(out, plan["models"], plan["norms"], plan["seeds"], plan["dataset"], plan["train_kw"],
+                grid=plan["grid"], data_dir=args.data_dir, note=plan["note"], analyze=args.analyze)
     except _errors() as e:
         return _fail("compare", e)
     except OSError as e:
@@ -165,46 +165,60 @@ def _compare(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from .analysis.analyze import analyze_run
 
-    for d in args.runs:
-        try:
+    def work() -> int:
+        for d in args.runs:
             a = analyze_run(d, data_dir=args.data_dir, max_examples=args.max_examples, knn=not args.no_knn)
-        except _errors() as e:
-            return _fail("analyze", e)
-        cv = sum(s["cv"] for s in a["norm_spread"].values()) / len(a["norm_spread"])
-        print(f"{d}: compactness {a['compactness']:.4f}  discrepancy {a['discrepancy_mean_deg']:.2f} deg "
-              f"(min {a['discrepancy_min_deg']:.2f})  fisher {a['fisher_ratio']:.3f}  "
-              f"knn {a.get('knn_accuracy', float('nan')):.2f}%  mean norm CV {cv:.3f}  -> {d}/analysis.json")
-    return 0
+            cv = sum(s["cv"] for s in a["norm_spread"].values()) / len(a["norm_spread"])
+            print(f"{d}: compactness {a['compactness']:.4f}  discrepancy {a['discrepancy_mean_deg']:.2f} deg "
+                  f"(min {a['discrepancy_min_deg']:.2f})  fisher {a['fisher_ratio']:.3f}  "
+                  f"knn {a.get('knn_accuracy', float('nan')):.2f}%  mean norm CV {cv:.3f}  -> {d}/analysis.json")
+        return 0
+
+    return _guarded("analyze", work)
 
 
 def _report(args: argparse.Namespace) -> int:
     from .report.build import build_report
 
-    try:
+    def work() -> int:
         paths = build_report(args.runs, args.output, title=args.title, note=args.note)
-    except _errors() as e:
-        return _fail("report", e)
-    print(f"wrote {paths['html']}, {paths['md']} and {paths['summary']}")
-    return 0
+        print(f"wrote {paths['html']}, {paths['md']} and {paths['summary']}")
+        return 0
+
+    return _guarded("report", work)
 
 
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    try:
+    def work() -> int:
         report = bench.run(
             device=args.device, threads=args.threads, reps=args.reps, compile=not args.no_compile,
             resnet=not args.no_resnet, json_path=args.json, quick=args.quick, rounds=args.rounds,
             dtype=args.dtype, shapes={"cpu": bench.SHAPES, "gpu": bench.GPU_SHAPES}.get(args.shapes),
             channels_last=args.channels_last, bandwidth=args.bandwidth, backend=args.backend,
         )
-    except ValueError as e:
-        return _fail("bench", e)
-    print(report)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(report + "\n")
-    return 0
+        print(report)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(report + "\n")
+        return 0
+
+    return _guarded("bench", work)
+
+
+def _eps_trap(args: argparse.Namespace) -> int:
+    from .analysis.eps_trap import eps_trap_report
+
+    def work() -> int:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        print(eps_trap_report(args.models, args.norms, args.batch, args.frames, args.per_layer))
+        return 0
+
+    return _guarded("eps-trap", work)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,10 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(t)
     t.set_defaults(func=_train)
 
-    from .experiment import PRESETS
+    from .experiment import COMPARE_SKIP, PRESETS
 
     c = sub.add_parser("compare", help="BN vs L2BN over models x norms x seeds x any config axis, with a report (the main job)")
-    c.add_argument("--preset", default="quick", choices=["quick", "paper", "batch-size", "depth"],
+    c.add_argument("--preset", default="quick", choices=list(PRESETS),
                    help="recipe and grid (default: quick, the main job)")
     c.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
                    help="a config key as a grid axis (repeatable), e.g. --grid batch_size=16,32,64,128")
@@ -272,6 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, help="also write the measurements as JSON")
     b.add_argument("--markdown", default=None, help="also write the table as markdown")
     b.set_defaults(func=_bench)
+
+    e = sub.add_parser("eps-trap", help="how much of each norm layer's denominator is eps (the DCASE networks)")
+    e.add_argument("--models", nargs="+", default=["dcase-resnet", "dcase-fcnn", "dcase-fsfcnn"],
+                   help="models to measure (default: the three DCASE networks)")
+    e.add_argument("--norms", nargs="+", default=["bn", "l2bn", "l2bn-rms"], help="norms (default: bn l2bn l2bn-rms)")
+    e.add_argument("--batch", type=int, default=8, help="synthetic scenes in the batch (default: 8)")
+    e.add_argument("--frames", type=int, default=400, help="frames per scene (default: 400)")
+    e.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    e.add_argument("--per-layer", action="store_true", help="also print every layer")
+    e.set_defaults(func=_eps_trap)
     return p
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .io import read_json
+from .io import UsageError, read_json
 from .train.config import (
     TrainConfig,
     check_config,
@@ -31,12 +31,17 @@ from .train.config import (
     check_value,
     conflict_message,
     field_type,
+    load_config,
     recipe_conflicts,
     saved_config,
 )
 from .train.lock import RunDirBusy, lock_owner, run_lock
 
-__all__ = ["PRESETS", "compare", "plan_runs", "parse_grid", "run_dir", "ExperimentError"]
+__all__ = ["PRESETS", "COMPARE_SKIP", "compare", "plan_compare", "plan_runs", "parse_grid", "run_dir",
+           "ExperimentError"]
+
+#: recipe fields that ``compare`` sets itself (axes, directories) or that mean nothing there
+COMPARE_SKIP = ("model", "norm", "seed", "out", "dataset", "data_dir", "resume", "test_only")
 
 # The main job: Fashion-MNIST, a small CIFAR-style ResNet, 3 seeds per norm, < 10 min on 2 CPU cores.
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -69,7 +74,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-class ExperimentError(ValueError):
+class ExperimentError(UsageError, ValueError):
     """A grid or run directory that cannot be used (bad axis, a directory holding another recipe)."""
 
 
@@ -96,6 +101,46 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
         if not grid[key]:
             raise ExperimentError(f"--grid {item!r}: no values")
     return grid
+
+
+def plan_compare(preset: str = "quick", config: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
+                 grid: Sequence[str] = (), *, models: Optional[Sequence[str]] = None,
+                 norms: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None,
+                 dataset: Optional[str] = None, out: Optional[str] = None) -> Dict[str, Any]:
+    """What ``l2bn compare`` runs, from its sources in increasing precedence: the preset, then
+    the YAML recipe ``config`` (its ``grid:`` mapping too), then the flags (``overrides`` of
+    recipe fields, ``grid`` items ``KEY=V1,V2``, and the axes ``models``/``norms``/``seeds``).
+
+    A recipe that names a model is compared on that model; one that names a norm other than BN
+    is compared against BN. Returns the keyword arguments of :func:`compare` (``out``,
+    ``models``, ``norms``, ``seeds``, ``dataset``, ``train_kw``, ``grid``, ``note``).
+
+    Example:
+        >>> p = plan_compare("quick", overrides={"epochs": 2}, grid=["batch_size=64,128"])
+        >>> p["models"], p["norms"], p["train_kw"]["epochs"], p["grid"], p["out"]
+        (['resnet8'], ['bn', 'l2bn'], 2, {'batch_size': [64, 128]}, 'runs/compare-fashion-mnist')
+    """
+    chosen = PRESETS[preset]
+    train_kw: Dict[str, Any] = dict(chosen["train"])
+    axes = dict(chosen["grid"])
+    if config:
+        from_file = load_config(config, extra_keys=("grid",))
+        file_grid = from_file.pop("grid", None) or {}
+        axes.update(parse_grid([f"{k}={','.join(map(str, v))}" for k, v in file_grid.items()]))
+        train_kw.update(from_file)
+    train_kw.update({k: v for k, v in (overrides or {}).items() if k not in COMPARE_SKIP})
+    axes.update(parse_grid(grid))
+    dataset = dataset or train_kw.get("dataset") or chosen["dataset"]
+    models = list(models or ([train_kw["model"]] if config and "model" in train_kw else chosen["models"]))
+    cfg_norm = train_kw.get("norm") if config else None
+    norms = list(norms or (["bn", cfg_norm] if cfg_norm and cfg_norm != "bn" else chosen["norms"]))
+    seeds = list(seeds if seeds is not None else chosen["seeds"])
+    for k in COMPARE_SKIP:
+        train_kw.pop(k, None)
+    out = out or (f"runs/compare-{dataset}" if preset == "quick" else f"runs/{preset}-{dataset}")
+    note = chosen["note"] if not config else f"Recipe: {config}."
+    return dict(out=out, models=models, norms=norms, seeds=seeds, dataset=dataset, train_kw=train_kw,
+                grid=axes, note=note)
 
 
 def _fmt(v: Any) -> str:

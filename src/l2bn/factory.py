@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .io import BadInput
 from .modules import l2_layer_for_dim
 from .sync import SyncL2BatchNorm
 
@@ -55,10 +56,10 @@ def canonical_norm(name: str, sync: bool = False) -> str:
     """
     key = _ALIASES.get(str(name).lower())
     if key is None:
-        raise ValueError(f"unknown norm layer {name!r}; choose one of {', '.join(NORM_NAMES)}")
+        raise BadInput(f"unknown norm layer {name!r}; choose one of {', '.join(NORM_NAMES)}")
     if sync:
         if key == "none":
-            raise ValueError("norm 'none' has no synchronised version (drop --sync-bn)")
+            raise BadInput("norm 'none' has no synchronised version (drop --sync-bn)")
         key = _SYNC.get(key, key)
     return key
 

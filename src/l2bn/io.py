@@ -12,12 +12,31 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Union
 
-__all__ = ["atomic_write_bytes", "write_json", "read_json", "JSONFileError"]
+__all__ = ["atomic_write_bytes", "write_json", "read_json", "JSONFileError", "UsageError", "BadInput",
+           "MissingFile", "MissingDependency"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class JSONFileError(ValueError):
+class UsageError(Exception):
+    """Base of the errors l2bn raises on purpose for bad input (a flag, a file, a recipe, a
+    missing dataset or extra): the command line prints their message as one line and exits 2.
+    Anything else is a bug and keeps its traceback."""
+
+
+class BadInput(UsageError, ValueError):
+    """A value the user gave is not one l2bn can use; the message says what was expected."""
+
+
+class MissingFile(UsageError, FileNotFoundError):
+    """A file the user named does not exist; the message says what was expected there."""
+
+
+class MissingDependency(UsageError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+class JSONFileError(UsageError, ValueError):
     """A JSON file is missing, unreadable or not valid JSON; the message names the file."""
 
 

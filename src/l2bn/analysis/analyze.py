@@ -13,7 +13,7 @@ from torch import nn
 
 from ..io import write_json
 from ..train.checkpoint import CheckpointError, load_checkpoint, load_model_state
-from ..train.config import FIELDS, TrainConfig
+from ..train.config import TrainConfig
 from ..train.lock import lock_owner
 from .metrics import feature_metrics
 from .probes import FeatureProbe, NormInputProbe
@@ -70,7 +70,7 @@ def analyze_run(run_dir: str, data_dir: Optional[str] = None, max_examples: int 
     if not ckpt.is_file():
         raise CheckpointError(f"{run}: no checkpoint (expected {ckpt}); train the run first with `l2bn train --out {run}`")
     state = load_checkpoint(ckpt)
-    cfg = TrainConfig(**{k: v for k, v in state["config"].items() if k in FIELDS})
+    cfg = TrainConfig.from_record(state["config"])
     owner = lock_owner(run)
     if owner is not None:
         warnings.warn(f"{run} is being trained by another process (pid {owner.get('pid', '?')}): analysing its "

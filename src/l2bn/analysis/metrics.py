@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..io import BadInput
+
 
 def _centroids(f: Tensor, y: Tensor):
     classes = torch.unique(y)
@@ -54,7 +56,7 @@ def discrepancy(features: Tensor, labels: Tensor) -> Dict[str, float]:
     _, cents = _centroids(features.double(), labels)
     k = len(cents)
     if k < 2:
-        raise ValueError("discrepancy needs at least two classes")
+        raise BadInput("discrepancy needs at least two classes")
     c = F.normalize(cents, dim=1, eps=1e-12)
     cos = (c @ c.T).clamp(-1, 1)
     iu = torch.triu_indices(k, k, 1)

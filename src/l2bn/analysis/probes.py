@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from ..io import BadInput
+
 HIST_RANGE = (-4.0, 4.0)  # log10(norm)
 HIST_BINS = 80
 MIN_HIST_SPAN = 0.01  # log10 units: a histogram of equal norms still has a width
@@ -94,7 +96,7 @@ class NormInputProbe:
         self.model = model
         self.layers = norm_layers(model)
         if not self.layers:
-            raise ValueError(f"{type(model).__name__} has no normalization layers to probe")
+            raise BadInput(f"{type(model).__name__} has no normalization layers to probe")
         self.stats: Dict[str, _Stream] = {n: _Stream() for n, _ in self.layers}
         self.kinds = {n: type(m).__name__ for n, m in self.layers}
         self._handles: list = []
@@ -127,10 +129,10 @@ class FeatureProbe:
         if layer is None:
             linears = [n for n, m in mods.items() if isinstance(m, nn.Linear)]
             if not linears:
-                raise ValueError("no nn.Linear classifier found; pass layer= the name of the layer whose input to capture")
+                raise BadInput("no nn.Linear classifier found; pass layer= the name of the layer whose input to capture")
             layer = linears[-1]
         if layer not in mods:
-            raise ValueError(f"no layer named {layer!r} in the model")
+            raise BadInput(f"no layer named {layer!r} in the model")
         self.layer, self.module, self.max_items = layer, mods[layer], max_items
         self.feats: List[Tensor] = []
         self._n = 0

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..io import BadInput
+
 
 def random_crop(x: Tensor, pad: int, generator: Optional[torch.Generator]) -> Tensor:
     """Random ``pad``-pixel translation of each image (reflect padding, then crop)."""
@@ -206,7 +208,7 @@ def transform(name: str, x: Tensor) -> Tensor:
         from .audio.features import stack_deltas
 
         return stack_deltas(x)
-    raise ValueError(f"unknown input transform {name!r}; expected 'none' or 'deltas'")
+    raise BadInput(f"unknown input transform {name!r}; expected 'none' or 'deltas'")
 
 
 _NAMES = "'none', 'crop<P>[-flip]', 'tcrop<F>', 'tcrop<F>-each' or 'specaug<Fm>x<Tm>' (joined with '+')"
@@ -238,7 +240,7 @@ def _apply_one(name: str, x: Tensor, generator: Optional[torch.Generator]) -> Te
         return spec_augment(x, int(s.group(1)), int(s.group(2)), generator)
     m = re.fullmatch(r"crop(\d+)(-flip)?", name)
     if not m:
-        raise ValueError(f"unknown augmentation {name!r}; expected {_NAMES}")
+        raise BadInput(f"unknown augmentation {name!r}; expected {_NAMES}")
     x = random_crop(x, int(m.group(1)), generator)
     if m.group(2):
         x = random_flip(x, generator)

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from ..io import MissingDependency
 from .registry import DataBundle, register_dataset
 
 
@@ -18,7 +19,7 @@ def load_digits(data_dir: Optional[str] = None) -> DataBundle:
     try:
         from sklearn.datasets import load_digits as sk_digits
     except ImportError as e:  # pragma: no cover
-        raise ImportError("the 'digits' dataset needs scikit-learn: pip install 'l2bn[vision]'") from e
+        raise MissingDependency("the 'digits' dataset needs scikit-learn: pip install 'l2bn[vision]'") from e
     d = sk_digits()
     x = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype("uint8")).unsqueeze(1)
     y = torch.from_numpy(d.target).long()

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..io import BadInput
 from . import augment as aug
 from .registry import DataBundle
 
@@ -56,7 +57,7 @@ class TensorBatches:
         if train and max_steps:
             self.steps = min(self.steps, max_steps)
         if train and self.steps == 0:
-            raise ValueError(f"batch size {batch_size} is larger than the per-process training set ({n} examples)")
+            raise BadInput(f"batch size {batch_size} is larger than the per-process training set ({n} examples)")
 
     @property
     def num_examples(self) -> int:
@@ -147,7 +148,7 @@ def make_loaders(data: DataBundle, device: torch.device, batch_size: int, *, see
                                 pairs=pairs)
     else:
         if pairs:
-            raise ValueError("mixup_mode 'pairs' needs an in-memory dataset (not an image folder)")
+            raise BadInput("mixup_mode 'pairs' needs an in-memory dataset (not an image folder)")
         tr = LoaderBatches(data.train_set, device, batch_size, train=True, seed=seed, rank=rank, world_size=world_size,
                            workers=workers, channels_last=channels_last, max_steps=max_steps)
     return tr, te

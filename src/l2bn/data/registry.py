@@ -9,8 +9,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..io import BadInput, UsageError
 
-class DataNotFoundError(FileNotFoundError):
+
+class DataNotFoundError(UsageError, FileNotFoundError):
     """The data is missing or unreadable; the message says where we looked and how to get it."""
 
 
@@ -90,7 +92,7 @@ def load_dataset(name: str, data_dir: Optional[str] = None, verify_data: bool = 
         DataNotFoundError: files missing or corrupt (the message says where and how to get them).
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
+        raise BadInput(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
     if data_dir is not None and not Path(data_dir).exists():
         raise DataNotFoundError(f"{name}: the data directory {data_dir} does not exist (an explicit --data-dir is "
                                 f"used as given; drop it to use the default locations)")

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..factory import get_norm_layer
+from ..io import BadInput
 from .registry import register_model
 
 
@@ -41,7 +42,7 @@ class CifarResNet(nn.Module):
     ) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+            raise BadInput(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         norm_layer = get_norm_layer(norm, 2)
         widths = [16 * width, 32 * width, 64 * width]

@@ -61,14 +61,12 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 
 from ..factory import get_norm_layer
 from .registry import register_model
@@ -76,7 +74,7 @@ from .registry import register_model
 __all__ = [
     "KERAS_BN_EPS", "KERAS_BN_MOMENTUM", "REFERENCE", "tf_same_padding", "Conv2dSame", "MaxPool2dSame",
     "AvgPool2dSame", "ChannelAttention", "DCASEResNet", "DCASEFCNN", "DCASEFsFCNN", "keras_he_normal_",
-    "param_counts", "measure_norm_layers", "default_final_norm",
+    "param_counts", "default_final_norm",
 ]
 
 KERAS_BN_EPS = 1e-3
@@ -455,131 +453,3 @@ def param_counts(model: nn.Module) -> Tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     stats = sum(b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var")))
     return trainable, stats
-
-
-@torch.no_grad()
-def measure_norm_layers(model: nn.Module, x: Tensor) -> List[Dict[str, Any]]:
-    """Run ``model`` on ``x`` in training mode (batch statistics) and measure every norm layer.
-
-    For each layer (in call order): ``D`` (entries per sample), ``in_std`` and ``out_std`` (std of
-    its input and output), ``var_c`` (mean over channels of the batch variance of what BN
-    normalizes -- the l2-normalized input for L2BN, scaled to unit RMS for ``unit_rms``) and
-    ``eps_share`` (mean over channels of ``eps / (var_c + eps)``: the fraction of the squared
-    denominator that is ``eps``; near 1 the layer divides by ``sqrt(eps)`` instead of by the
-    channel's spread). Running statistics are restored afterwards.
-    """
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _NormBase)]
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    was_training = model.training
-    rows: List[Dict[str, Any]] = []
-
-    def hook(name: str, m: nn.Module):
-        def fn(mod: nn.Module, args: tuple, out: Tensor) -> None:
-            inp = args[0].detach().float()
-            d = inp[0].numel()
-            u = inp
-            if hasattr(mod, "unit_rms"):  # an L2BN layer: the per-sample l2 step first
-                r = torch.linalg.vector_norm(inp.flatten(1), dim=1).clamp_min(getattr(mod, "l2_eps", 1e-12))
-                u = inp / r.view(-1, *([1] * (inp.dim() - 1))) * (math.sqrt(d) if mod.unit_rms else 1.0)
-            var = u.transpose(0, 1).flatten(1).var(dim=1, unbiased=False)
-            rows.append({
-                "layer": name, "type": type(mod).__name__, "C": int(inp.shape[1]), "D": int(d),
-                "in_std": float(inp.std()), "var_c": float(var.mean()),
-                "eps_share": float((mod.eps / (var + mod.eps)).mean()), "out_std": float(out.detach().float().std()),
-            })
-        return fn
-
-    handles = [m.register_forward_hook(hook(n, m)) for n, m in layers]
-    try:
-        model.train()
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.load_state_dict(saved)
-        model.train(was_training)
-    return rows
-
-
-def _synthetic_scenes(n: int, frames: int, seed: int = 0) -> Tensor:
-    """``(n, 3, 128, frames)`` features of synthetic 10-s "scenes" (tones, chirps, noise bursts)
-    through the real front-end (:func:`l2bn.data.audio.logmel`, deltas)."""
-    from ..data.audio.features import FrontEnd, logmel, stack_deltas
-
-    fe = FrontEnd()
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(fe.n_samples, dtype=torch.float64) / fe.sample_rate
-    waves = []
-    for i in range(n):
-        f0 = 100.0 + 3000.0 * float(torch.rand(1, generator=g))
-        y = 0.2 * torch.sin(2 * math.pi * (f0 + 40.0 * i * t) * t)
-        y = y + 0.05 * torch.randn(len(t), generator=g, dtype=torch.float64) * (1 + torch.sin(2 * math.pi * 0.3 * (i + 1) * t))
-        waves.append(y.float())
-    feats = stack_deltas(logmel(torch.stack(waves), fe))
-    return feats[..., :frames]
-
-
-def _spread(rows: List[Dict[str, Any]], key: str) -> Tuple[float, float, float]:
-    import statistics
-
-    vals = [r[key] for r in rows]
-    return statistics.median(vals), min(vals), max(vals)
-
-
-def _eps_trap_table(models: Sequence[str], norms: Sequence[str], batch: int, frames: int, threads: int,
-                    per_layer: bool = False) -> str:
-    from .registry import create_model
-
-    if threads:
-        torch.set_num_threads(threads)
-    x = _synthetic_scenes(batch, frames)
-    lines = [f"eps trap: {batch} synthetic 10-s scenes through the front-end, T = {frames}, training-mode batch "
-             f"statistics, at initialisation; the switchable norm layers (all but final_bn)", "",
-             "| model | norm | layers | D (min-max) | var_c median | eps share: median (min-max) | out std: median (min-max) |",
-             "|---|---|---|---|---|---|---|"]
-    details: List[str] = []
-    for name in models:
-        for norm in norms:
-            torch.manual_seed(0)
-            net = create_model(name, 10, 3, norm)
-            rows = [r for r in measure_norm_layers(net, x) if r["layer"] != _final_name(net)]
-            d, e, o = _spread(rows, "D"), _spread(rows, "eps_share"), _spread(rows, "out_std")
-            lines.append(f"| {name} | {norm} | {len(rows)} | {d[1]:,}-{d[2]:,} | {_spread(rows, 'var_c')[0]:.2e} | "
-                         f"{e[0]:.3f} ({e[1]:.3f}-{e[2]:.3f}) | {o[0]:.3f} ({o[1]:.3f}-{o[2]:.3f}) |")
-            if per_layer:
-                details += ["", f"{name} / {norm}", "", "| layer | C | D | var_c | eps share | in std | out std |", "|---|---|---|---|---|---|---|"]
-                details += [f"| {r['layer']} | {r['C']} | {r['D']:,} | {r['var_c']:.2e} | {r['eps_share']:.3f} | "
-                            f"{r['in_std']:.3g} | {r['out_std']:.3f} |" for r in rows]
-    return "\n".join(lines + details)
-
-
-def _final_name(net: nn.Module) -> str:
-    return next(n for n, m in net.named_modules() if m is net.final_bn)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parameter counts against the Keras reference and, with ``--eps-trap``, the eps measurement
-    of the switchable norm layers (:func:`measure_norm_layers`) for each model and norm::
-
-        python -c "import sys; from l2bn.models.dcase import main; main(sys.argv[1:])" --eps-trap
-    """
-    p = argparse.ArgumentParser(prog="l2bn.models.dcase.main", description="DCASE networks: parameter counts and the eps trap")
-    p.add_argument("--eps-trap", action="store_true", help="measure eps share and output std per norm layer")
-    p.add_argument("--models", nargs="+", default=list(REFERENCE))
-    p.add_argument("--norms", nargs="+", default=["bn", "l2bn", "l2bn-rms"])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--frames", type=int, default=400)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--per-layer", action="store_true", help="also print every layer")
-    a = p.parse_args(argv)
-    from .registry import create_model
-
-    print("| model | trainable (ours / Keras) | running stats (ours / Keras) |\n|---|---|---|")
-    for name in a.models:
-        tr, nt = param_counts(create_model(name, 10, 3, "l2bn"))
-        print(f"| {name} | {tr:,} / {REFERENCE[name][0]:,} | {nt:,} / {REFERENCE[name][1]:,} |")
-    if a.eps_trap:
-        print()
-        print(_eps_trap_table(a.models, a.norms, a.batch, a.frames, a.threads, a.per_layer))
-    return 0
-

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..factory import get_norm_layer
+from ..io import BadInput
 from .registry import register_model
 
 
@@ -35,5 +36,5 @@ def mlp(num_classes: int = 10, in_channels: int = 1, norm: str = "bn", in_featur
         hidden: Sequence[int] = (256, 256)) -> nn.Module:
     """MLP; ``in_features`` is the flattened input size (set by the engine from the dataset)."""
     if in_features <= 0:
-        raise ValueError("mlp needs in_features (the flattened input size)")
+        raise BadInput("mlp needs in_features (the flattened input size)")
     return MLP(in_features, num_classes, hidden, norm)

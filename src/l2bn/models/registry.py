@@ -7,6 +7,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from torch import nn
 
+from ..io import BadInput
+
 MODELS: Dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -36,7 +38,7 @@ def create_model(
         ValueError: unknown model name (the message lists the known ones).
     """
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+        raise BadInput(f"unknown model {name!r}; available: {', '.join(list_models())}")
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, norm=norm, **kwargs)
 
 
@@ -58,11 +60,11 @@ def build_model(name: str, norm: str, *, num_classes: int, input_shape: Sequence
         kw["in_features"] = int(math.prod(input_shape))
     if width != 1:
         if not name.startswith("resnet"):
-            raise ValueError(f"width={width} is only supported by the CIFAR ResNets (resnet8 ... resnet110), not {name!r}")
+            raise BadInput(f"width={width} is only supported by the CIFAR ResNets (resnet8 ... resnet110), not {name!r}")
         kw["width"] = width
     for key, val in (("bn_eps", bn_eps), ("bn_momentum", bn_momentum)):
         if val is not None:
             if not name.startswith("dcase-"):
-                raise ValueError(f"{key} is only taken by the dcase-* models, not {name!r}")
+                raise BadInput(f"{key} is only taken by the dcase-* models, not {name!r}")
             kw[key] = val
     return create_model(name, num_classes, int(input_shape[0]), canonical_norm(norm, sync), **kw)

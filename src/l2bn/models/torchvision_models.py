@@ -9,6 +9,7 @@ import inspect
 from torch import nn
 
 from ..factory import canonical_norm, get_norm_layer
+from ..io import BadInput
 from .registry import register_model
 
 _NAMES = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121")
@@ -21,10 +22,10 @@ def _make(tv_name: str):
         from ..convert import convert
 
         if in_channels != 3:
-            raise ValueError(f"torchvision {tv_name} expects 3 input channels, got {in_channels}")
+            raise BadInput(f"torchvision {tv_name} expects 3 input channels, got {in_channels}")
         key = canonical_norm(norm)
         if key == "none":
-            raise ValueError(f"tv_{tv_name} needs a norm layer; got {norm!r}")
+            raise BadInput(f"tv_{tv_name} needs a norm layer; got {norm!r}")
         builder = getattr(torchvision.models, tv_name)
         if "norm_layer" in inspect.signature(builder).parameters or tv_name.startswith(("resnet", "mobilenet")):
             return builder(weights=None, num_classes=num_classes, norm_layer=get_norm_layer(key, 2))

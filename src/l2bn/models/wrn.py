@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..factory import get_norm_layer
+from ..io import BadInput
 from .registry import register_model
 
 
@@ -34,7 +35,7 @@ class WideResNet(nn.Module):
                  norm: str = "bn", drop: float = 0.0) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0:
-            raise ValueError(f"WRN depth must be 6n+4, got {depth}")
+            raise BadInput(f"WRN depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
         norm_layer = get_norm_layer(norm, 2)
         widths = [16, 16 * k, 32 * k, 64 * k]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
+from ..io import MissingFile
+
 __all__ = ["list_recipes", "resolve_recipe"]
 
 _HERE = Path(__file__).parent
@@ -42,7 +44,7 @@ def resolve_recipe(name_or_path: str) -> Path:
     shipped = _HERE / f"{p.stem if p.suffix in ('.yaml', '.yml') else p.name}.yaml"
     if p.parent == Path(".") and shipped.is_file():
         return shipped
-    raise FileNotFoundError(
+    raise MissingFile(
         f"config file not found: {name_or_path} (expected a YAML file or one of the shipped recipes: "
         f"{', '.join(list_recipes())})"
     )

@@ -83,7 +83,7 @@ def build_report(run_dirs: Sequence[str], out_dir: str, title: str = "", note: s
 
     from ..train.config import TrainConfig
 
-    cfg0 = TrainConfig(**{k: v for k, v in runs[0]["config"].items() if k in TrainConfig.__dataclass_fields__})
+    cfg0 = TrainConfig.from_record(runs[0]["config"])
     recipe = {k: v for k, v in cfg0.recipe_summary().items() if k not in ("seed", "norm", "model", *summary["axes"])
               and all(repr(r["recipe"].get(k)) == repr(v) for r in runs)}  # "every run": only what they share
     if recipe.get("train_subset") and all(r.get("train_examples") is not None and r["train_examples"] < recipe["train_subset"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..factory import canonical_norm
-from ..io import JSONFileError, read_json
+from ..io import JSONFileError, UsageError, read_json
 from .stats import holm, mean_std, paired_difference
 
 __all__ = ["ReportError", "load_runs", "summarize_runs", "grid_axes", "model_order", "MECHANISM_METRICS", "BASELINE"]
@@ -35,7 +35,7 @@ _NOT_AXES = {"model", "norm", "seed"}
 NORM_ORDER = {BASELINE: 0, "l2bn": 1, "l2bn-rms": 2}
 
 
-class ReportError(ValueError):
+class ReportError(UsageError, ValueError):
     """A run directory cannot be reported on (missing or corrupt result.json, unfinished run, ...)."""
 
 
@@ -60,7 +60,7 @@ def load_runs(run_dirs: Sequence[str]) -> List[Dict[str, Any]]:
             raise ReportError(f"{p}: not an l2bn result (no 'config'/'test_acc')")
         if not isinstance(r["test_acc"], (int, float)) or not r.get("history"):
             raise ReportError(f"{d}: the run trained no epoch (no test accuracy): nothing to report")
-        cfg = TrainConfig(**{k: v for k, v in r["config"].items() if k in TrainConfig.__dataclass_fields__})
+        cfg = TrainConfig.from_record(r["config"])
         r["recipe"] = cfg.recipe()
         r["norm"] = canonical_norm(cfg.norm)
         r["dir"] = str(Path(d))

@@ -16,12 +16,12 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..io import atomic_write_bytes
+from ..io import UsageError, atomic_write_bytes
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_model_state"]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError, RuntimeError):
     """A checkpoint is missing, corrupt, unsafe or belongs to another model; the message names the file."""
 
 

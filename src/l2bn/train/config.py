@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..io import UsageError
+
 
 def _f(default: Any, help: str, *, choices: Any = None, ge: Any = None, gt: Any = None, le: Any = None,
        shown: Optional[str] = None) -> Any:
@@ -121,6 +123,18 @@ class TrainConfig:
         """The peak learning rate: ``lr``, scaled by ``batch_size / lr_ref_batch`` if that is set."""
         return self.lr * self.batch_size / self.lr_ref_batch if self.lr_ref_batch > 0 else self.lr
 
+    @classmethod
+    def from_record(cls, record: Dict[str, Any]) -> TrainConfig:
+        """The config a run recorded (``config.json``, ``result.json``, a checkpoint's
+        ``config``): keys of other l2bn versions that this one does not know are left out, keys
+        it does not record take their defaults.
+
+        Example:
+            >>> TrainConfig.from_record({"norm": "bn", "epochs": 3, "a_key_from_elsewhere": 1}).epochs
+            3
+        """
+        return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})
+
     def recipe(self) -> Dict[str, Any]:
         """The fields that identify a run: everything except :data:`RUN_CONTROL`.
 
@@ -184,7 +198,7 @@ RESUMABLE = frozenset({"epochs"})
 AUDIO_KEYS = ("sample_rate", "clip_seconds", "n_fft", "hop_length", "n_mels")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A recipe value of the wrong type, out of its range, or not one of its choices."""
 
 
@@ -287,7 +301,7 @@ def check_config(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     return cfg
 
 
-class RunConfigError(ValueError):
+class RunConfigError(UsageError, ValueError):
     """Flags that contradict the recipe saved in an existing run directory."""
 
 
@@ -331,7 +345,7 @@ def check_keys(d: Dict[str, Any], where: str) -> None:
         if k.replace("-", "_") not in FIELDS:
             close = difflib.get_close_matches(k.replace("-", "_"), FIELDS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{where}: unknown config key {k!r}{hint}")
+            raise ConfigError(f"{where}: unknown config key {k!r}{hint}")
 
 
 def load_config(path: str, extra_keys: Tuple[str, ...] = ()) -> Dict[str, Any]:

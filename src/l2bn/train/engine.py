@@ -26,7 +26,7 @@ from torch import nn
 from ..data import DataBundle, load_dataset
 from ..data.loaders import make_loaders
 from ..factory import canonical_norm
-from ..io import write_json
+from ..io import BadInput, write_json
 from ..models import build_model
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from .config import (
@@ -49,7 +49,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        raise BadInput(f"device {name!r} requested but CUDA is not available")
     return torch.device(name)
 
 
@@ -157,12 +157,12 @@ def _fit(cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_star
     if cfg.augment:
         data = dataclasses.replace(data, augment=cfg.augment)
     if cfg.mixup_mode not in ("batch", "pairs"):
-        raise ValueError(f"unknown mixup_mode {cfg.mixup_mode!r}; choose batch or pairs")
+        raise BadInput(f"unknown mixup_mode {cfg.mixup_mode!r}; choose batch or pairs")
     if cfg.mixup_mode == "pairs" and cfg.mixup <= 0:
-        raise ValueError("mixup_mode 'pairs' needs mixup > 0 (the Beta(alpha, alpha) parameter)")
+        raise BadInput("mixup_mode 'pairs' needs mixup > 0 (the Beta(alpha, alpha) parameter)")
     sync = cfg.sync_bn and env.enabled
     if sync and canonical_norm(cfg.norm) == "bn" and device.type != "cuda":
-        raise RuntimeError("--sync-bn with --norm bn needs CUDA (nn.SyncBatchNorm refuses CPU tensors); "
+        raise BadInput("--sync-bn with --norm bn needs CUDA (nn.SyncBatchNorm refuses CPU tensors); "
                            "use --norm l2bn (SyncL2BatchNorm works on CPU) or drop --sync-bn")
     model = model_for_config(cfg, data, sync=sync).to(device)
     if cfg.channels_last:

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
+from ..io import UsageError
 from .config import ConfigError
 
 try:
@@ -63,7 +64,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_in_child)
 
 
-class RunDirBusy(RuntimeError):
+class RunDirBusy(UsageError, RuntimeError):
     """Another process holds this run directory's lock."""
 
     def __init__(self, out: Path, owner: Dict[str, Any]):

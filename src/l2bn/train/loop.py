@@ -15,6 +15,7 @@ from torch import nn
 
 from ..data import augment as aug
 from ..data.loaders import epoch_generator
+from ..io import BadInput, UsageError
 from .config import TrainConfig
 from .distributed import DistEnv, all_reduce_sum
 from .optim import inverse_time_decay
@@ -22,7 +23,7 @@ from .optim import inverse_time_decay
 __all__ = ["train_one_epoch", "evaluate", "TrainingDiverged"]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UsageError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -30,7 +31,7 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     if cfg.amp == "none":
         return torch.autocast(device.type, enabled=False)
     if cfg.amp not in ("bf16", "fp16"):
-        raise ValueError(f"unknown amp mode {cfg.amp!r}; choose none, bf16 or fp16")
+        raise BadInput(f"unknown amp mode {cfg.amp!r}; choose none, bf16 or fp16")
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
 
 

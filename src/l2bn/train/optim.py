@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as S
 
+from ..io import BadInput
 from .config import TrainConfig
 
 __all__ = ["param_groups", "make_optimizer", "make_scheduler", "fast_forward", "inverse_time_decay", "SCHEDULES"]
@@ -54,12 +55,12 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay, cfg.wd_on_norm_and_bias)
     lr = cfg.effective_lr()
     if lr <= 0:
-        raise ValueError(f"lr must be positive, got {lr}")
+        raise BadInput(f"lr must be positive, got {lr}")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
+    raise BadInput(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
 
 
 def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int) -> S.LRScheduler:
@@ -78,10 +79,10 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch
         (0.1, 0.05, 0.1)
     """
     if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {cfg.schedule!r}; choose {', '.join(SCHEDULES)}")
+        raise BadInput(f"unknown schedule {cfg.schedule!r}; choose {', '.join(SCHEDULES)}")
     lr = cfg.effective_lr()
     if lr <= 0:
-        raise ValueError(f"lr must be positive, got {lr}")
+        raise BadInput(f"lr must be positive, got {lr}")
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
     eta_min = cfg.min_lr
@@ -99,7 +100,7 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch
     elif cfg.schedule == "sgdr":
         t0 = max(1, int(round(cfg.sgdr_t0 * steps_per_epoch)))
         if cfg.sgdr_mult < 1:
-            raise ValueError(f"sgdr_mult must be an integer >= 1, got {cfg.sgdr_mult}")
+            raise BadInput(f"sgdr_mult must be an integer >= 1, got {cfg.sgdr_mult}")
         main = S.CosineAnnealingWarmRestarts(opt, T_0=t0, T_mult=int(cfg.sgdr_mult), eta_min=eta_min)
     else:
         main = S.ConstantLR(opt, factor=1.0, total_iters=0)

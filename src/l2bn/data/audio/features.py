@@ -38,8 +38,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...io import BadInput, UsageError
 
-class AudioError(ValueError):
+
+class AudioError(UsageError, ValueError):
     """An audio file is missing, unreadable, truncated or not in the expected format."""
 
 
@@ -62,9 +64,9 @@ class FrontEnd:
 
     def __post_init__(self) -> None:
         if self.pad_mode not in ("reflect", "constant"):
-            raise ValueError(f"FrontEnd.pad_mode must be 'reflect' or 'constant', got {self.pad_mode!r}")
+            raise BadInput(f"FrontEnd.pad_mode must be 'reflect' or 'constant', got {self.pad_mode!r}")
         if self.cache_dtype not in ("float32", "float16"):
-            raise ValueError(f"FrontEnd.cache_dtype must be 'float32' or 'float16', got {self.cache_dtype!r}")
+            raise BadInput(f"FrontEnd.cache_dtype must be 'float32' or 'float16', got {self.cache_dtype!r}")
 
     @property
     def n_samples(self) -> int:

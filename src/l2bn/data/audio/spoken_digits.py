@@ -21,13 +21,15 @@ from typing import Optional
 
 import numpy as np
 
+from ...io import UsageError
+
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 VOICES = ["en", "en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-us-nyc",
           "en+f2", "en+f3", "en+m3", "en+m7", "en-us+f4", "en-gb+m2", "en+klatt", "en-us+croak"]
 SR = 16000
 
 
-class GeneratorError(RuntimeError):
+class GeneratorError(UsageError, RuntimeError):
     pass
 
 
