@@ -3,7 +3,7 @@
 # is a missing test.
 #
 #   scripts/mutation.sh                       # kernels/, functional.py, modules.py, sync.py
-#   scripts/mutation.sh src/l2bn/kernels/fused.py src/l2bn/functional.py
+#   scripts/mutation.sh src/l2bn/kernels/autograd.py src/l2bn/functional.py
 #   # the statistics of the report and the feature metrics, against their own fast tests:
 #   MUT_TESTS="tests/test_stats.py tests/test_metrics.py" scripts/mutation.sh src/l2bn/report/stats.py src/l2bn/analysis/metrics.py
 #
@@ -60,8 +60,8 @@ DEFAULT_TESTS=(
   "tests/test_backends.py::test_channels_last_values_float64"
   "tests/test_backends.py::test_forward_ad_half_precision"
   "tests/test_backends.py::test_double_backward_parameter_variants"
-  "tests/test_fused_edges.py"
-  "tests/test_layers.py"
+  "tests/test_autograd.py"
+  "tests/test_modules.py"
   "tests/test_sync.py::test_eval_without_running_stats_never_communicates"
   "tests/test_sync.py::test_sync_without_process_group_is_plain_l2bn"
   "tests/test_sync.py::test_sync_training_equals_the_union_batch"

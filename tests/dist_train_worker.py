@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from l2bn.train.config import TrainConfig
-from l2bn.train.engine import fit
+from l2bn.train.trainer import fit
 
 
 def main(out: str, stats_dir: str, sync: bool) -> None:

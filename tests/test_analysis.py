@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from browser import dump_dom
 
 from l2bn.analysis import (
     FeatureProbe,
@@ -18,7 +19,6 @@ from l2bn.analysis import (
     fisher_ratio,
     knn_accuracy,
 )
-from browser import dump_dom
 from l2bn.analysis.analyze import probe_model
 from l2bn.models import create_model
 

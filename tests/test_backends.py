@@ -433,13 +433,13 @@ def test_half_precision_statistics_are_float32(backend, dtype, training):
                                atol=4 * ulp * float(xf.grad.abs().max()))
 
 
-# ---- found by mutation testing of kernels/fused.py: each fails on a surviving mutant or a bug
+# ---- found by mutation testing of kernels/autograd.py: each fails on a surviving mutant or a bug
 
 
 def test_pow2_scale_of_subnormal_samples_is_finite():
     """The exact power-of-two scale of a sample whose maximum is subnormal (float32 ~1e-40 would
     need 2^132) stops at the largest power of two of the dtype instead of overflowing to inf."""
-    from l2bn.kernels.fused import pow2_scale
+    from l2bn.kernels.scaling import pow2_scale
 
     x = torch.tensor([[1e-40, -3e-41], [3e30, 1.0], [0.0, 0.0], [0.75, 0.1]])
     s = pow2_scale(x, torch.float32)
@@ -564,7 +564,7 @@ def test_fused_l2_batch_norm_count_is_a_tensor_of_the_statistics_dtype():
 def test_needs_rescale_boundaries():
     """Norms in [lo, hi] are used as computed; l2_eps exactly at lo counts as the usual case
     (only overflow checked); just outside either bound triggers the exact rescale."""
-    from l2bn.kernels.fused import _norm_range, needs_rescale
+    from l2bn.kernels.scaling import _norm_range, needs_rescale
 
     d = 60
     lo, hi = _norm_range(torch.float64, d)

@@ -158,7 +158,7 @@ def test_shipped_recipes_by_name(tmp_path):
 def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch):
     """A bug (here a shape error raised inside the training step) is not bad input: the CLI lets
     the traceback through instead of one line and exit 2."""
-    import l2bn.train.engine as loop  # the trainer's own reference to the epoch function
+    import l2bn.train.trainer as loop  # the trainer's own reference to the epoch function
 
     def broken(*a, **k):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (128x64 and 32x10)")

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from browser import dump_dom
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -118,7 +118,7 @@ def test_double_backward_through_sync_is_refused(backend, monkeypatch):
     raises instead of returning a detached gradient."""
     import torch.distributed as dist
 
-    from l2bn.kernels import fused
+    from l2bn.kernels import autograd
 
     def fake_gather(out, local, group=None):
         for t in out:
@@ -126,9 +126,9 @@ def test_double_backward_through_sync_is_refused(backend, monkeypatch):
 
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
     monkeypatch.setattr(dist, "all_gather", fake_gather)
-    engine = fused.EAGER if backend == "fused" else l2bn.kernels.compiled.ENGINE
+    engine = autograd.ATEN if backend == "fused" else l2bn.kernels.compiled.ENGINE
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
-    y = fused.l2_batch_norm_fast(x, None, None, None, None, True, 0.1, 1e-5, 1e-12, False,
+    y = autograd.l2_batch_norm_fast(x, None, None, None, None, True, 0.1, 1e-5, 1e-12, False,
                                  object(), engine=engine)
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad((y * y).sum(), x, create_graph=True)
@@ -324,7 +324,7 @@ def test_grads_batched_and_autograd_hessian(backend):
 
 def test_torch_compile_double_backward_refused_like_batchnorm():
     """Under torch.compile, create_graph=True fails loudly for BN and for L2BN alike (AOT
-    autograd has no double backward); first-order training works (see test_layers)."""
+    autograd has no double backward); first-order training works (see test_modules)."""
     x = torch.randn(4, 3, 6, 6, requires_grad=True)
     for norm in (nn.BatchNorm2d(4), l2bn.L2BatchNorm2d(4)):
         # static shapes: with automatic dynamic shapes (after other tests compiled other sizes)

@@ -136,7 +136,7 @@ def test_wait_blocks_until_the_owner_lets_go(tmp_path, holder):
                                        ({"RANK": "1", "WORLD_SIZE": "2"}, False), ({"RANK": "3", "WORLD_SIZE": "1"}, True)])
 def test_which_process_of_a_job_holds_the_lock(monkeypatch, env, takes):
     from l2bn.train.config import TrainConfig
-    from l2bn.train.engine import _takes_lock
+    from l2bn.train.trainer import _takes_lock
 
     for k in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)

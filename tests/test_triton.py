@@ -15,7 +15,7 @@ CHECK = textwrap.dedent(
     """
     import json, torch
     from l2bn.kernels import triton_kernels as tk
-    from l2bn.kernels.engine import EAGER
+    from l2bn.kernels.engine import ATEN
     from l2bn.kernels.reference import l2_batch_norm_reference
 
     def rel(a, b):
@@ -52,9 +52,9 @@ CHECK = textwrap.dedent(
     y = tk.triton_l2_batch_norm(x, None, None, None, None, 1e-5, 1e-12, True)[0]
     out["unit_rms"] = rel(y, l2_batch_norm_reference(x, None, None, training=True, unit_rms=True))
     m1, v1 = tk.TRITON_KERNELS.row_stats(x, (2,), 6, torch.float64)
-    m2, v2 = EAGER.kernels.row_stats(x, (2,), 6, torch.float64)
+    m2, v2 = ATEN.kernels.row_stats(x, (2,), 6, torch.float64)
     out["row_stats"] = max(rel(m1, m2), rel(v1, v2))
-    out["sample_norm"] = rel(tk.TRITON_KERNELS.sample_norm(x, torch.float64), EAGER.kernels.sample_norm(x, torch.float64))
+    out["sample_norm"] = rel(tk.TRITON_KERNELS.sample_norm(x, torch.float64), ATEN.kernels.sample_norm(x, torch.float64))
     print(json.dumps(out))
     """
 )

@@ -3,7 +3,7 @@ passes and engines), ``fused`` (the autograd Function every fast backend runs th
 ``native`` (C++ CPU operators), ``triton_kernels`` (CUDA), ``compiled`` (the engines compiled)
 and ``backends`` (the one table, and automatic selection)."""
 
-from .fused import fused_l2_batch_norm, l2_batch_norm_fast
+from .autograd import fused_l2_batch_norm, l2_batch_norm_fast
 from .reference import l2_batch_norm_reference, l2_normalize_samples, reference_backend
 
 __all__ = [

@@ -10,7 +10,7 @@ every backend. ``dynamic=True``: a new batch size does not recompile.
 Statistics use the shifted-data formula (shift = the first entry of each (n, c) row), a
 single pass that stays accurate when a row's mean is large compared with its spread. Inputs
 whose squares would overflow it are detected from the per-sample norms and recomputed by the
-eager, rescaled path (see :mod:`l2bn.kernels.fused`); empty inputs never reach a graph.
+eager, rescaled path (see :mod:`l2bn.kernels.autograd`); empty inputs never reach a graph.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .autograd import fused_l2_batch_norm, in_functorch_transform, l2_batch_norm_fast
 from .engine import Engine, Kernels, _bshape, backward_core, eval_forward, train_forward
-from .fused import fused_l2_batch_norm, in_functorch_transform, l2_batch_norm_fast
 
 
 def _row_stats(xs: Tensor, dims: Tuple[int, ...], m_sp: int, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
@@ -180,7 +180,7 @@ def _unavailable(x: Tensor) -> Optional[str]:
 
 
 def compiled_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group=None):  # type: ignore[no-untyped-def]
-    """Same contract as :func:`l2bn.kernels.fused.fused_l2_batch_norm`, compiled.
+    """Same contract as :func:`l2bn.kernels.autograd.fused_l2_batch_norm`, compiled.
 
     Synchronised training (a ``process_group``) runs the fused algorithm with compiled bulk
     passes, since the statistics must be all-gathered between them.

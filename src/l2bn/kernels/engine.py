@@ -2,7 +2,7 @@ r"""The L2BN computation of the fast backends, as plain tensor functions: bulk p
 
 * **bulk passes** (:class:`Kernels`): per-(n, c) mean and variance of ``x``; ``y = x*A + B``;
   per-(n, c) sums of ``g`` and ``g*x``; ``dx = g*P + x*Q + R``; per-sample norms (evaluation).
-  :data:`EAGER_KERNELS` uses ATen ops; :mod:`l2bn.kernels.compiled` generates its own with
+  :data:`ATEN_KERNELS` uses ATen ops; :mod:`l2bn.kernels.compiled` generates its own with
   ``torch.compile``.
 * **engines** (:class:`Engine`): the training forward (:func:`train_forward`), the evaluation
   forward (:func:`eval_forward`) and the first-order backward (:func:`backward_core`), each one
@@ -10,7 +10,7 @@ r"""The L2BN computation of the fast backends, as plain tensor functions: bulk p
   compiled backend compiles each of them as one graph. Only ``x`` and ``O(N * C)`` statistics
   are needed by the backward — the naive composite also keeps the normalized copy of ``x``.
 
-The autograd plumbing around them is :mod:`l2bn.kernels.fused`.
+The autograd plumbing around them is :mod:`l2bn.kernels.autograd`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from .reference import accumulate_dtype
 __all__ = [
     "Kernels",
     "Engine",
-    "EAGER_KERNELS",
-    "EAGER",
+    "ATEN_KERNELS",
+    "ATEN",
     "local_stats",
     "finish_train",
     "train_forward",
@@ -115,7 +115,7 @@ class Kernels(NamedTuple):
     sample_norm: Callable[[Tensor, torch.dtype], Tensor]
 
 
-EAGER_KERNELS = Kernels(_row_mean_var, _affine_apply, _grad_sums, _grad_apply, _sample_norm)
+ATEN_KERNELS = Kernels(_row_mean_var, _affine_apply, _grad_sums, _grad_apply, _sample_norm)
 
 
 # ------------------------------------------------------------------ forward and backward
@@ -126,7 +126,7 @@ def local_stats(
 ) -> SampleNorms:
     """Per-sample norms/scales and per-(n, c) statistics of ``u`` (no communication).
 
-    With ``sigma`` the row statistics are taken of ``sigma_n * x_n`` (see :func:`pow2_scale`).
+    With ``sigma`` the row statistics are taken of ``sigma_n * x_n`` (see :func:`l2bn.kernels.scaling.pow2_scale`).
     """
     n, c = xs.shape[0], xs.shape[1]
     m_sp = _numel(xs.shape[2:])
@@ -303,16 +303,16 @@ class Engine(NamedTuple):
     backward: Callable[..., Tuple[Optional[Tensor], Tensor, Tensor]]
 
 
-def _eager_train(xs, weight, bias, eps, l2_eps, s):  # type: ignore[no-untyped-def]
-    return train_forward(xs, weight, bias, eps, l2_eps, s, EAGER_KERNELS)
+def _aten_train(xs, weight, bias, eps, l2_eps, s):  # type: ignore[no-untyped-def]
+    return train_forward(xs, weight, bias, eps, l2_eps, s, ATEN_KERNELS)
 
 
-def _eager_eval(xs, weight, bias, mean, var, eps, l2_eps, s):  # type: ignore[no-untyped-def]
-    return eval_forward(xs, weight, bias, mean, var, eps, l2_eps, s, EAGER_KERNELS)
+def _aten_eval(xs, weight, bias, mean, var, eps, l2_eps, s):  # type: ignore[no-untyped-def]
+    return eval_forward(xs, weight, bias, mean, var, eps, l2_eps, s, ATEN_KERNELS)
 
 
-def _eager_backward(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx):  # type: ignore[no-untyped-def]
-    return backward_core(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx, EAGER_KERNELS)
+def _aten_backward(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx):  # type: ignore[no-untyped-def]
+    return backward_core(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx, ATEN_KERNELS)
 
 
-EAGER = Engine("fused", EAGER_KERNELS, _eager_train, _eager_eval, _eager_backward)
+ATEN = Engine("fused", ATEN_KERNELS, _aten_train, _aten_eval, _aten_backward)

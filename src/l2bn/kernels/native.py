@@ -15,7 +15,7 @@ Three operators, defined and implemented for the CPU in ``csrc/l2bn_cpu.cpp``:
 Each has a fake (meta) implementation, so ``torch.compile`` (also ``fullgraph=True``) sees one
 opaque op per call instead of tracing the algorithm, and the two forwards have autograd
 registered with ``torch.library.register_autograd`` (first order; the layers go through
-:class:`l2bn.kernels.fused.L2BatchNormFunction`, which adds exact double backward, ``jvp``,
+:class:`l2bn.kernels.autograd.L2BatchNormFunction`, which adds exact double backward, ``jvp``,
 scale safety and process groups around the same operators). ``torch.export`` of a model uses
 the reference composite (see :func:`l2bn.functional.exporting`), which every exporter knows.
 
@@ -45,8 +45,8 @@ from torch import Tensor
 
 from . import backends
 from .algebra import unit_scale
-from .engine import EAGER_KERNELS, Engine
-from .fused import fused_l2_batch_norm, l2_batch_norm_fast
+from .autograd import fused_l2_batch_norm, l2_batch_norm_fast
+from .engine import ATEN_KERNELS, Engine
 from .reference import accumulate_dtype
 
 __all__ = ["ENGINE", "build", "load", "native_l2_batch_norm", "unavailable_reason"]
@@ -243,7 +243,7 @@ def _register_python_side() -> None:
 
 def _below_autograd(op: Any, *args: Any) -> Any:
     """Call ``op`` straight on its CPU kernel. The engine runs inside
-    :class:`~l2bn.kernels.fused.L2BatchNormFunction` or without grad, so the op's own (Python)
+    :class:`~l2bn.kernels.autograd.L2BatchNormFunction` or without grad, so the op's own (Python)
     autograd kernel would only redispatch — about 10 µs per call, as much as a small layer's
     kernel. Under ``torch.compile`` the op is called normally (traced as one node)."""
     if torch.compiler.is_compiling():
@@ -271,11 +271,11 @@ def _backward_engine(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms,
 
 
 #: The native engine; synchronised training (a process group) uses the ATen bulk passes piecewise.
-ENGINE = Engine("native", EAGER_KERNELS, _train, _evaluate, _backward_engine)
+ENGINE = Engine("native", ATEN_KERNELS, _train, _evaluate, _backward_engine)
 
 
 def native_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group=None):  # type: ignore[no-untyped-def]
-    """Same contract as :func:`l2bn.kernels.fused.fused_l2_batch_norm`, on the native operators."""
+    """Same contract as :func:`l2bn.kernels.autograd.fused_l2_batch_norm`, on the native operators."""
     return fused_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE)
 
 

@@ -12,7 +12,7 @@ Five kernels, launched directly (no ``torch.compile``, no dynamo frame per call)
 They plug into the engine functions every fast backend shares
 (:func:`l2bn.kernels.engine.train_forward`, :func:`~l2bn.kernels.engine.eval_forward`,
 :func:`~l2bn.kernels.engine.backward_core`), so the ``(N, C)`` algebra, scale safety, double
-backward, ``jvp`` and process groups are those of :mod:`l2bn.kernels.fused`. The algebra still
+backward, ``jvp`` and process groups are those of :mod:`l2bn.kernels.autograd`. The algebra still
 runs as a handful of small ATen launches on ``(N, C)`` tensors; fusing it into the kernels is the
 next step. Rows are read in the contiguous ``(N, C, M)`` layout (channels_last inputs are copied
 to it and the output converted back). Accumulation is float32 for float16/bfloat16/float32 and
@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .autograd import fused_l2_batch_norm, l2_batch_norm_fast
 from .engine import Engine, Kernels, backward_core, eval_forward, train_forward
-from .fused import fused_l2_batch_norm, l2_batch_norm_fast
 
 __all__ = ["ENGINE", "TRITON_KERNELS", "triton_l2_batch_norm"]
 
@@ -227,7 +227,7 @@ ENGINE = Engine(
 
 
 def triton_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group=None):  # type: ignore[no-untyped-def]
-    """Same contract as :func:`l2bn.kernels.fused.fused_l2_batch_norm`, on the Triton kernels."""
+    """Same contract as :func:`l2bn.kernels.autograd.fused_l2_batch_norm`, on the Triton kernels."""
     return fused_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE)
 
 

@@ -2,7 +2,7 @@
 grids live one stage up, in :mod:`l2bn.experiment`."""
 
 from .config import TrainConfig, load_config
-from .engine import TrainingDiverged, fit, train
 from .lock import RunDirBusy
+from .trainer import TrainingDiverged, fit, train
 
 __all__ = ["TrainConfig", "load_config", "train", "fit", "TrainingDiverged", "RunDirBusy"]

@@ -1,5 +1,5 @@
 """One epoch of training and one evaluation pass: :func:`train_one_epoch` and :func:`evaluate`
-(the two halves of torchvision's reference ``train.py``). :func:`l2bn.train.engine.fit` calls them.
+(the two halves of torchvision's reference ``train.py``). :func:`l2bn.train.trainer.fit` calls them.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@
 // contiguous first. float32 and float64 accumulate in their own dtype (as the Python backends
 // do); float16 and bfloat16 are converted to float32 and back. Outputs keep the input's memory format.
 //
-// Scale safety (inputs whose squares overflow) is handled by the caller (kernels/fused.py):
+// Scale safety (inputs whose squares overflow) is handled by the caller (kernels/autograd.py):
 // it checks the returned norms and recomputes such batches with an exactly rescaled input.
 
 #include <ATen/ATen.h>

@@ -1,4 +1,4 @@
-"""Edge cases of the fast backends' autograd Function (``l2bn.kernels.fused``) that the mutation
+"""Edge cases of the fast backends' autograd Function (``l2bn.kernels.autograd``) that the mutation
 run of that module found untested (docs/mutation-fused.md, class T): synchronised statistics
 with *different* batches on the two ranks, half precision and extreme scales under a process
 group, the statistics that ``fused_l2_batch_norm`` returns, forward-mode AD and double backward
@@ -18,7 +18,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 
 from l2bn.functional import l2_batch_norm
-from l2bn.kernels.fused import fused_l2_batch_norm
+from l2bn.kernels.autograd import fused_l2_batch_norm
 from l2bn.kernels.reference import l2_batch_norm_reference
 
 F64 = torch.float64

@@ -229,7 +229,7 @@ def test_sync_model_has_only_synchronised_norm_layers_of_its_variant(norm):
 
     from l2bn.models.registry import build_model, list_models
     from l2bn.sync import SyncL2BatchNorm
-    from l2bn.train.engine import norm_census
+    from l2bn.train.trainer import norm_census
 
     for name in list_models():
         if name in ("tv_densenet121", "wrn28_10"):  # the same builders as tv_resnet*/wrn16_4, only bigger

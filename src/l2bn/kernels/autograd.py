@@ -10,11 +10,10 @@ The computation itself is :mod:`l2bn.kernels.engine` (bulk passes and engines) o
   differentiates it with a graph, so higher derivatives are exact, never detached.
   :class:`L2BatchNormFunctionFwAD` adds **forward-mode AD** (``jvp``, from
   :func:`l2bn.kernels.algebra.tangent_coeffs` and the same bulk passes).
-* **Scale safety**: the fast statistics can overflow (float32 samples of norm above ~1.8e19) or
-  underflow (norms below ~1e-16 when ``l2_eps`` is smaller still). On CPU the per-sample norms
-  are checked after the (cheap) statistics pass, and the affected batch is recomputed from
-  :math:`\sigma_n x_n` with a per-sample power of two :math:`\sigma_n` (exact scaling), forward
-  and backward. On other devices the check would need a host synchronisation and is skipped.
+* **Scale safety** (:mod:`l2bn.kernels.scaling`): on CPU the per-sample norms are checked
+  after the (cheap) statistics pass, and a batch with a norm out of the safe range is
+  recomputed from :math:`\sigma_n x_n` with a per-sample power of two :math:`\sigma_n` (exact
+  scaling), forward and backward.
 * With a ``process_group`` the per-channel statistics are combined across processes in the
   forward (all-gather of count, mean and M2) and the two per-channel gradient sums are
   all-reduced in the backward, as ``nn.SyncBatchNorm`` does (gloo on CPU, NCCL on CUDA).
@@ -25,8 +24,6 @@ the scale decision taken in the forward; the entry points at the end are their o
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, Callable, Optional, Tuple
 
 import torch
@@ -36,8 +33,8 @@ from torch import Tensor
 from . import algebra
 from .algebra import SampleNorms
 from .engine import (
-    EAGER,
-    EAGER_KERNELS,
+    ATEN,
+    ATEN_KERNELS,
     Engine,
     _ncm,
     _numel,
@@ -48,9 +45,10 @@ from .engine import (
     train_forward,
 )
 from .reference import accumulate_dtype, l2_batch_norm_reference
+from .scaling import needs_rescale, pow2_scale
 
 __all__ = [
-    "EAGER",
+    "ATEN",
     "L2BatchNormFunction",
     "L2BatchNormFunctionFwAD",
     "l2_batch_norm_fast",
@@ -80,65 +78,6 @@ def in_functorch_transform() -> bool:
     if _maybe_current_level is None or torch.compiler.is_compiling():
         return False
     return _maybe_current_level() is not None
-
-
-# ------------------------------------------------------------------------- scale safety
-
-
-@functools.lru_cache(maxsize=256)
-def _norm_range(acc: torch.dtype, d: int) -> Tuple[float, float]:
-    """Sample norms outside ``[lo, hi]`` may lose accuracy in ``acc``: above ``hi`` squares can
-    overflow (and ``k^2`` underflows in backward), below ``lo`` squares of the entries are
-    subnormal enough to matter."""
-    fi = torch.finfo(acc)
-    return math.sqrt(max(d, 1) * fi.tiny / fi.eps), math.sqrt(fi.max) / 4
-
-
-def needs_rescale(r: Tensor, acc: torch.dtype, d: int, l2_eps: float) -> bool:
-    """Whether any sample norm ``r`` (as computed by the fast pass) is out of the safe range.
-
-    Only checked on CPU outside compilation: elsewhere it would synchronise with the device.
-    NaN counts as out of range (an overflow inside the pass gives inf - inf).
-    """
-    if r.device.type != "cpu" or r.numel() == 0 or torch.compiler.is_compiling():
-        return False
-    lo, hi = _norm_range(acc, d)
-    if l2_eps >= lo:  # the usual case: only overflow (or NaN, for which the comparison fails) matters
-        return not float(r.max()) <= hi
-    # l2_eps below the accurate range: every norm below lo is suspect, also one that is under
-    # l2_eps or 0 (the squares of a sample of 1e-25s underflow to 0 in float32); an all-zero
-    # sample is rescaled by 1, which changes nothing
-    ok = (r <= hi) & (r >= lo)
-    return not bool(ok.all())
-
-
-def pow2_scale(xs: Tensor, acc: torch.dtype, l2_eps: Optional[float] = None) -> Tensor:
-    r"""Per-sample power of two :math:`\sigma_n` with :math:`\max|\sigma_n x_n| \in [1/2, 1)`
-    (1 for a non-finite sample); scaling by it is exact. An all-zero sample gets the power of
-    two that brings ``l2_eps`` near 1 (1 without ``l2_eps``): its scale :math:`k = s /
-    \epsilon_2` is then formed as :math:`(s / (\sigma \epsilon_2)) \sigma`, so no coefficient
-    :math:`a k` or :math:`k^2 b` overflows even where :math:`k` itself is near the dtype's
-    largest value.
-
-    Example:
-        >>> x = torch.tensor([[3e30, 1.0], [0.0, 0.0]])
-        >>> s = pow2_scale(x, torch.float32)
-        >>> s.log2().tolist(), round((s[0] * x[0, 0]).item(), 4)
-        ([-102.0, 0.0], 0.5916)
-        >>> pow2_scale(x, torch.float32, l2_eps=1e-20).log2().tolist()
-        [-102.0, 67.0]
-    """
-    if xs.numel() == 0:  # (N, C, 0): nothing to scale
-        return xs.new_ones(xs.shape[0], dtype=acc)
-    amax = xs.abs().amax(dim=tuple(range(1, xs.dim()))).to(acc)
-    # a subnormal maximum would need a power of two beyond the dtype's range: stop at the largest
-    # one (the scaled sample's maximum is then >= 2^-(mantissa bits), far inside the safe range)
-    top = int(math.log2(torch.finfo(acc).max))
-    sigma = torch.exp2(-torch.frexp(amax).exponent.clamp_min(-top).to(acc))
-    if l2_eps is not None:
-        zero = min(top, max(0, -math.floor(math.log2(l2_eps))))
-        sigma = torch.where(amax == 0, torch.full_like(sigma, 2.0**zero), sigma)
-    return sigma
 
 
 # --------------------------------------------------------------------------- autograd
@@ -225,20 +164,20 @@ def _forward_core(
     b = bias.to(acc) if bias is not None else None
     batch_stats = stat_mean is None
     # empty inputs never reach a compiled graph (sizes 0 would specialise it)
-    eng = engine if xs.numel() > 0 else EAGER
+    eng = engine if xs.numel() > 0 else ATEN
     sigma: Optional[Tensor] = None
     mk = vk = var_saved = None
     if batch_stats and process_group is None:
         y, r, k, mk, vk, mu, var, invstd = eng.train(xs, w, b, eps, l2_eps, s)
         if needs_rescale(r, acc, c * m_sp, l2_eps):
             sigma = pow2_scale(xs, acc, l2_eps)
-            y, r, k, mk, vk, mu, var, invstd = train_forward(xs, w, b, eps, l2_eps, s, EAGER_KERNELS, sigma)
+            y, r, k, mk, vk, mu, var, invstd = train_forward(xs, w, b, eps, l2_eps, s, ATEN_KERNELS, sigma)
         count: Any = _static_count(n * m_sp, acc, x.device)
     elif batch_stats:
         norms = local_stats(xs, acc, s, l2_eps, eng.kernels.row_stats)
         if needs_rescale(norms.r, acc, c * m_sp, l2_eps):  # before any collective
             sigma = pow2_scale(xs, acc, l2_eps)
-            norms = local_stats(xs, acc, s, l2_eps, EAGER_KERNELS.row_stats, sigma)
+            norms = local_stats(xs, acc, s, l2_eps, ATEN_KERNELS.row_stats, sigma)
         r, k, mk, vk = norms
         mu, m2 = algebra.batch_moments(mk, vk, m_sp)
         count, mu, m2 = _combine_across(n * m_sp, mu, m2, process_group)
@@ -248,7 +187,7 @@ def _forward_core(
         y, r, k, mu, var, invstd = eng.evaluate(xs, w, b, stat_mean, stat_var, eps, l2_eps, s)
         if needs_rescale(r, acc, c * m_sp, l2_eps):
             sigma = pow2_scale(xs, acc, l2_eps)
-            y, r, k, mu, var, invstd = eval_forward(xs, w, b, stat_mean, stat_var, eps, l2_eps, s, EAGER_KERNELS, sigma)
+            y, r, k, mu, var, invstd = eval_forward(xs, w, b, stat_mean, stat_var, eps, l2_eps, s, ATEN_KERNELS, sigma)
         count = _static_count(n * m_sp, acc, x.device)
         var_saved = var
     # With one entry per (n, c) (an MLP's (N, C) input) the row statistics of u are k x and
@@ -317,7 +256,7 @@ class L2BatchNormFunction(torch.autograd.Function):
                 gs, xs, w, k, r, mk, vk, mu, invstd, ctx.l2_eps, ctx.unit_rms, ctx.batch_stats, need_dx
             )
         else:
-            kern = ctx.engine.kernels if sigma is None and xs.numel() > 0 else EAGER_KERNELS
+            kern = ctx.engine.kernels if sigma is None and xs.numel() > 0 else ATEN_KERNELS
             dx, gw, gb = backward_core(
                 gs, xs, w, k, r, mk, vk, mu, invstd, ctx.l2_eps, ctx.unit_rms, ctx.batch_stats, need_dx, kern,
                 count=count if pg is not None else None,
@@ -358,7 +297,7 @@ class L2BatchNormFunctionFwAD(L2BatchNormFunction):
         d_nc = xd_nc = None
         dxs = torch.zeros_like(xs) if dx is None else _ncm(dx)
         if dx is not None:
-            d_nc, xd_nc = EAGER_KERNELS.grad_sums(dxs, xs, tuple(range(2, xs.dim())), acc)
+            d_nc, xd_nc = ATEN_KERNELS.grad_sums(dxs, xs, tuple(range(2, xs.dim())), acc)
         w = weight.to(acc) if weight is not None else None
         # parameter tangents in the accumulation dtype too (a float64 weight's zero tangent would
         # otherwise promote the float32 coefficients, which the forward never does)
@@ -368,7 +307,7 @@ class L2BatchNormFunctionFwAD(L2BatchNormFunction):
             d_nc, xd_nc, SampleNorms(r, k, mk, vk), mu, invstd, w, dw, db,
             count, m_sp, r > ctx.l2_eps, ctx.batch_stats,
         )
-        dy = EAGER_KERNELS.grad_apply(dxs, xs, p, q, rr, x.dtype)
+        dy = ATEN_KERNELS.grad_apply(dxs, xs, p, q, rr, x.dtype)
         return dy.reshape(xs.shape), None, None, None  # the Function's output is (N, C, 1) for (N, C)
 
 
@@ -446,7 +385,7 @@ def l2_batch_norm_fast(
     unit_rms: bool,
     process_group: Any = None,
     *,
-    engine: Engine = EAGER,
+    engine: Engine = ATEN,
 ) -> Tensor:
     """The backend entry point of the fast backends (signature shared by every backend in
     :mod:`l2bn.kernels.backends`): :class:`L2BatchNormFunction` plus BN's running-statistics
@@ -479,7 +418,7 @@ def fused_l2_batch_norm(
     l2_eps: float,
     unit_rms: bool,
     process_group: Any = None,
-    engine: Engine = EAGER,
+    engine: Engine = ATEN,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Run the fused L2BN; returns ``(y, mean, biased_var, count)`` of the statistics used.
 
