@@ -19,7 +19,10 @@ warnings.simplefilter("ignore")
 torch.manual_seed(0)
 with gzip.open("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz") as f:
     raw = f.read()[16:]
-imgs = torch.tensor(np.frombuffer(raw, np.uint8)[: 64 * 28 * 28 * 12].reshape(-1, 1, 28, 28)).float() / 255
+imgs = (
+    torch.tensor(np.frombuffer(raw, np.uint8)[: 64 * 28 * 28 * 12].reshape(-1, 1, 28, 28)).float()
+    / 255
+)
 imgs = (torch.nn.functional.interpolate(imgs, size=64).repeat(1, 3, 1, 1) - 0.3) / 0.35
 batches = list(imgs.split(64))
 model = torchvision.models.resnet18(num_classes=10)
@@ -39,9 +42,14 @@ def gap(m):
     return float((y_eval - y_train).abs().max() / y_train.abs().max())
 
 
-print(f"| statistics after convert | unit_rms=False | unit_rms=True |\n|---|---|---|")
+print("| statistics after convert | unit_rms=False | unit_rms=True |\n|---|---|---|")
 print(f"| BN model itself (reference) | {gap(model):.3g} | {gap(model):.3g} |")
-for mode in ("keep", "reset", "reset + update_bn on the 8 batches", "reset + update_bn on the evaluated batch"):
+for mode in (
+    "keep",
+    "reset",
+    "reset + update_bn on the 8 batches",
+    "reset + update_bn on the evaluated batch",
+):
     row = []
     for rms in (False, True):
         m = l2bn.convert(copy.deepcopy(model), unit_rms=rms, running_stats=mode.split(" ")[0])

@@ -12,9 +12,16 @@ import l2bn
 def make_model(norm: str) -> nn.Module:
     norm_layer = l2bn.get_norm_layer(norm)
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), norm_layer(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), norm_layer(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4),
+        nn.Conv2d(1, 16, 3, padding=1),
+        norm_layer(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        norm_layer(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 4),
     )
 
 

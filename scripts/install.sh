@@ -37,7 +37,7 @@ fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-if ! .venv/bin/python -c "import l2bn, torch, torchvision, pytest, hypothesis, timm, sklearn, markdown, librosa, soundfile, matplotlib, yaml, keras, onnx, onnxruntime, onnxscript, jax, ninja, sphinx, furo, myst_parser" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import l2bn, torch, torchvision, pytest, xdist, hypothesis, timm, sklearn, markdown, librosa, soundfile, matplotlib, yaml, keras, onnx, onnxruntime, onnxscript, jax, ninja, sphinx, furo, myst_parser" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }
   .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 fi

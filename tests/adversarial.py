@@ -61,7 +61,16 @@ def family(name: str, shape, g: torch.Generator) -> torch.Tensor:
     raise ValueError(name)
 
 
-FAMILIES = ("offset", "zero_first", "neg_first", "outlier_first", "cauchy", "mixed_tiny", "huge", "relu")
+FAMILIES = (
+    "offset",
+    "zero_first",
+    "neg_first",
+    "outlier_first",
+    "cauchy",
+    "mixed_tiny",
+    "huge",
+    "relu",
+)
 
 
 def _per_sample(a: torch.Tensor, t: torch.Tensor, scale: torch.Tensor) -> float:
@@ -94,7 +103,9 @@ def run(backend: str, x: torch.Tensor, training: bool, params_dtype: torch.dtype
     return {"y": y.detach(), "dx": xx.grad, "dw": w.grad, "db": b.grad, "mean": rm, "var": rv}
 
 
-def errors(backend: str, x: torch.Tensor, training: bool, runner: Callable = None) -> Dict[str, float]:
+def errors(
+    backend: str, x: torch.Tensor, training: bool, runner: Callable = None
+) -> Dict[str, float]:
     """Errors of ``backend`` on ``x`` against the float64 reference on the same (rounded) input,
     each relative to the quantity's natural magnitude (so that a truth that cancels to ~0, as
     the input gradient of a single channel, is not judged by its rounding noise): per sample
@@ -108,19 +119,29 @@ def errors(backend: str, x: torch.Tensor, training: bool, runner: Callable = Non
     c, dims = x.shape[1], [0] + list(range(2, x.dim()))
     r = xd.flatten(1).norm(dim=1).clamp_min(1e-12)
     u = xd / r.view(-1, *([1] * (x.dim() - 1)))
-    var = u.var(dims, unbiased=False) if training and x.shape[0] * x[0, 0].numel() > 1 else \
-        torch.linspace(0.5, 1.5, c, dtype=torch.float64) * 1e-3
+    var = (
+        u.var(dims, unbiased=False)
+        if training and x.shape[0] * x[0, 0].numel() > 1
+        else torch.linspace(0.5, 1.5, c, dtype=torch.float64) * 1e-3
+    )
     w = torch.linspace(0.5, 1.5, c, dtype=torch.float64)
-    gy = torch.randn(ref["y"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gy = torch.randn(
+        ref["y"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
     lead = gy.flatten(1).abs().amax(1) * float((w / (var + 1e-5).sqrt()).max()) / r
     y_scale = ref["y"].flatten(1).abs().amax(1).clamp_min(0.3)
     g1 = float(gy.abs().sum()) / c
-    out = {"y": _per_sample(got["y"], ref["y"], y_scale), "dx": _per_sample(got["dx"], ref["dx"], lead),
-           "dw": _rel(got["dw"], ref["dw"], max(float(ref["dw"].abs().max()), g1 * 1e-3)),
-           "db": _rel(got["db"], ref["db"], g1)}
+    out = {
+        "y": _per_sample(got["y"], ref["y"], y_scale),
+        "dx": _per_sample(got["dx"], ref["dx"], lead),
+        "dw": _rel(got["dw"], ref["dw"], max(float(ref["dw"].abs().max()), g1 * 1e-3)),
+        "db": _rel(got["db"], ref["db"], g1),
+    }
     if training and got.get("mean") is not None:
         sd = float(ref["var"].abs().max()) ** 0.5
-        out["mean"] = _rel(got["mean"], ref["mean"], max(float(ref["mean"].abs().max()), sd, 1e-300))
+        out["mean"] = _rel(
+            got["mean"], ref["mean"], max(float(ref["mean"].abs().max()), sd, 1e-300)
+        )
         out["var"] = _rel(got["var"], ref["var"], max(float(ref["var"].abs().max()), 1e-300))
     return out
 
@@ -149,7 +170,12 @@ if __name__ == "__main__":
     import sys
 
     backends = sys.argv[1:] or ["fused", "native"]
-    shapes = {"(N, C)": (4096, 16), "(N, C, L)": (64, 8, 33), "(N, C, H, W)": (16, 8, 9, 9), "channels_last": (16, 8, 9, 9)}
+    shapes = {
+        "(N, C)": (4096, 16),
+        "(N, C, L)": (64, 8, 33),
+        "(N, C, H, W)": (16, 8, 9, 9),
+        "channels_last": (16, 8, 9, 9),
+    }
     print("| family | layout | dtype | " + " | ".join(backends) + " |")
     print("|---" * (3 + len(backends)) + "|")
     for fam in FAMILIES:

@@ -41,7 +41,9 @@ def _fail_skip(rep) -> None:
     if _STRICT and rep.skipped and not hasattr(rep, "wasxfail"):
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         rep.outcome = "failed"
-        rep.longrepr = f"skipped under CI=true, which must not happen (a dependency is missing?): {reason}"
+        rep.longrepr = (
+            f"skipped under CI=true, which must not happen (a dependency is missing?): {reason}"
+        )
 
 
 @pytest.hookimpl(hookwrapper=True)

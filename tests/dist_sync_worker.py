@@ -57,7 +57,9 @@ def main(out_path: str) -> None:
                 m.zero_grad()
         sync.eval()
         ref.eval()
-        results[f"{shape_tail}-{unit_rms}-eval"] = float((sync(x_full[lo:hi]) - ref(x_full)[lo:hi]).abs().max())
+        results[f"{shape_tail}-{unit_rms}-eval"] = float(
+            (sync(x_full[lo:hi]) - ref(x_full)[lo:hi]).abs().max()
+        )
     # evaluation without running statistics is local, as in nn.SyncBatchNorm: ranks may run a
     # different number of evaluation batches without a collective hanging
     c = 4

@@ -22,7 +22,7 @@ def _class_images(n: int, classes: int, shape, rng: np.random.Generator):
     x = rng.integers(0, 60, size=(n, c, h, w)).astype(np.float64)
     band = max(1, h // classes)
     for i, k in enumerate(y):
-        x[i, :, (k * band) % h:(k * band) % h + band, :] += 150 + rng.integers(0, 40)
+        x[i, :, (k * band) % h : (k * band) % h + band, :] += 150 + rng.integers(0, 40)
     return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
 
 
@@ -47,25 +47,70 @@ def make_cifar(root: Path, which: str = "cifar10", n_per_batch: int = 40, seed: 
         for i in range(1, 6):
             x, y = _class_images(n_per_batch, classes, (3, 32, 32), rng)
             with open(d / f"data_batch_{i}", "wb") as f:
-                pickle.dump({b"batch_label": b"training batch", b"labels": y.tolist(), b"data": x.reshape(len(x), -1), b"filenames": [b"x.png"] * len(x)}, f, protocol=2)
+                pickle.dump(
+                    {
+                        b"batch_label": b"training batch",
+                        b"labels": y.tolist(),
+                        b"data": x.reshape(len(x), -1),
+                        b"filenames": [b"x.png"] * len(x),
+                    },
+                    f,
+                    protocol=2,
+                )
         x, y = _class_images(n_per_batch, classes, (3, 32, 32), rng)
         with open(d / "test_batch", "wb") as f:
-            pickle.dump({b"batch_label": b"testing batch", b"labels": y.tolist(), b"data": x.reshape(len(x), -1), b"filenames": [b"x.png"] * len(x)}, f, protocol=2)
+            pickle.dump(
+                {
+                    b"batch_label": b"testing batch",
+                    b"labels": y.tolist(),
+                    b"data": x.reshape(len(x), -1),
+                    b"filenames": [b"x.png"] * len(x),
+                },
+                f,
+                protocol=2,
+            )
         with open(d / "batches.meta", "wb") as f:
-            pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)], b"num_cases_per_batch": n_per_batch, b"num_vis": 3072}, f, protocol=2)
+            pickle.dump(
+                {
+                    b"label_names": [f"c{i}".encode() for i in range(10)],
+                    b"num_cases_per_batch": n_per_batch,
+                    b"num_vis": 3072,
+                },
+                f,
+                protocol=2,
+            )
     else:
         d = root / "cifar-100-python"
         d.mkdir(parents=True, exist_ok=True)
         for split, n in (("train", 5 * n_per_batch), ("test", n_per_batch)):
             x, y = _class_images(n, classes, (3, 32, 32), rng)
             with open(d / split, "wb") as f:
-                pickle.dump({b"filenames": [b"x.png"] * n, b"batch_label": split.encode(), b"fine_labels": y.tolist(), b"coarse_labels": (y // 5).tolist(), b"data": x.reshape(n, -1)}, f, protocol=2)
+                pickle.dump(
+                    {
+                        b"filenames": [b"x.png"] * n,
+                        b"batch_label": split.encode(),
+                        b"fine_labels": y.tolist(),
+                        b"coarse_labels": (y // 5).tolist(),
+                        b"data": x.reshape(n, -1),
+                    },
+                    f,
+                    protocol=2,
+                )
         with open(d / "meta", "wb") as f:
-            pickle.dump({b"fine_label_names": [f"f{i}".encode() for i in range(100)], b"coarse_label_names": [f"c{i}".encode() for i in range(20)]}, f, protocol=2)
+            pickle.dump(
+                {
+                    b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+                    b"coarse_label_names": [f"c{i}".encode() for i in range(20)],
+                },
+                f,
+                protocol=2,
+            )
     return root
 
 
-def make_imagefolder(root: Path, classes: int = 3, per_class: int = 4, size: int = 40, seed: int = 0) -> Path:
+def make_imagefolder(
+    root: Path, classes: int = 3, per_class: int = 4, size: int = 40, seed: int = 0
+) -> Path:
     from PIL import Image
 
     rng = np.random.default_rng(seed)

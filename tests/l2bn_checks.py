@@ -6,8 +6,18 @@ import torch
 import torch.nn.functional as F
 
 
-def composite_fn(x, running_mean, running_var, weight, bias, training, momentum=0.1, eps=1e-5,
-                 unit_rms=False, l2_eps=1e-12):
+def composite_fn(
+    x,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training,
+    momentum=0.1,
+    eps=1e-5,
+    unit_rms=False,
+    l2_eps=1e-12,
+):
     """The paper's composite, functional: ``F.batch_norm(F.normalize(x.flatten(1)).view_as(x))``."""
     u = F.normalize(x.flatten(1), dim=1, eps=l2_eps).view_as(x)
     if unit_rms:
@@ -23,8 +33,9 @@ def per_sample_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> torch.Te
     return (a - e).abs().amax(1) / scale
 
 
-def assert_close_per_sample(actual: torch.Tensor, expected: torch.Tensor, rtol: float,
-                            name: str = "") -> None:
+def assert_close_per_sample(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str = ""
+) -> None:
     """Every sample agrees to ``rtol`` relative to its own largest expected entry."""
     assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"

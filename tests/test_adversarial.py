@@ -38,7 +38,12 @@ def cases(draw):
     elif layout == "(N, C, L)":
         shape = (draw(st.integers(2, 24)), draw(st.integers(1, 8)), draw(st.integers(2, 40)))
     else:
-        shape = (draw(st.integers(2, 12)), draw(st.integers(1, 8)), draw(st.integers(2, 9)), draw(st.integers(2, 9)))
+        shape = (
+            draw(st.integers(2, 12)),
+            draw(st.integers(1, 8)),
+            draw(st.integers(2, 9)),
+            draw(st.integers(2, 9)),
+        )
     seed = draw(st.integers(0, 2**16))
     x = layouts(family(fam, shape, torch.Generator().manual_seed(seed)).to(DTYPES[dname]), layout)
     return fam, layout, dname, x, draw(st.booleans())
@@ -50,7 +55,9 @@ def cases(draw):
 def test_fast_paths_are_as_accurate_as_the_composite(backend, case):
     fam, layout, dname, x, training = case
     bad = judge(backend, x, training)
-    assert not bad, f"{backend} on {fam} {layout} {dname} {tuple(x.shape)} training={training}: {bad}"
+    assert not bad, (
+        f"{backend} on {fam} {layout} {dname} {tuple(x.shape)} training={training}: {bad}"
+    )
 
 
 @pytest.mark.parametrize("backend", ["fused", "native"])
@@ -67,7 +74,9 @@ def test_one_entry_per_sample(backend, fam):
         assert all(v[0] < 1e-3 for v in bad.values()), bad
 
 
-@pytest.mark.parametrize("fam,layout", [("neg_first", "(N, C)"), ("offset", "(N, C, H, W)"), ("cauchy", "channels_last")])
+@pytest.mark.parametrize(
+    "fam,layout", [("neg_first", "(N, C)"), ("offset", "(N, C, H, W)"), ("cauchy", "channels_last")]
+)
 def test_compiled_backend_on_adversarial_inputs(fam, layout):
     shape = (2048, 16) if layout == "(N, C)" else (8, 8, 9, 9)
     x = layouts(family(fam, shape, torch.Generator().manual_seed(3)).float(), layout)
@@ -76,8 +85,15 @@ def test_compiled_backend_on_adversarial_inputs(fam, layout):
 
 
 @pytest.mark.parametrize("backend", ["fused", "native"])
-@pytest.mark.parametrize("fam,shape", [("neg_first", (4096, 16)), ("zero_first", (4096, 16)),
-                                       ("offset", (16, 8, 9, 9)), ("offset", (64, 8, 33))])
+@pytest.mark.parametrize(
+    "fam,shape",
+    [
+        ("neg_first", (4096, 16)),
+        ("zero_first", (4096, 16)),
+        ("offset", (16, 8, 9, 9)),
+        ("offset", (64, 8, 33)),
+    ],
+)
 def test_the_cases_the_review_found(backend, fam, shape):
     """(N, C) with a negated / zeroed first sample (the one-pass variance shifted by the first
     sample was 230x and 51x the composite's error), and the weight gradient under a large mean
@@ -138,12 +154,18 @@ def test_cpu_results_do_not_depend_on_the_thread_count(backend):
             xc = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else None
             if xc is not None:
                 r1, r4 = _one_call(xc, backend, 1), _one_call(xc, backend, 4)
-                assert all(torch.equal(a, b) for a, b in zip(r1, r4)), (backend, shape, "channels_last")
+                assert all(torch.equal(a, b) for a, b in zip(r1, r4)), (
+                    backend,
+                    shape,
+                    "channels_last",
+                )
     finally:
         torch.set_num_threads(before)
 
 
-needs_native = pytest.mark.skipif(native.unavailable_reason() is not None, reason="native kernel not built")
+needs_native = pytest.mark.skipif(
+    native.unavailable_reason() is not None, reason="native kernel not built"
+)
 
 
 @needs_native
@@ -164,7 +186,11 @@ def test_bias_gradient_keeps_the_bias_dtype():
     b = torch.zeros(3, requires_grad=True)
     y = torch.ops.l2bn.train_forward(x, w, b, 1e-5, 1e-12, 1.0)[0]
     y.float().mul(1000).sum().backward()
-    assert b.grad.dtype == torch.float32 and torch.isfinite(b.grad).all() and b.grad.abs().max() > 65504
+    assert (
+        b.grad.dtype == torch.float32
+        and torch.isfinite(b.grad).all()
+        and b.grad.abs().max() > 65504
+    )
 
 
 @needs_native
@@ -175,15 +201,34 @@ def test_weights_on_another_device_are_refused():
     x = torch.randn(4, 3, 5)
     cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
     meta = dict(device="meta")
-    with pytest.raises(RuntimeError, match="weight, bias and running statistics must be on the CPU"):
-        torch.ops.l2bn.train_forward.default.redispatch(cpu, x, torch.ones(3, **meta), None, 1e-5, 1e-12, 1.0)
+    with pytest.raises(
+        RuntimeError, match="weight, bias and running statistics must be on the CPU"
+    ):
+        torch.ops.l2bn.train_forward.default.redispatch(
+            cpu, x, torch.ones(3, **meta), None, 1e-5, 1e-12, 1.0
+        )
     with pytest.raises(RuntimeError, match="running_mean must be on the CPU"):
-        torch.ops.l2bn.eval_forward.default.redispatch(cpu, x, None, None, torch.zeros(3, **meta), torch.ones(3),
-                                                       1e-5, 1e-12, 1.0)
+        torch.ops.l2bn.eval_forward.default.redispatch(
+            cpu, x, None, None, torch.zeros(3, **meta), torch.ones(3), 1e-5, 1e-12, 1.0
+        )
     out = torch.ops.l2bn.train_forward(x, None, None, 1e-5, 1e-12, 1.0)
     with pytest.raises(RuntimeError, match="saved statistics must be on the CPU"):
-        torch.ops.l2bn.backward.default.redispatch(cpu, torch.randn_like(x), x, None, out[2].to("meta"), out[1], out[3],
-                                                   out[4], out[5], out[7], 1e-12, 1.0, True, True)
+        torch.ops.l2bn.backward.default.redispatch(
+            cpu,
+            torch.randn_like(x),
+            x,
+            None,
+            out[2].to("meta"),
+            out[1],
+            out[3],
+            out[4],
+            out[5],
+            out[7],
+            1e-12,
+            1.0,
+            True,
+            True,
+        )
 
 
 def _opcheck_samples():
@@ -217,12 +262,28 @@ def test_opcheck_and_fake_kernels(name):
     torch.library.opcheck(torch.ops.l2bn.eval_forward.default, args_eval)
     out = torch.ops.l2bn.train_forward(*args_train)
     for need_dx in (True, False):
-        args_back = (torch.randn_like(x), x, w, out[2], out[1], out[3] if out[3].numel() else None,
-                     out[4] if out[4].numel() else None, out[5], out[7], 1e-12, 1.0, True, need_dx)
+        args_back = (
+            torch.randn_like(x),
+            x,
+            w,
+            out[2],
+            out[1],
+            out[3] if out[3].numel() else None,
+            out[4] if out[4].numel() else None,
+            out[5],
+            out[7],
+            1e-12,
+            1.0,
+            True,
+            need_dx,
+        )
         torch.library.opcheck(torch.ops.l2bn.backward.default, args_back)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    for op, args in ((torch.ops.l2bn.train_forward.default, args_train), (torch.ops.l2bn.eval_forward.default, args_eval)):
+    for op, args in (
+        (torch.ops.l2bn.train_forward.default, args_train),
+        (torch.ops.l2bn.eval_forward.default, args_eval),
+    ):
         real = op(*args)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
@@ -230,9 +291,13 @@ def test_opcheck_and_fake_kernels(name):
             assert (tuple(r.shape), r.dtype) == (tuple(f.shape), f.dtype), (name, op)
             if r.numel() > 1:
                 assert r.stride() == f.stride(), (name, op, r.stride(), f.stride())
-    real = torch.ops.l2bn.backward(*args_back)  # need_dx=False: an empty dx in the accumulation dtype
+    real = torch.ops.l2bn.backward(
+        *args_back
+    )  # need_dx=False: an empty dx in the accumulation dtype
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = torch.ops.l2bn.backward(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args_back])
+        fake = torch.ops.l2bn.backward(
+            *[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args_back]
+        )
     assert [(tuple(r.shape), r.dtype) for r in real] == [(tuple(f.shape), f.dtype) for f in fake]
 
 
@@ -241,7 +306,9 @@ def test_compile_fullgraph_on_the_same_samples():
     for name, x in _opcheck_samples().items():
         if x.numel() == 0 or x.dim() not in (2, 3, 4):
             continue
-        layer = {2: l2bn.L2BatchNorm1d, 3: l2bn.L2BatchNorm1d, 4: l2bn.L2BatchNorm2d}[x.dim()](x.shape[1]).to(x.dtype)
+        layer = {2: l2bn.L2BatchNorm1d, 3: l2bn.L2BatchNorm1d, 4: l2bn.L2BatchNorm2d}[x.dim()](
+            x.shape[1]
+        ).to(x.dtype)
         eager = layer(x)
         layer.reset_running_stats()
         torch.compiler.reset()
@@ -268,7 +335,8 @@ TRITON = textwrap.dedent(
         y = tk.triton_l2_batch_norm(xx, w, b, *stats, 1e-5, 1e-12, False)[0]
         gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         y.backward(gy.to(y.dtype))
-        return {"y": y.detach(), "dx": xx.grad, "dw": w.grad, "db": b.grad, "mean": None, "var": None}
+        return {"y": y.detach(), "dx": xx.grad, "dw": w.grad, "db": b.grad, "mean": None, "var":
+        None}
 
     worst = {}
     for fam in FAMILIES:
@@ -278,7 +346,8 @@ TRITON = textwrap.dedent(
                 mine = errors("triton", x, training, runner)
                 comp = errors("reference", x, training)
                 for k in mine:
-                    worst[fam] = max(worst.get(fam, 0.0), (mine[k] - FLOOR[x.dtype]) / max(comp[k], 1e-300))
+                    worst[fam] = max(worst.get(fam, 0.0), (mine[k] - FLOOR[x.dtype]) / max(comp[k],
+                    1e-300))
     # the launch helper refuses grids CUDA would refuse; the apply passes use axis 0 only
     try:
         tk.launch("affine", (1, 70000))
@@ -292,7 +361,8 @@ TRITON = textwrap.dedent(
     tk._affine_apply(x, torch.ones(2, 3), torch.zeros(3), x.dtype)
     tk._grad_apply(x, x, torch.ones(2, 3), torch.ones(2, 3), torch.zeros(2, 3), x.dtype)
     tk.launch = real
-    worst["grids"] = 0.0 if all(len(g) == 1 and g[0] < 2**31 for _, g in grids) and len(grids) == 2 else 1e9
+    worst["grids"] = 0.0 if all(len(g) == 1 and g[0] < 2**31 for _, g in grids) and len(grids) == 2
+    else 1e9
     print(json.dumps(worst))
     """
 )
@@ -301,11 +371,16 @@ TRITON = textwrap.dedent(
 def test_triton_kernels_on_adversarial_inputs_under_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", TRITON], env=env, capture_output=True, text=True, timeout=900,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run(
+        [sys.executable, "-c", TRITON],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     worst = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(worst) == set(FAMILIES) | {"grid", "grids"}
     bad = {k: v for k, v in worst.items() if not v <= 5.0}
     assert not bad, bad
-

@@ -8,15 +8,25 @@ from l2bn.kernels import algebra
 
 def _groups(sizes, c=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, c, generator=g, dtype=torch.float64) * (1 + i) + i for i, n in enumerate(sizes)]
+    return [
+        torch.randn(n, c, generator=g, dtype=torch.float64) * (1 + i) + i
+        for i, n in enumerate(sizes)
+    ]
 
 
 @pytest.mark.parametrize("sizes", [(3, 5), (1, 0), (0, 1), (1, 1), (4, 0, 2, 1)])
 def test_combine_moments_equals_the_union(sizes):
     parts = _groups(sizes)
     counts = torch.tensor([[float(len(p))] * 3 for p in parts], dtype=torch.float64)
-    means = torch.stack([p.mean(0) if len(p) else torch.zeros(3, dtype=torch.float64) for p in parts])
-    m2s = torch.stack([((p - p.mean(0)) ** 2).sum(0) if len(p) else torch.zeros(3, dtype=torch.float64) for p in parts])
+    means = torch.stack(
+        [p.mean(0) if len(p) else torch.zeros(3, dtype=torch.float64) for p in parts]
+    )
+    m2s = torch.stack(
+        [
+            ((p - p.mean(0)) ** 2).sum(0) if len(p) else torch.zeros(3, dtype=torch.float64)
+            for p in parts
+        ]
+    )
     total, mean, m2 = algebra.combine_moments(counts, means, m2s)
     union = torch.cat(parts)
     assert total.tolist() == [float(len(union))] * 3
@@ -25,8 +35,11 @@ def test_combine_moments_equals_the_union(sizes):
 
 
 def test_combine_moments_all_empty_is_zero():
-    total, mean, m2 = algebra.combine_moments(torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64),
-                                              torch.zeros(2, 3, dtype=torch.float64))
+    total, mean, m2 = algebra.combine_moments(
+        torch.zeros(2, 3, dtype=torch.float64),
+        torch.ones(2, 3, dtype=torch.float64),
+        torch.zeros(2, 3, dtype=torch.float64),
+    )
     assert total.tolist() == [0.0] * 3 and mean.tolist() == [0.0] * 3 and m2.tolist() == [0.0] * 3
 
 
@@ -42,4 +55,6 @@ def test_batch_moments_and_sample_norms():
     torch.testing.assert_close(st.r, u.flatten(1).norm(dim=1), rtol=1e-12, atol=0)
     torch.testing.assert_close(st.k, 2.0 / u.flatten(1).norm(dim=1), rtol=1e-12, atol=0)
     torch.testing.assert_close(st.mk, (u * st.k[:, None, None]).mean(2), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(st.vk, (u * st.k[:, None, None]).var(2, unbiased=False), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        st.vk, (u * st.k[:, None, None]).var(2, unbiased=False), rtol=1e-12, atol=1e-14
+    )

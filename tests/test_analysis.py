@@ -57,7 +57,8 @@ def test_random_labels_control():
     assert bad["compactness"] < 0.35
     assert bad["knn_accuracy"] < 20
     assert bad["fisher_ratio"] < 0.05
-    # Fisher ratio known answer: 2 classes at +-1 on one axis, within-class spread 0 -> inf; with spread s -> 1/s^2
+    # Fisher ratio known answer: 2 classes at +-1 on one axis, within-class spread 0 -> inf; with
+    # spread s -> 1/s^2
     f2 = torch.tensor([[1.0], [1.0], [-1.0], [-1.0]])
     assert math.isinf(fisher_ratio(f2, torch.tensor([0, 0, 1, 1])))
     f3 = torch.tensor([[1.5], [0.5], [-0.5], [-1.5]])
@@ -113,7 +114,12 @@ def test_norm_probe_values():
     with NormInputProbe(net) as p, FeatureProbe(net) as fp:
         net(x)
     s = p.summary()["bn"]
-    assert s["mean"] == pytest.approx(16 / 3) and s["min"] == 1 and s["max"] == 10 and s["max_min_ratio"] == 10
+    assert (
+        s["mean"] == pytest.approx(16 / 3)
+        and s["min"] == 1
+        and s["max"] == 10
+        and s["max_min_ratio"] == 10
+    )
     assert s["std"] == pytest.approx(torch.tensor([5.0, 1.0, 10.0]).std().item())
     assert fp.features().shape == (3, 2)
     with pytest.raises(ValueError, match="no normalization layers"):
@@ -134,8 +140,21 @@ def two_runs(tmp_path_factory):
     for norm in ("bn", "l2bn"):
         for seed in (0, 1):
             d = root / f"{norm}-{seed}"
-            train(TrainConfig(dataset="digits", model="resnet8", norm=norm, seed=seed, epochs=1, batch_size=64, lr=0.05,
-                              out=str(d), progress=False, tensorboard=False, threads=1))
+            train(
+                TrainConfig(
+                    dataset="digits",
+                    model="resnet8",
+                    norm=norm,
+                    seed=seed,
+                    epochs=1,
+                    batch_size=64,
+                    lr=0.05,
+                    out=str(d),
+                    progress=False,
+                    tensorboard=False,
+                    threads=1,
+                )
+            )
             analyze_run(str(d))
             dirs.append(str(d))
     os.environ.pop("L2BN_BACKEND")
@@ -144,7 +163,15 @@ def two_runs(tmp_path_factory):
 
 def test_analysis_json_keys(two_runs):
     a = json.loads(open(f"{two_runs[0]}/analysis.json").read())
-    for k in ("compactness", "intra_class_angle_deg", "discrepancy_mean_deg", "discrepancy_min_deg", "fisher_ratio", "knn_accuracy", "norm_spread"):
+    for k in (
+        "compactness",
+        "intra_class_angle_deg",
+        "discrepancy_mean_deg",
+        "discrepancy_min_deg",
+        "fisher_ratio",
+        "knn_accuracy",
+        "norm_spread",
+    ):
         assert k in a
     first = next(iter(a["norm_spread"].values()))
     assert {"mean", "std", "cv", "max_min_ratio", "hist_log10"} <= set(first)
@@ -171,7 +198,12 @@ def test_analyze_errors(tmp_path, two_runs):
 
 def test_report_renders_in_chromium(tmp_path, two_runs):
     out = tmp_path / "report"
-    r = subprocess.run([sys.executable, "-m", "l2bn", "report", *two_runs, "-o", str(out)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "l2bn", "report", *two_runs, "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     md = (out / "report.md").read_text()
     for fig in ("curves.png", "norm_cv.png", "norm_hist.png", "metrics.png", "pca.png"):
@@ -184,21 +216,33 @@ def test_report_renders_in_chromium(tmp_path, two_runs):
     assert "mechanism" in s and s["differences"]["resnet8/l2bn-bn"]["n"] == 2
     assert "p (paired t)" in md and "seeds to detect 0.5 pp" in md
     # the test adds its own probe script to a copy of the page
-    hook = ("<script>window.__errors=[];window.addEventListener('error',e=>window.__errors.push(String(e.message||e)),true);"
-            "window.addEventListener('load',()=>{const im=[...document.images];"
-            "document.body.dataset.images=im.length;document.body.dataset.imagesOk=im.filter(i=>i.complete&&i.naturalWidth>0).length;"
-            "document.body.dataset.errors=window.__errors.length;});</script>")
+    hook = (
+        "<script>window.__errors=[];window.addEventListener('error',e=>window.__errors.push(String(e.message||e)),true);"
+        "window.addEventListener('load',()=>{const im=[...document.images];"
+        "document.body.dataset.images=im.length;document.body.dataset.imagesOk=im.filter(i=>i.complete&&i.naturalWidth>0).length;"
+        "document.body.dataset.errors=window.__errors.length;});</script>"
+    )
     probe = out / "probe.html"
     probe.write_text(html.replace("</head>", hook + "</head>", 1))
     dom = dump_dom(probe, tmp_path)
-    assert 'data-images="5"' in dom and 'data-images-ok="5"' in dom and 'data-errors="0"' in dom, dom[:500]
+    assert 'data-images="5"' in dom and 'data-images-ok="5"' in dom and 'data-errors="0"' in dom, (
+        dom[:500]
+    )
 
 
 def test_report_errors(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "l2bn", "report", str(tmp_path), "-o", str(tmp_path / "o")], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "l2bn", "report", str(tmp_path), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "no result.json" in r.stderr
     assert not (tmp_path / "o").exists()  # nothing half-written
     (tmp_path / "result.json").write_text('{"status": "complete", "test_acc": ')
-    r = subprocess.run([sys.executable, "-m", "l2bn", "report", str(tmp_path), "-o", str(tmp_path / "o")], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "l2bn", "report", str(tmp_path), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "result.json: corrupt run result" in r.stderr and not (tmp_path / "o").exists()

@@ -11,9 +11,27 @@ import pytest
 
 SRC = Path(__file__).parent.parent / "src" / "l2bn"
 LEVEL = {
-    "io": 0, "recipes": 0, "kernels": 1, "functional": 2, "modules": 3, "running": 3, "sync": 3, "norm_act": 3, "keras": 3,
-    "factory": 4, "convert": 4, "frozen": 4, "models": 5, "data": 5, "train": 6, "analysis": 7, "report": 8,
-    "experiment": 9, "bench": 9, "cli": 10, "__main__": 10,
+    "io": 0,
+    "recipes": 0,
+    "kernels": 1,
+    "functional": 2,
+    "modules": 3,
+    "running": 3,
+    "sync": 3,
+    "norm_act": 3,
+    "keras": 3,
+    "factory": 4,
+    "convert": 4,
+    "frozen": 4,
+    "models": 5,
+    "data": 5,
+    "train": 6,
+    "analysis": 7,
+    "report": 8,
+    "experiment": 9,
+    "bench": 9,
+    "cli": 10,
+    "__main__": 10,
 }
 
 
@@ -52,7 +70,11 @@ def _sources():
 def test_no_upward_imports(path):
     own = _stage(".".join(path.relative_to(SRC).with_suffix("").parts))
     assert own in LEVEL, f"{path}: add its stage to LEVEL"
-    bad = [(m, ln) for m, ln in _imports(path) if m and _stage(m) in LEVEL and LEVEL[_stage(m)] > LEVEL[own]]
+    bad = [
+        (m, ln)
+        for m, ln in _imports(path)
+        if m and _stage(m) in LEVEL and LEVEL[_stage(m)] > LEVEL[own]
+    ]
     assert not bad, f"{path.relative_to(SRC)} ({own}) imports from a higher stage: {bad}"
 
 
@@ -61,7 +83,9 @@ def test_files_stay_small_or_say_why(path):
     n = len(path.read_text().splitlines())
     if n > 320:
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-        assert "Why one file" in doc, f"{path.relative_to(SRC)} has {n} lines and no 'Why one file' note in its docstring"
+        assert "Why one file" in doc, (
+            f"{path.relative_to(SRC)} has {n} lines and no 'Why one file' note in its docstring"
+        )
 
 
 def test_checker_sees_an_upward_import(tmp_path):
@@ -78,18 +102,44 @@ def test_committed_outputs_hold_no_absolute_paths():
     bad = []
     for p in list(docs.rglob("*.json")) + list(docs.rglob("*.md")) + list(docs.rglob("*.html")):
         text = p.read_text(errors="ignore")
-        if re.search(r'"(/tmp/|/work/|/root/|/home/)', text) or re.search(r"\((/tmp/|/work/|/root/|/home/)", text):
+        if re.search(r'"(/tmp/|/work/|/root/|/home/)', text) or re.search(
+            r"\((/tmp/|/work/|/root/|/home/)", text
+        ):
             bad.append(str(p.relative_to(docs)))
     assert not bad, f"absolute paths of another machine in: {bad}"
 
 
 # Words from how the work was organised, not from the product. Spelled in pieces so that this
 # file does not match itself.
-_PROCESS = re.compile("|".join([
-    r"\bsit" + r"tings?\b", r"\bround [0-9]\b", r"\bround-[0-9]\b", r"clos" + r"ing notes?", r"\ble" + r"nt\b",
-    r"this sess" + r"ion", r"helper age" + r"nts?", r"\bsubage" + r"nts?\b",
-]), re.IGNORECASE)
-_TEXT = {".md", ".py", ".sh", ".toml", ".yaml", ".yml", ".html", ".json", ".txt", ".cpp", ".cfg", ".ini"}
+_PROCESS = re.compile(
+    "|".join(
+        [
+            r"\bsit" + r"tings?\b",
+            r"\bround [0-9]\b",
+            r"\bround-[0-9]\b",
+            r"clos" + r"ing notes?",
+            r"\ble" + r"nt\b",
+            r"this sess" + r"ion",
+            r"helper age" + r"nts?",
+            r"\bsubage" + r"nts?\b",
+        ]
+    ),
+    re.IGNORECASE,
+)
+_TEXT = {
+    ".md",
+    ".py",
+    ".sh",
+    ".toml",
+    ".yaml",
+    ".yml",
+    ".html",
+    ".json",
+    ".txt",
+    ".cpp",
+    ".cfg",
+    ".ini",
+}
 
 
 def test_the_repository_speaks_of_the_product_only():
@@ -97,9 +147,15 @@ def test_the_repository_speaks_of_the_product_only():
     and day: no words from how the work was organised (a reader cannot know what they mean)."""
     root = Path(__file__).parent.parent
     try:
-        files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+        files = subprocess.run(
+            ["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
-        files = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".git" not in p.parts]
+        files = [
+            str(p.relative_to(root))
+            for p in root.rglob("*")
+            if p.is_file() and ".git" not in p.parts
+        ]
     bad = []
     for name in files:
         p = root / name
@@ -109,3 +165,17 @@ def test_the_repository_speaks_of_the_product_only():
             if _PROCESS.search(line):
                 bad.append(f"{name}:{i}: {line.strip()[:100]}")
     assert not bad, "\n".join(bad)
+
+
+def test_ruff_is_clean():
+    """``ruff check`` (E501 at 100 columns included) and ``ruff format --check`` pass."""
+    import subprocess
+    import sys
+
+    paths = ["src", "tests", "benchmarks", "examples"]
+    root = SRC.parents[1]
+    for cmd in (["check", *paths], ["format", "--check", *paths]):
+        r = subprocess.run(
+            [sys.executable, "-m", "ruff", *cmd], capture_output=True, text=True, cwd=root
+        )
+        assert r.returncode == 0, f"ruff {' '.join(cmd)}:\n{r.stdout[-3000:]}{r.stderr[-1000:]}"

@@ -42,7 +42,9 @@ def make_dcase(root: Path, sr: int = 44100, seconds: float = 0.5) -> Path:
             for k in range(2):
                 name = f"audio/{scene}-barcelona-{si}{k}-{di}-{dev}.wav"
                 t = np.arange(int(sr * seconds)) / sr
-                y = 0.3 * np.sin(2 * np.pi * (300 + 400 * si) * t) + 0.05 * rng.standard_normal(len(t))
+                y = 0.3 * np.sin(2 * np.pi * (300 + 400 * si) * t) + 0.05 * rng.standard_normal(
+                    len(t)
+                )
                 sf.write(root / name, y.astype(np.float32), sr)
                 meta.append((name, scene, f"barcelona-{si}{k}", dev))
                 (test if (k == 1 and di % 2 == 0) else train).append((name, scene))
@@ -66,9 +68,13 @@ def test_dcase_loader_split_labels_devices(tmp_path):
     assert b.classes == sorted(SCENES) and b.num_classes == 5
     assert sorted(set(b.test_groups)) == ["a", "c", "s4"]
     assert b.train_x.shape[1:] == (1, 128, 1 + int(44100 * 0.5) // 1024)
-    rows = list(csv.DictReader(open(root / "evaluation_setup" / "fold1_evaluate.csv"), delimiter="\t"))
+    rows = list(
+        csv.DictReader(open(root / "evaluation_setup" / "fold1_evaluate.csv"), delimiter="\t")
+    )
     assert [b.classes[int(i)] for i in b.test_y] == [r["scene_label"] for r in rows]
-    assert b.transform == "deltas" and b.augment == "tcrop400-each"  # an independent crop per clip (Hu et al.)
+    assert (
+        b.transform == "deltas" and b.augment == "tcrop400-each"
+    )  # an independent crop per clip (Hu et al.)
     assert b.input_shape == (3, 128, b.train_x.shape[-1] - 8)
 
 
@@ -116,9 +122,18 @@ def test_stft_edge_padding_is_reflect_as_librosa_0_6():
     fe_r, fe_c = FrontEnd(seconds=1.0), FrontEnd(seconds=1.0, pad_mode="constant")
     rng = np.random.default_rng(1)
     y = (0.1 * rng.standard_normal(fe_r.n_samples)).astype(np.float32)
-    r, c = logmel(torch.from_numpy(y), fe_r)[0].numpy(), logmel(torch.from_numpy(y), fe_c)[0].numpy()
-    assert np.abs(r - logmel_librosa(y, fe_r)).max() < 2e-3 and np.abs(c - logmel_librosa(y, fe_c)).max() < 2e-3
-    if r.argmin() % r.shape[1] not in (0, r.shape[1] - 1) and c.argmin() % c.shape[1] not in (0, c.shape[1] - 1):
+    r, c = (
+        logmel(torch.from_numpy(y), fe_r)[0].numpy(),
+        logmel(torch.from_numpy(y), fe_c)[0].numpy(),
+    )
+    assert (
+        np.abs(r - logmel_librosa(y, fe_r)).max() < 2e-3
+        and np.abs(c - logmel_librosa(y, fe_c)).max() < 2e-3
+    )
+    if r.argmin() % r.shape[1] not in (0, r.shape[1] - 1) and c.argmin() % c.shape[1] not in (
+        0,
+        c.shape[1] - 1,
+    ):
         assert np.abs(r[:, 1:-1] - c[:, 1:-1]).max() < 1e-5
     assert np.abs(r[:, 0] - c[:, 0]).max() > 0.05 and np.abs(r[:, -1] - c[:, -1]).max() > 0.01
     with pytest.raises(ValueError, match="pad_mode"):
@@ -130,14 +145,18 @@ def test_float16_storage_quantizes_the_deltas():
     """Why features are cached in float32: float16 rounds the [0, 1] log-mel to steps of up to
     2^-11, and the delta / delta-delta regressions inherit errors of that size."""
     fe = FrontEnd(seconds=2.0)
-    y = torch.from_numpy((0.1 * np.random.default_rng(2).standard_normal(fe.n_samples)).astype(np.float32))
+    y = torch.from_numpy(
+        (0.1 * np.random.default_rng(2).standard_normal(fe.n_samples)).astype(np.float32)
+    )
     lm = logmel(y, fe)[:, None]
     exact = stack_deltas(lm)
     assert torch.equal(stack_deltas(lm.float()), exact)
     half = stack_deltas(lm.half().float())
     err = (half - exact).abs()
     assert float(err[:, 0].max()) > 1e-4  # static: up to 2^-12
-    assert float(err[:, 2].max()) > 1e-5 and float(err[:, 2].max()) / float(exact[:, 2].std()) > 1e-3
+    assert (
+        float(err[:, 2].max()) > 1e-5 and float(err[:, 2].max()) / float(exact[:, 2].std()) > 1e-3
+    )
 
 
 def test_feature_cache_is_float32(tmp_path):
@@ -151,7 +170,9 @@ def test_cache_reused_and_invalidated(tmp_path, monkeypatch):
     files = []
     for i in range(3):
         p = tmp_path / f"c{i}.wav"
-        sf.write(p, (0.1 * np.random.default_rng(i).standard_normal(8000)).astype(np.float32), 16000)
+        sf.write(
+            p, (0.1 * np.random.default_rng(i).standard_normal(8000)).astype(np.float32), 16000
+        )
         files.append(p)
     fe = FrontEnd(sample_rate=16000, seconds=0.5, n_fft=512, hop_length=128, n_mels=32)
     cache = tmp_path / "cache"
@@ -166,7 +187,12 @@ def test_cache_reused_and_invalidated(tmp_path, monkeypatch):
     b = extract(files, fe, cache, progress=False)
     assert torch.equal(a, b)
     monkeypatch.undo()
-    extract(files, FrontEnd(sample_rate=16000, seconds=0.5, n_fft=512, hop_length=128, n_mels=40), cache, progress=False)
+    extract(
+        files,
+        FrontEnd(sample_rate=16000, seconds=0.5, n_fft=512, hop_length=128, n_mels=40),
+        cache,
+        progress=False,
+    )
     assert len(list(cache.glob("logmel-*.pt"))) == 2  # a parameter change -> a new cache file
     sf.write(files[1], np.zeros(8000, dtype=np.float32), 16000)  # a changed file
     os.utime(files[1], ns=(1, 10**9 * 7))
@@ -206,7 +232,11 @@ def test_audio_folder_without_split(tmp_path):
     rows = []
     for i in range(20):
         name = f"clips/{i}.wav"
-        sf.write(root / name, (0.1 * np.random.default_rng(i).standard_normal(16000)).astype(np.float32), 16000)
+        sf.write(
+            root / name,
+            (0.1 * np.random.default_rng(i).standard_normal(16000)).astype(np.float32),
+            16000,
+        )
         rows.append((name, "yes" if i % 2 else "no"))
     with open(root / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -222,9 +252,24 @@ def test_dcase_training_reports_per_device_accuracy(tmp_path):
     root = make_dcase(tmp_path / "dcase")
     os.environ["L2BN_BACKEND"] = "fused"
     try:
-        res = train(TrainConfig(dataset="dcase2020-1a", data_dir=str(root), clip_seconds=0.5, model="audio-cnn", norm="l2bn",
-                                epochs=1, batch_size=8, lr=0.05, mixup=0.4, schedule="sgdr", out=str(tmp_path / "run"),
-                                progress=False, tensorboard=False, threads=1))
+        res = train(
+            TrainConfig(
+                dataset="dcase2020-1a",
+                data_dir=str(root),
+                clip_seconds=0.5,
+                model="audio-cnn",
+                norm="l2bn",
+                epochs=1,
+                batch_size=8,
+                lr=0.05,
+                mixup=0.4,
+                schedule="sgdr",
+                out=str(tmp_path / "run"),
+                progress=False,
+                tensorboard=False,
+                threads=1,
+            )
+        )
     finally:
         os.environ.pop("L2BN_BACKEND")
     assert sorted(res["per_group_acc"]) == ["a", "c", "s4"]
@@ -235,25 +280,74 @@ def test_dcase_training_reports_per_device_accuracy(tmp_path):
     assert sum(accs) / 3 == pytest.approx(res["test_acc"], abs=1e-9)
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is installed by scripts/install.sh")
+@pytest.mark.skipif(
+    shutil.which("espeak-ng") is None, reason="espeak-ng is installed by scripts/install.sh"
+)
 def test_spoken_digits_comparison_end_to_end(tmp_path):
     from l2bn.data.audio.spoken_digits import generate
 
     data = generate(str(tmp_path / "digits"), clips=600, snr_db=10.0, progress=False)
     rows = list(csv.DictReader(open(data / "labels.csv")))
-    assert len(rows) == 600 and {r["label"] for r in rows} == {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
+    assert len(rows) == 600 and {r["label"] for r in rows} == {
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+    }
     info = sf.info(str(data / rows[0]["filename"]))
     assert info.samplerate == 16000 and info.channels == 1 and abs(info.duration - 1.0) < 1e-3
-    again = generate(str(tmp_path / "digits2"), clips=4, snr_db=10.0, progress=False)  # deterministic
-    assert np.array_equal(sf.read(str(again / rows[0]["filename"]))[0], sf.read(str(data / rows[0]["filename"]))[0])
+    again = generate(
+        str(tmp_path / "digits2"), clips=4, snr_db=10.0, progress=False
+    )  # deterministic
+    assert np.array_equal(
+        sf.read(str(again / rows[0]["filename"]))[0], sf.read(str(data / rows[0]["filename"]))[0]
+    )
     out = tmp_path / "cmp"
     env = dict(os.environ, L2BN_BACKEND="fused", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "l2bn", "compare", "--dataset", "spoken-digits", "--data-dir", str(data),
-                        "--models", "audio-cnn", "--seeds", "0", "1", "--epochs", "7", "--batch-size", "32", "--lr", "0.05",
-                        "--no-progress", "--no-tensorboard", "--threads", "1", "--out", str(out)],
-                       env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "l2bn",
+            "compare",
+            "--dataset",
+            "spoken-digits",
+            "--data-dir",
+            str(data),
+            "--models",
+            "audio-cnn",
+            "--seeds",
+            "0",
+            "1",
+            "--epochs",
+            "7",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.05",
+            "--no-progress",
+            "--no-tensorboard",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["cells"]["audio-cnn/l2bn"]["n"] == 2 and s["cells"]["audio-cnn/bn"]["n"] == 2
-    assert s["cells"]["audio-cnn/bn"]["best_mean"] > 40 and s["cells"]["audio-cnn/l2bn"]["best_mean"] > 40  # chance: 10%
+    assert (
+        s["cells"]["audio-cnn/bn"]["best_mean"] > 40
+        and s["cells"]["audio-cnn/l2bn"]["best_mean"] > 40
+    )  # chance: 10%
     assert (out / "report.html").is_file()

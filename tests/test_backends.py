@@ -26,7 +26,14 @@ def _run(backend, x, w, b, rm, rv, training, unit_rms=False, g=None):
     x = x.detach().clone().requires_grad_()
     params = [p.detach().clone().requires_grad_() for p in (w, b)]
     y = (l2_batch_norm_reference if backend == "reference" else l2_batch_norm)(
-        x, rm, rv, *params, training, 0.1, 1e-5, unit_rms=unit_rms,
+        x,
+        rm,
+        rv,
+        *params,
+        training,
+        0.1,
+        1e-5,
+        unit_rms=unit_rms,
         **({} if backend == "reference" else {"backend": backend}),
     )
     if g is None:  # a random upstream gradient: d(sum y)/dx is exactly 0 in training
@@ -54,7 +61,9 @@ def _compare(backend, x, training=True, unit_rms=False, dtype=None):
     assert_close_per_sample(out[0], ref[0], tol, f"{backend} y")
     assert_close_per_sample(out[1], ref[1], 5 * tol, f"{backend} dx")
     for name, a, r in zip(("dw", "db"), out[2:], ref[2:]):
-        torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol * float(r.abs().max()), msg=f"{backend} {name}")
+        torch.testing.assert_close(
+            a.double(), r, rtol=tol, atol=tol * float(r.abs().max()), msg=f"{backend} {name}"
+        )
     # running statistics, both of them, for every backend (unchanged in eval)
     torch.testing.assert_close(rm1.double(), rm2, rtol=tol, atol=tol * float(rm2.abs().max()))
     torch.testing.assert_close(rv1.double(), rv2, rtol=tol, atol=tol * float(rv2.abs().max()))
@@ -102,8 +111,16 @@ def test_backend_half_max_values(backend):
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     y.backward(g.half())
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
-    ref = _run("reference", x.detach().double(), torch.ones(3, dtype=torch.float64),
-               torch.zeros(3, dtype=torch.float64), None, None, True, g=g.double())
+    ref = _run(
+        "reference",
+        x.detach().double(),
+        torch.ones(3, dtype=torch.float64),
+        torch.zeros(3, dtype=torch.float64),
+        None,
+        None,
+        True,
+        g=g.double(),
+    )
     assert_close_per_sample(y, ref[0], 1e-2, "y")
     assert_close_per_sample(x.grad, ref[1], 2e-2, "dx")
 
@@ -120,15 +137,22 @@ def test_backend_layouts(backend):
 
 
 @pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("fmt,shape", [(torch.channels_last, (4, 3, 5, 6)), (torch.channels_last_3d, (3, 2, 3, 4, 5))])
+@pytest.mark.parametrize(
+    "fmt,shape", [(torch.channels_last, (4, 3, 5, 6)), (torch.channels_last_3d, (3, 2, 3, 4, 5))]
+)
 @pytest.mark.parametrize("training", [True, False])
 def test_output_keeps_memory_format(backend, fmt, shape, training):
     """l2_batch_norm promises the input's memory format, for every backend (the reference
     returned a contiguous tensor)."""
     x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
     c = shape[1]
-    y = l2_batch_norm(x, torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64),
-                      training=training, backend=backend)
+    y = l2_batch_norm(
+        x,
+        torch.zeros(c, dtype=torch.float64),
+        torch.ones(c, dtype=torch.float64),
+        training=training,
+        backend=backend,
+    )
     assert y.is_contiguous(memory_format=fmt), y.stride()
     y.backward(torch.randn_like(y))
     assert x.grad.shape == x.shape
@@ -209,7 +233,13 @@ def test_unavailable_backend(monkeypatch):
 
 def test_auto_selection(monkeypatch):
     big = torch.randn(64, 8, 16, 16)
-    for x in (big, big.double(), big.half(), torch.randn(4, 3), big.to(memory_format=torch.channels_last)):
+    for x in (
+        big,
+        big.double(),
+        big.half(),
+        torch.randn(4, 3),
+        big.to(memory_format=torch.channels_last),
+    ):
         assert backends.select(None, x) == "native", x.dtype
     _without(monkeypatch, "native", "test")
     with warnings.catch_warnings():
@@ -236,7 +266,9 @@ def test_no_native_kernel_falls_back_with_one_warning(tmp_path):
         "print([str(r.message) for r in rec if 'native' in str(r.message)][0])\n"
     )
     env = {**os.environ, "L2BN_NO_NATIVE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     count, message = out.stdout.strip().splitlines()[-2:]
     assert count == "1", out.stdout + out.stderr
@@ -249,7 +281,12 @@ def test_empty_batch_like_batchnorm(backend, shape):
     """N = 0 in training: empty output, running statistics untouched, backward works (zero
     parameter gradients), exactly as BN (fused wrote NaN into running_var, compiled raised)."""
     c = shape[1]
-    bn = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[len(shape)](c)
+    bn = {
+        2: torch.nn.BatchNorm1d,
+        3: torch.nn.BatchNorm1d,
+        4: torch.nn.BatchNorm2d,
+        5: torch.nn.BatchNorm3d,
+    }[len(shape)](c)
     with torch.no_grad():
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 1.5)
@@ -285,12 +322,21 @@ def _scale_case(backend, x, l2_eps, training=True):
     w, b = torch.linspace(0.5, 1.5, c), torch.linspace(-0.3, 0.3, c)
     xi = x.detach().clone().requires_grad_()
     rm, rv = torch.zeros(c, dtype=x.dtype), torch.ones(c, dtype=x.dtype)
-    y = l2_batch_norm(xi, rm, rv, w.to(x.dtype), b.to(x.dtype), training, l2_eps=l2_eps, backend=backend)
+    y = l2_batch_norm(
+        xi, rm, rv, w.to(x.dtype), b.to(x.dtype), training, l2_eps=l2_eps, backend=backend
+    )
     g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     y.backward(g.to(y.dtype))
     xr = x.detach().double().requires_grad_()
-    yr = l2_batch_norm_reference(xr, None if training else rm.double(), None if training else rv.double(),
-                                 w.double(), b.double(), training, l2_eps=l2_eps)
+    yr = l2_batch_norm_reference(
+        xr,
+        None if training else rm.double(),
+        None if training else rv.double(),
+        w.double(),
+        b.double(),
+        training,
+        l2_eps=l2_eps,
+    )
     yr.backward(g)
     return y, xi.grad, yr, xr.grad
 
@@ -335,7 +381,9 @@ def test_zero_sample_with_l2_eps_below_float32_range(backend, shape, training):
     c = shape[1]
     rm, rv = torch.randn(c) * 0.1, torch.rand(c) + 0.5
     y = l2_batch_norm(x, rm.clone(), rv.clone(), training=training, l2_eps=1e-40, backend=backend)
-    yr = l2_batch_norm(x, rm.clone(), rv.clone(), training=training, l2_eps=1e-40, backend="reference")
+    yr = l2_batch_norm(
+        x, rm.clone(), rv.clone(), training=training, l2_eps=1e-40, backend="reference"
+    )
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
 
@@ -353,7 +401,9 @@ def test_fused_l2_batch_norm_returns_the_statistics_used():
     torch.testing.assert_close(mean, u.mean((0, 2, 3)))
     torch.testing.assert_close(var, u.var((0, 2, 3), unbiased=False))
     assert float(count) == 6 * 20
-    torch.testing.assert_close(y, l2_batch_norm_reference(x, None, None, w, b, True, eps=1e-3, unit_rms=True))
+    torch.testing.assert_close(
+        y, l2_batch_norm_reference(x, None, None, w, b, True, eps=1e-3, unit_rms=True)
+    )
     rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
     y, mean, var, count = fused_l2_batch_norm(x, w, b, rm, rv, 1e-3, 1e-12, False)
     assert torch.equal(mean, rm) and torch.equal(var, rv) and float(count) == 120
@@ -367,7 +417,7 @@ def test_channels_last_values_float64(backend, shape, training):
     """channels_last inputs take other code paths (strided reductions, the (N, M, C) kernel
     loops): values, gradients and running statistics against the reference, in float64."""
     fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
-    x = (torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2 + 1)
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2 + 1
     _compare(backend, x.contiguous(memory_format=fmt), training=training)
 
 
@@ -383,9 +433,16 @@ def test_forward_ad_tangent_subsets(backend, training, tangents):
     affine = tangents != "input, no affine"
     w = torch.linspace(0.5, 1.5, 3, dtype=torch.float64) if affine else None
     b = torch.linspace(-0.2, 0.2, 3, dtype=torch.float64) if affine else None
-    rm, rv = torch.linspace(-0.1, 0.1, 3, dtype=torch.float64), torch.linspace(0.5, 1.5, 3, dtype=torch.float64)
+    rm, rv = (
+        torch.linspace(-0.1, 0.1, 3, dtype=torch.float64),
+        torch.linspace(0.5, 1.5, 3, dtype=torch.float64),
+    )
     stats = (None, None) if training else (rm, rv)
-    t = {"x": torch.randn_like(x), "w": torch.randn(3, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64)}
+    t = {
+        "x": torch.randn_like(x),
+        "w": torch.randn(3, dtype=torch.float64),
+        "b": torch.randn(3, dtype=torch.float64),
+    }
     use = {"input": "x", "weight": "w", "bias": "b", "input, no affine": "x"}[tangents]
     vals = {"x": x, "w": w, "b": b}
     with fwad.dual_level():
@@ -424,13 +481,21 @@ def test_half_precision_statistics_are_float32(backend, dtype, training):
     y = l2_batch_norm(xa, *rm, w, b, training, backend=backend)
     y.backward(gy)
     xf = xr.clone().requires_grad_()
-    ref = l2_batch_norm_reference(xf, *[s.clone() if s is not None else None for s in stats], w, b, training)
+    ref = l2_batch_norm_reference(
+        xf, *[s.clone() if s is not None else None for s in stats], w, b, training
+    )
     ref.backward(gy.float())
     ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
     assert y.dtype == dtype and xa.grad.dtype == dtype
-    torch.testing.assert_close(y.float(), ref.to(dtype).float(), rtol=0, atol=2 * ulp * float(ref.abs().max()))
-    torch.testing.assert_close(xa.grad.float(), xf.grad.to(dtype).float(), rtol=0,
-                               atol=4 * ulp * float(xf.grad.abs().max()))
+    torch.testing.assert_close(
+        y.float(), ref.to(dtype).float(), rtol=0, atol=2 * ulp * float(ref.abs().max())
+    )
+    torch.testing.assert_close(
+        xa.grad.float(),
+        xf.grad.to(dtype).float(),
+        rtol=0,
+        atol=4 * ulp * float(xf.grad.abs().max()),
+    )
 
 
 # ---- found by mutation testing of kernels/autograd.py: each fails on a surviving mutant or a bug
@@ -444,7 +509,7 @@ def test_pow2_scale_of_subnormal_samples_is_finite():
     x = torch.tensor([[1e-40, -3e-41], [3e30, 1.0], [0.0, 0.0], [0.75, 0.1]])
     s = pow2_scale(x, torch.float32)
     assert torch.isfinite(s).all()
-    assert s.tolist()[1:] == [2.0 ** -102, 1.0, 1.0]
+    assert s.tolist()[1:] == [2.0**-102, 1.0, 1.0]
     m = (s[:, None] * x).abs().amax(1)
     assert 1e-3 < float(m[0]) < 1 and 0.5 <= float(m[1]) < 1
     assert torch.equal((s[:, None] * x)[0] / s[0], x[0])  # exact
@@ -470,14 +535,23 @@ def test_running_stats_must_be_given_together(backend, training):
     """As F.batch_norm: one running statistic without the other is an error (in training the
     fast backends silently skipped the update)."""
     x = torch.randn(4, 3, 5)
-    for rm, rv, only in ((torch.zeros(3), None, "running_mean"), (None, torch.ones(3), "running_var")):
-        msg = f"must be given together \\(got only {only}\\)" if training else "are required when training=False"
+    for rm, rv, only in (
+        (torch.zeros(3), None, "running_mean"),
+        (None, torch.ones(3), "running_var"),
+    ):
+        msg = (
+            f"must be given together \\(got only {only}\\)"
+            if training
+            else "are required when training=False"
+        )
         with pytest.raises(ValueError, match=msg):
             l2_batch_norm(x, rm, rv, training=training, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["fused", "native"])
-@pytest.mark.parametrize("case", ["weight only", "weight, frozen bias", "bias only", "frozen weight, bias"])
+@pytest.mark.parametrize(
+    "case", ["weight only", "weight, frozen bias", "bias only", "frozen weight, bias"]
+)
 def test_single_trainable_affine_parameter(backend, case):
     """x without grad and only one affine parameter trainable: the output still has a graph and
     the parameter's gradient equals the reference's."""
@@ -513,7 +587,11 @@ def test_parameters_are_used_in_the_accumulation_dtype(backend, training):
     rs = (torch.randn(3), torch.rand(3) + 0.5)
     outs = []
     for w, b in ((w64, b64), (w64.float(), b64.float())):
-        xi, wi, bi = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+        xi, wi, bi = (
+            x.clone().requires_grad_(),
+            w.clone().requires_grad_(),
+            b.clone().requires_grad_(),
+        )
         y = l2_batch_norm(xi, rs[0].clone(), rs[1].clone(), wi, bi, training, backend=backend)
         y.backward(g)
         assert wi.grad.dtype == w.dtype and bi.grad.dtype == b.dtype and y.dtype == torch.float32
@@ -569,11 +647,17 @@ def test_needs_rescale_boundaries():
     d = 60
     lo, hi = _norm_range(torch.float64, d)
     r = torch.tensor([lo / 2, 1.0], dtype=torch.float64)
-    assert not needs_rescale(r, torch.float64, d, lo)  # l2_eps = lo: sub-lo norms are clamped by l2_eps
+    assert not needs_rescale(
+        r, torch.float64, d, lo
+    )  # l2_eps = lo: sub-lo norms are clamped by l2_eps
     assert needs_rescale(r, torch.float64, d, lo / 4)
     assert not needs_rescale(torch.tensor([hi, lo], dtype=torch.float64), torch.float64, d, lo / 4)
-    assert needs_rescale(torch.tensor([hi * 1.0000001, 1.0], dtype=torch.float64), torch.float64, d, 1.0)
-    assert needs_rescale(torch.tensor([float("nan"), 1.0], dtype=torch.float64), torch.float64, d, 1.0)
+    assert needs_rescale(
+        torch.tensor([hi * 1.0000001, 1.0], dtype=torch.float64), torch.float64, d, 1.0
+    )
+    assert needs_rescale(
+        torch.tensor([float("nan"), 1.0], dtype=torch.float64), torch.float64, d, 1.0
+    )
 
 
 @pytest.mark.parametrize("backend", ["fused", "native"])
@@ -588,7 +672,11 @@ def test_forward_ad_half_precision(backend, dtype, training):
     x = (torch.rand(8, 4, 36, generator=g) + 0.25).to(dtype)
     t = torch.randn(8, 4, 36, generator=g).to(dtype)
     w, b = torch.linspace(0.5, 1.5, 4), torch.linspace(-0.2, 0.2, 4)
-    stats = (None, None) if training else (torch.linspace(-0.01, 0.01, 4), torch.linspace(0.5, 1.5, 4) * 1e-3)
+    stats = (
+        (None, None)
+        if training
+        else (torch.linspace(-0.01, 0.01, 4), torch.linspace(0.5, 1.5, 4) * 1e-3)
+    )
     with fwad.dual_level():
         y = l2_batch_norm(fwad.make_dual(x, t), *stats, w, b, training, backend=backend)
         dy = fwad.unpack_dual(y).tangent
@@ -603,7 +691,9 @@ def test_forward_ad_half_precision(backend, dtype, training):
 
 
 @pytest.mark.parametrize("backend", ["fused", "native"])
-@pytest.mark.parametrize("case", ["no affine", "frozen weight", "no bias", "float32 weight, bfloat16 bias"])
+@pytest.mark.parametrize(
+    "case", ["no affine", "frozen weight", "no bias", "float32 weight, bfloat16 bias"]
+)
 def test_double_backward_parameter_variants(backend, case):
     """create_graph=True with the affine parameters absent, frozen, partly absent or of mixed
     dtypes: the first derivatives (with a graph) equal the plain first-order ones, and the
@@ -630,7 +720,9 @@ def test_double_backward_parameter_variants(backend, case):
         ins = [t for t in (x, w, b) if t is not None and t.requires_grad]
         y = l2_batch_norm(x, None, None, w, b, True, backend=be)
         first = torch.autograd.grad((v * y).sum(), ins, create_graph=True)
-        plain = torch.autograd.grad((v * l2_batch_norm(x, None, None, w, b, True, backend=be)).sum(), ins)
+        plain = torch.autograd.grad(
+            (v * l2_batch_norm(x, None, None, w, b, True, backend=be)).sum(), ins
+        )
         for f, p in zip(first, plain):
             assert f.dtype == p.dtype
             torch.testing.assert_close(f, p, rtol=1e-6, atol=1e-6)
@@ -663,7 +755,11 @@ def test_mlp_output_can_be_modified_in_place(backend, training, monkeypatch):
         model.train(training)
         y = model(x)
         y.backward(g)
-        out[be] = (y.detach(), [p.grad.clone() for p in model.parameters()], model[1].running_var.clone())
+        out[be] = (
+            y.detach(),
+            [p.grad.clone() for p in model.parameters()],
+            model[1].running_var.clone(),
+        )
     (y0, g0, rv0), (y1, g1, rv1) = out["reference"], out[backend]
     torch.testing.assert_close(y1, y0, rtol=1e-9, atol=1e-9)
     for a, b in zip(g1, g0):
@@ -675,22 +771,33 @@ def test_backend_from_the_environment(monkeypatch):
     """$L2BN_BACKEND: a name selects that backend, "auto" or empty means automatic, an unknown
     name lists the choices, an unusable one names its reason; an explicit argument wins."""
     x = torch.randn(4, 3, 2, 2)
-    for value, want in (("fused", "fused"), ("reference", "reference"), ("auto", "native"), ("", "native")):
+    for value, want in (
+        ("fused", "fused"),
+        ("reference", "reference"),
+        ("auto", "native"),
+        ("", "native"),
+    ):
         monkeypatch.setenv("L2BN_BACKEND", value)
         assert backends.select(None, x) == want, value
     monkeypatch.setenv("L2BN_BACKEND", "fused")
     assert backends.select("reference", x) == "reference"
     monkeypatch.setenv("L2BN_BACKEND", "fast")
-    with pytest.raises(ValueError, match=r"unknown L2BN backend 'fast'; choose one of \[.*'fused'.*\] or 'auto'"):
+    with pytest.raises(
+        ValueError, match=r"unknown L2BN backend 'fast'; choose one of \[.*'fused'.*\] or 'auto'"
+    ):
         backends.select(None, x)
     monkeypatch.setenv("L2BN_BACKEND", "native")
     _without(monkeypatch, "native", "no C++ compiler (test)")
-    with pytest.raises(RuntimeError, match="L2BN backend 'native' is not available: no C\\+\\+ compiler"):
+    with pytest.raises(
+        RuntimeError, match="L2BN backend 'native' is not available: no C\\+\\+ compiler"
+    ):
         backends.select(None, x)
     monkeypatch.delenv("L2BN_BACKEND")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert backends.select(None, x) == "fused"  # automatic: native skipped (compiled prefers large inputs)
+        assert (
+            backends.select(None, x) == "fused"
+        )  # automatic: native skipped (compiled prefers large inputs)
 
 
 def test_register_a_backend(monkeypatch):
@@ -707,8 +814,12 @@ def test_register_a_backend(monkeypatch):
         return backends.get("reference")(x, *args)
 
     state = {"reason": None}
-    backends.register("mine", mine, lambda x: state["reason"], auto_priority=0, prefer=lambda x: x.dim() == 4)
-    backends.register("mine", mine, lambda x: state["reason"], auto_priority=0, prefer=lambda x: x.dim() == 4)
+    backends.register(
+        "mine", mine, lambda x: state["reason"], auto_priority=0, prefer=lambda x: x.dim() == 4
+    )
+    backends.register(
+        "mine", mine, lambda x: state["reason"], auto_priority=0, prefer=lambda x: x.dim() == 4
+    )
     assert backends._AUTO_ORDER.count("mine") == 1 and backends._AUTO_ORDER[0] == "mine"
     assert "mine" in backends.available_backends() and backends.get("mine") is mine
     x4, x3 = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2)
@@ -723,7 +834,10 @@ def test_register_a_backend(monkeypatch):
         l2_batch_norm(x4, None, None, training=True)
         l2_batch_norm(x4, None, None, training=True)
     msgs = [r for r in rec if "falling back" in str(r.message)]
-    assert len(msgs) == 1 and str(msgs[0].message) == "L2BN backend 'mine' unavailable (busy (test)); falling back"
+    assert (
+        len(msgs) == 1
+        and str(msgs[0].message) == "L2BN backend 'mine' unavailable (busy (test)); falling back"
+    )
     rec.clear()
     backends._warned.clear()
     with warnings.catch_warnings(record=True) as rec:
@@ -746,7 +860,9 @@ def test_each_unavailable_backend_warns_once(monkeypatch):
         for _ in range(3):
             assert backends.select(None, x) == "fused"
     msgs = sorted(str(r.message) for r in rec if "falling back" in str(r.message))
-    assert msgs == ["L2BN backend 'compiled' unavailable (reason B (test)); falling back",
-                    "L2BN backend 'native' unavailable (reason A (test)); falling back"], msgs
+    assert msgs == [
+        "L2BN backend 'compiled' unavailable (reason B (test)); falling back",
+        "L2BN backend 'native' unavailable (reason A (test)); falling back",
+    ], msgs
     monkeypatch.setattr(backends, "_AUTO_ORDER", [])
     assert backends.select(None, x) == "fused"

@@ -22,7 +22,8 @@ TINY = [("tiny", (8, 4, 6, 6))]
 @pytest.fixture
 def fused(monkeypatch):
     """The eager backend: automatic selection would compile kernels first (tens of seconds on a
-    loaded 2-core machine); the full default path is run by test_cli_defaults.py::test_bench_quick."""
+    loaded 2-core machine); the full default path is run by
+    test_cli_defaults.py::test_bench_quick."""
     monkeypatch.setenv("L2BN_BACKEND", "fused")
 
 
@@ -46,8 +47,14 @@ def test_finish_summarises_rounds_and_bandwidth():
     """Synthetic per-round times in, known medians, ratios and GB/s out."""
     row = bench.Row("synthetic", (1000, 250), nbytes=10**6)
     row.rounds_ms = {
-        "train": {"bn": [1.0, 2.0, 4.0], "l2bn": [2.0, 2.0, 6.0], "naive": [3.0, 6.0, 12.0],
-                  "bn+compile": [1.0, 1.0, 1.0], "l2bn+compile": [1.0, 2.0, 3.0], "copy": [0.5, 0.5, 0.5]},
+        "train": {
+            "bn": [1.0, 2.0, 4.0],
+            "l2bn": [2.0, 2.0, 6.0],
+            "naive": [3.0, 6.0, 12.0],
+            "bn+compile": [1.0, 1.0, 1.0],
+            "l2bn+compile": [1.0, 2.0, 3.0],
+            "copy": [0.5, 0.5, 0.5],
+        },
         "eval": {"bn": [1.0, 1.0, 1.0], "l2bn": [2.0, 4.0, 3.0], "naive": [1.0, 1.0, 1.0]},
     }
     case = bench._Case(row, [], {}, {})
@@ -55,7 +62,11 @@ def test_finish_summarises_rounds_and_bandwidth():
     assert out.train_ms["bn"] == 2.0 and out.eval_ms["l2bn"] == 3.0
     assert "copy" not in out.train_ms and out.rounds_ms["copy"]["copy"] == [0.5, 0.5, 0.5]
     # l2bn/bn per round: 2, 1, 1.5
-    assert (out.ratio_median["train"]["l2bn"], out.ratio_q25["train"]["l2bn"], out.ratio_q75["train"]["l2bn"]) == (1.5, 1.25, 1.75)
+    assert (
+        out.ratio_median["train"]["l2bn"],
+        out.ratio_q25["train"]["l2bn"],
+        out.ratio_q75["train"]["l2bn"],
+    ) == (1.5, 1.25, 1.75)
     assert out.ratio_median["train"]["naive"] == 3.0
     # compiled variants are divided by compiled BN: 1, 2, 3
     assert out.ratio_median["train"]["l2bn+compile"] == 2.0
@@ -84,7 +95,11 @@ def _check_row(row: dict, rounds: int) -> None:
         for k in ("naive", "l2bn"):
             lo, mid, hi = (row[s][phase][k] for s in ("ratio_q25", "ratio_median", "ratio_q75"))
             assert 0 < lo <= mid <= hi < float("inf")
-        assert {k: len(v) for k, v in row["rounds_ms"][phase].items()} == {"bn": rounds, "naive": rounds, "l2bn": rounds}
+        assert {k: len(v) for k, v in row["rounds_ms"][phase].items()} == {
+            "bn": rounds,
+            "naive": rounds,
+            "l2bn": rounds,
+        }
     assert row["saved"]["naive"] > 2 * row["saved"]["bn"]
 
 
@@ -100,16 +115,29 @@ def test_run_quick_returns_the_new_keys(tmp_path, fused):
     assert "Achieved bandwidth" not in text  # off on CPU by default
     # a ratio cell shows the median and the IQR
     row = res["rows"][0]
-    cell = f"{row['ratio_median']['train']['l2bn']:.2f} ({row['ratio_q25']['train']['l2bn']:.2f}-{row['ratio_q75']['train']['l2bn']:.2f})"
+    med, q25, q75 = (row[k]["train"]["l2bn"] for k in ("ratio_median", "ratio_q25", "ratio_q75"))
+    cell = f"{med:.2f} ({q25:.2f}-{q75:.2f})"
     assert cell in text
 
 
 def test_bandwidth_table_when_asked(tmp_path, monkeypatch, fused):
-    monkeypatch.setattr(bench.layers, "BANDWIDTH_MIN_BYTES", 0)  # where the layer benchmark reads it
+    monkeypatch.setattr(
+        bench.layers, "BANDWIDTH_MIN_BYTES", 0
+    )  # where the layer benchmark reads it
     path = tmp_path / "b.json"
-    text = bench.run(shapes=TINY, reps=2, rounds=2, compile=False, resnet=False, bandwidth=True, json_path=str(path))
+    text = bench.run(
+        shapes=TINY,
+        reps=2,
+        rounds=2,
+        compile=False,
+        resnet=False,
+        bandwidth=True,
+        json_path=str(path),
+    )
     row = json.loads(path.read_text())["rows"][0]
-    assert set(row["gbps"]) == {"bn", "naive", "l2bn", "copy"} and all(v > 0 for v in row["gbps"].values())
+    assert set(row["gbps"]) == {"bn", "naive", "l2bn", "copy"} and all(
+        v > 0 for v in row["gbps"].values()
+    )
     assert len(row["rounds_ms"]["copy"]["copy"]) == 2
     assert set(row["ratio_median"]["bandwidth"]) == {"bn", "naive", "l2bn"}
     assert "Achieved bandwidth" in text and "L2BN/copy" in text
@@ -118,8 +146,16 @@ def test_bandwidth_table_when_asked(tmp_path, monkeypatch, fused):
 def test_channels_last_and_backend_reach_the_layers(tmp_path, monkeypatch):
     monkeypatch.delenv("L2BN_BACKEND", raising=False)
     path = tmp_path / "b.json"
-    text = bench.run(shapes=TINY, reps=1, rounds=1, compile=False, resnet=False, channels_last=True,
-                     backend="reference", json_path=str(path))
+    text = bench.run(
+        shapes=TINY,
+        reps=1,
+        rounds=1,
+        compile=False,
+        resnet=False,
+        channels_last=True,
+        backend="reference",
+        json_path=str(path),
+    )
     res = json.loads(path.read_text())
     assert res["backend"] == "reference" and res["channels_last"] is True
     assert "channels_last" in text and "L2BN backend reference" in text
@@ -143,8 +179,25 @@ def test_bench_model_rows(fused):
 def test_cli_bench_json(tmp_path, capsys, fused):
     out = tmp_path / "out.json"
     md = tmp_path / "out.md"
-    assert main(["bench", "--quick", "--rounds", "2", "--reps", "2", "--no-compile", "--no-resnet",
-                 "--json", str(out), "--markdown", str(md)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--quick",
+                "--rounds",
+                "2",
+                "--reps",
+                "2",
+                "--no-compile",
+                "--no-resnet",
+                "--json",
+                str(out),
+                "--markdown",
+                str(md),
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     res = json.loads(out.read_text())
     assert res["rounds"] == 2 and len(res["rows"]) == 2
@@ -159,15 +212,23 @@ def test_cli_bench_bad_input_is_one_line(capsys):
     assert len(err) == 1 and "rounds and reps must be at least 1" in err[0]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: gpu_check.sh would run in full")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="this machine has a GPU: gpu_check.sh would run in full"
+)
 def test_gpu_check_refuses_without_gpu(tmp_path):
     out = tmp_path / "o"
     t0 = time.perf_counter()
     import os
     import sys
 
-    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
-                       timeout=120, cwd=tmp_path, env=dict(os.environ, PYTHON=sys.executable))
+    r = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHON=sys.executable),
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     assert "no CUDA GPU available" in r.stderr and "torch.cuda.is_available() is False" in r.stderr
     assert not out.exists()  # stopped before doing anything

@@ -16,8 +16,14 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "l2bn", *args], env=ENV, capture_output=True, text=True,
-                          timeout=900, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "l2bn", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=cwd,
+    )
 
 
 def _ok(r):
@@ -63,18 +69,55 @@ def test_train_defaults_digits(tmp_path):
 @pytest.mark.parametrize("which", ["cifar10", "cifar100"])
 def test_train_defaults_cifar(tmp_path, which):
     make_cifar(tmp_path / "c", which, n_per_batch=20)
-    r = cli("train", "--dataset", which, "--data-dir", str(tmp_path / "c"), "--epochs", "1", "--out", str(tmp_path / "R"))
+    r = cli(
+        "train",
+        "--dataset",
+        which,
+        "--data-dir",
+        str(tmp_path / "c"),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "R"),
+    )
     _one_line_error(r, "not the official", "--no-verify-data")  # the default verifies the checksums
     assert not (tmp_path / "R").exists()
-    _ok(cli("train", "--dataset", which, "--data-dir", str(tmp_path / "c"), "--no-verify-data", "--epochs", "1",
-            "--batch-size", "32", "--out", str(tmp_path / "R")))
+    _ok(
+        cli(
+            "train",
+            "--dataset",
+            which,
+            "--data-dir",
+            str(tmp_path / "c"),
+            "--no-verify-data",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--out",
+            str(tmp_path / "R"),
+        )
+    )
     _trained(tmp_path / "R")
 
 
 def test_train_defaults_imagefolder(tmp_path):
     make_imagefolder(tmp_path / "imgs", classes=3, per_class=6, size=40)
-    _ok(cli("train", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "imgs"), "--epochs", "1",
-            "--batch-size", "6", "--out", str(tmp_path / "R")))
+    _ok(
+        cli(
+            "train",
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            str(tmp_path / "imgs"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "6",
+            "--out",
+            str(tmp_path / "R"),
+        )
+    )
     assert _trained(tmp_path / "R")["train_examples"] == 18
 
 
@@ -84,11 +127,31 @@ def test_train_defaults_dcase_logs_per_device_accuracy(tmp_path):
     from test_audio import make_dcase
 
     make_dcase(tmp_path / "tau", seconds=1.5)
-    _ok(cli("train", "--dataset", "dcase2020-1a", "--data-dir", str(tmp_path / "tau"), "--model", "dcase-resnet",
-            "--norm", "l2bn", "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "2",
-            "--out", str(tmp_path / "R")))
+    _ok(
+        cli(
+            "train",
+            "--dataset",
+            "dcase2020-1a",
+            "--data-dir",
+            str(tmp_path / "tau"),
+            "--model",
+            "dcase-resnet",
+            "--norm",
+            "l2bn",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--max-steps-per-epoch",
+            "2",
+            "--out",
+            str(tmp_path / "R"),
+        )
+    )
     res = _trained(tmp_path / "R")
-    assert set(res["per_group_acc"]) == {"a", "c", "s4"} and set(res["best_per_group_acc"]) == set(res["per_group_acc"])
+    assert set(res["per_group_acc"]) == {"a", "c", "s4"} and set(res["best_per_group_acc"]) == set(
+        res["per_group_acc"]
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(tmp_path / "R" / "tb"))
@@ -107,15 +170,38 @@ def test_train_defaults_audio_folder(tmp_path):
     for i in range(24):
         f0 = 300 if i % 2 else 900
         t = np.arange(32000) / 16000
-        y = 0.3 * np.sin(2 * np.pi * f0 * t) + 0.02 * np.random.default_rng(i).standard_normal(32000)
+        y = 0.3 * np.sin(2 * np.pi * f0 * t) + 0.02 * np.random.default_rng(i).standard_normal(
+            32000
+        )
         sf.write(root / f"clips/{i}.wav", y.astype(np.float32), 16000)
         rows.append((f"clips/{i}.wav", "low" if i % 2 else "high"))
     with open(root / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["filename", "label"])
         w.writerows(rows)
-    _ok(cli("train", "--dataset", "audio-folder", "--data-dir", str(root), "--model", "audio-cnn", "--sample-rate", "16000",
-            "--clip-seconds", "2", "--n-mels", "32", "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "R")))
+    _ok(
+        cli(
+            "train",
+            "--dataset",
+            "audio-folder",
+            "--data-dir",
+            str(root),
+            "--model",
+            "audio-cnn",
+            "--sample-rate",
+            "16000",
+            "--clip-seconds",
+            "2",
+            "--n-mels",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--out",
+            str(tmp_path / "R"),
+        )
+    )
     _trained(tmp_path / "R")
 
 
@@ -139,24 +225,56 @@ def test_bench_quick(tmp_path):
     assert [row["name"] for row in rows] == ["resnet-cifar s1", "mlp"]
     for row in rows:
         # saved bytes are exact (not timings): L2BN saves what BN saves, the composite ~3x
-        assert row["saved"]["l2bn"] <= 1.05 * row["saved"]["bn"] and row["saved"]["naive"] >= 2.5 * row["saved"]["bn"]
+        assert (
+            row["saved"]["l2bn"] <= 1.05 * row["saved"]["bn"]
+            and row["saved"]["naive"] >= 2.5 * row["saved"]["bn"]
+        )
         for mode in ("train", "eval"):
-            assert row["ratio_q25"][mode]["l2bn"] <= row["ratio_median"][mode]["l2bn"] <= row["ratio_q75"][mode]["l2bn"]
+            assert (
+                row["ratio_q25"][mode]["l2bn"]
+                <= row["ratio_median"][mode]["l2bn"]
+                <= row["ratio_q75"][mode]["l2bn"]
+            )
 
 
 def test_compare_bad_input_is_one_line(tmp_path):
-    _one_line_error(cli("compare", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")),
-                    "config file not found", "missing.yaml")
+    _one_line_error(
+        cli("compare", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")),
+        "config file not found",
+        "missing.yaml",
+    )
     (tmp_path / "bad.yaml").write_text("epochz: 3\n")
-    _one_line_error(cli("compare", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")),
-                    "unknown config key 'epochz'", "did you mean 'epochs'")
-    _one_line_error(cli("compare", "--grid", "batch_sise=16,32", "--out", str(tmp_path / "o")), "unknown config key 'batch_sise'")
-    _one_line_error(cli("compare", "--grid", "batch_size=16,abc", "--out", str(tmp_path / "o")),
-                    "batch_size = 'abc': expected an integer >= 1")
+    _one_line_error(
+        cli("compare", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")),
+        "unknown config key 'epochz'",
+        "did you mean 'epochs'",
+    )
+    _one_line_error(
+        cli("compare", "--grid", "batch_sise=16,32", "--out", str(tmp_path / "o")),
+        "unknown config key 'batch_sise'",
+    )
+    _one_line_error(
+        cli("compare", "--grid", "batch_size=16,abc", "--out", str(tmp_path / "o")),
+        "batch_size = 'abc': expected an integer >= 1",
+    )
     assert not (tmp_path / "o").exists()
     # a corrupt checkpoint in an unfinished run that compare would resume
-    args = ("compare", "--dataset", "digits", "--models", "resnet8", "--norms", "bn", "--seeds", "0", "--epochs", "1",
-            "--no-analyze", "--out", str(tmp_path / "c2"))
+    args = (
+        "compare",
+        "--dataset",
+        "digits",
+        "--models",
+        "resnet8",
+        "--norms",
+        "bn",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--no-analyze",
+        "--out",
+        str(tmp_path / "c2"),
+    )
     _ok(cli(*args))
     run = tmp_path / "c2" / "resnet8-bn-seed0"
     (run / "result.json").unlink()  # as if killed after its last checkpoint
@@ -165,8 +283,17 @@ def test_compare_bad_input_is_one_line(tmp_path):
 
 
 def test_train_bad_data_dir_names_it(tmp_path):
-    r = cli("train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nonexistent"), "--epochs", "1",
-            "--out", str(tmp_path / "R"))
+    r = cli(
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        str(tmp_path / "nonexistent"),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "R"),
+    )
     _one_line_error(r, str(tmp_path / "nonexistent"), "does not exist")
     assert not (tmp_path / "R").exists()
     r = cli("analyze", str(tmp_path / "nope"))
@@ -196,12 +323,37 @@ def test_compare_dcase_recipes_on_the_official_layout(tmp_path, net):
     make_dcase(tmp_path / "tau", seconds=1.5)
     cfg = f"dcase2020-1a-{net}"
     out = tmp_path / "cmp"
-    _ok(cli("compare", "--config", str(cfg), "--dataset", "dcase2020-1a", "--data-dir", str(tmp_path / "tau"),
-            "--models", f"dcase-{net}", "--seeds", "0", "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "4",
-            *([] if net == "resnet" else ["--norms", "l2bn-rms"]), "--out", str(out)))
+    _ok(
+        cli(
+            "compare",
+            "--config",
+            str(cfg),
+            "--dataset",
+            "dcase2020-1a",
+            "--data-dir",
+            str(tmp_path / "tau"),
+            "--models",
+            f"dcase-{net}",
+            "--seeds",
+            "0",
+            "--epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "2",
+            "--batch-size",
+            "4",
+            *([] if net == "resnet" else ["--norms", "l2bn-rms"]),
+            "--out",
+            str(out),
+        )
+    )
     s = json.loads((out / "summary.json").read_text())
     # the recipe's norm (l2bn-rms) against BN by default; one cell per norm given otherwise
-    assert set(s["cells"]) == ({"dcase-resnet/bn", "dcase-resnet/l2bn-rms"} if net == "resnet" else {f"dcase-{net}/l2bn-rms"})
+    assert set(s["cells"]) == (
+        {"dcase-resnet/bn", "dcase-resnet/l2bn-rms"}
+        if net == "resnet"
+        else {f"dcase-{net}/l2bn-rms"}
+    )
     r = json.loads(next(out.glob("*-seed0/result.json")).read_text())
     assert r["config"]["mixup_mode"] == "pairs" and set(r["best_per_group_acc"]) == {"a", "c", "s4"}
     assert "Accuracy per group" in (out / "report.md").read_text()

@@ -16,14 +16,17 @@ from test_cli_defaults import ENV, _ok, _one_line_error, cli
 from l2bn import cli as l2bn_cli
 
 
-@pytest.mark.parametrize("text,needle", [
-    ('nesterov: "no"\n', "nesterov = 'no': expected true or false"),
-    ("batch_size: 64.7\n", "batch_size = 64.7: expected an integer >= 1"),
-    ('epochs: "two"\n', "epochs = 'two': expected an integer >= 1"),
-    ("lr: -0.1\n", "lr = -0.1: expected a number > 0"),
-    ("norm: l2bnn\n", "norm = 'l2bnn': expected one of bn, l2bn"),
-    ("lr: [0.1\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ('nesterov: "no"\n', "nesterov = 'no': expected true or false"),
+        ("batch_size: 64.7\n", "batch_size = 64.7: expected an integer >= 1"),
+        ('epochs: "two"\n', "epochs = 'two': expected an integer >= 1"),
+        ("lr: -0.1\n", "lr = -0.1: expected a number > 0"),
+        ("norm: l2bnn\n", "norm = 'l2bnn': expected one of bn, l2bn"),
+        ("lr: [0.1\n", "not valid YAML"),
+    ],
+)
 def test_recipe_values_are_typed_and_checked(tmp_path, text, needle):
     cfg = tmp_path / "r.yaml"
     cfg.write_text(text)
@@ -38,15 +41,20 @@ def test_unambiguous_yaml_values_are_coerced(tmp_path):
     cfg.write_text("lr: 1e-2\nepochs: 1\nbatch_size: 64.0\n")
     _ok(cli("train", "--dataset", "digits", "--config", str(cfg), "--out", str(tmp_path / "R")))
     saved = json.loads((tmp_path / "R" / "config.json").read_text())
-    assert saved["lr"] == 0.01 and saved["batch_size"] == 64 and isinstance(saved["batch_size"], int)
+    assert (
+        saved["lr"] == 0.01 and saved["batch_size"] == 64 and isinstance(saved["batch_size"], int)
+    )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--epochs", "0"], "--epochs 0: expected an integer >= 1"),
-    (["--train-subset", "-5"], "--train-subset -5: expected an integer >= 0"),
-    (["--lr", "0"], "--lr 0.0: expected a number > 0"),
-    (["--schedule", "cosin"], "--schedule 'cosin': expected one of cosine, step"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--epochs", "0"], "--epochs 0: expected an integer >= 1"),
+        (["--train-subset", "-5"], "--train-subset -5: expected an integer >= 0"),
+        (["--lr", "0"], "--lr 0.0: expected a number > 0"),
+        (["--schedule", "cosin"], "--schedule 'cosin': expected one of cosine, step"),
+    ],
+)
 def test_flag_ranges(tmp_path, args, needle):
     r = cli("train", "--dataset", "digits", *args, "--out", str(tmp_path / "R"))
     _one_line_error(r, needle)
@@ -65,15 +73,28 @@ def test_an_extended_run_resumes_plainly(tmp_path):
     assert json.loads((tmp_path / "R" / "result.json").read_text())["epochs"] == 2
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--norms", "bn", "l2bnn"], "run resnet8 l2bnn seed 0: norm = 'l2bnn'"),
-    (["--models", "resnet8", "resnet9"], "model = 'resnet9': expected one of"),
-    (["--grid", "batch_size=32,0"], "batch_size = '0': expected an integer >= 1"),
-    (["--epochs", "0"], "epochs = 0: expected an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--norms", "bn", "l2bnn"], "run resnet8 l2bnn seed 0: norm = 'l2bnn'"),
+        (["--models", "resnet8", "resnet9"], "model = 'resnet9': expected one of"),
+        (["--grid", "batch_size=32,0"], "batch_size = '0': expected an integer >= 1"),
+        (["--epochs", "0"], "epochs = 0: expected an integer >= 1"),
+    ],
+)
 def test_compare_checks_the_whole_plan_before_training(tmp_path, args, needle):
     epochs = [] if "--epochs" in args else ["--epochs", "1"]
-    r = cli("compare", "--dataset", "digits", "--seeds", "0", *epochs, *args, "--out", str(tmp_path / "C"))
+    r = cli(
+        "compare",
+        "--dataset",
+        "digits",
+        "--seeds",
+        "0",
+        *epochs,
+        *args,
+        "--out",
+        str(tmp_path / "C"),
+    )
     _one_line_error(r, needle)
     assert not (tmp_path / "C").exists()  # nothing trained, nothing written
 
@@ -107,10 +128,14 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(tmp_path, monk
     save_checkpoint({"a": 1}, path)
 
     def full(*a, **k):
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 170176 vs 170072")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 170176 vs 170072"
+        )
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(CheckpointError, match=r"could not write .*last.pt .*the previous last.pt is intact"):
+    with pytest.raises(
+        CheckpointError, match=r"could not write .*last.pt .*the previous last.pt is intact"
+    ):
         save_checkpoint({"a": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"a": 1}
@@ -119,28 +144,56 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(tmp_path, monk
 
 def test_ctrl_c_says_how_to_continue(tmp_path):
     out = tmp_path / "R"
-    proc = subprocess.Popen([sys.executable, "-m", "l2bn", "train", "--dataset", "digits", "--epochs", "100000",
-                             "--out", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "l2bn",
+            "train",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "100000",
+            "--out",
+            str(out),
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
-    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and (out / "last.pt").is_file()):
+    while time.time() < deadline and not (
+        (out / "metrics.jsonl").is_file() and (out / "last.pt").is_file()
+    ):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    lines = [ln for ln in err.strip().splitlines() if ln.strip() and "%|" not in ln and "it/s" not in ln]
+    lines = [
+        ln for ln in err.strip().splitlines() if ln.strip() and "%|" not in ln and "it/s" not in ln
+    ]
     assert proc.returncode == 130, err[-2000:]
-    assert len(lines) == 1 and f"l2bn train --out {out} --resume" in lines[-1] and "saved" in lines[-1], lines
+    assert (
+        len(lines) == 1 and f"l2bn train --out {out} --resume" in lines[-1] and "saved" in lines[-1]
+    ), lines
     _ok(cli("train", "--out", str(out), "--resume", "--epochs", "2"))
 
 
 def test_help_describes_every_flag():
     for cmd in ("train", "compare"):
-        r = subprocess.run([sys.executable, "-m", "l2bn", cmd, "--help"], env=ENV, capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "l2bn", cmd, "--help"], env=ENV, capture_output=True, text=True
+        )
         assert r.returncode == 0
         flat = " ".join(r.stdout.split())
         for token in flat.split(" --")[1:]:
             name = token.split(" ", 1)[0]
-            assert not token.split(" ", 2)[-1].startswith("(default"), f"{cmd} --{name} has no description"
-    r = subprocess.run([sys.executable, "-m", "l2bn", "compare", "--help"], env=ENV, capture_output=True, text=True)
+            assert not token.split(" ", 2)[-1].startswith("(default"), (
+                f"{cmd} --{name} has no description"
+            )
+    r = subprocess.run(
+        [sys.executable, "-m", "l2bn", "compare", "--help"], env=ENV, capture_output=True, text=True
+    )
     flat = " ".join(r.stdout.split())
     assert "(default: 5 with --preset quick" in flat  # the epochs that apply, not the field's 10
     assert "--resume" not in flat and "--test-only" not in flat
@@ -151,8 +204,11 @@ def test_shipped_recipes_by_name(tmp_path):
     r = cli("train", "--list-configs")
     _ok(r)
     assert "dcase2020-1a-resnet" in r.stdout.split() and "cifar10-resnet56" in r.stdout.split()
-    _one_line_error(cli("train", "--config", "cifar10-resnet57", "--out", str(tmp_path / "R")),
-                    "config file not found: cifar10-resnet57", "cifar10-resnet56")
+    _one_line_error(
+        cli("train", "--config", "cifar10-resnet57", "--out", str(tmp_path / "R")),
+        "config file not found: cifar10-resnet57",
+        "cifar10-resnet56",
+    )
 
 
 def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch):
@@ -165,12 +221,38 @@ def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "train_one_epoch", broken)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        l2bn_cli.main(["train", "--dataset", "digits", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "R")])
-    for err in (ValueError("a value error inside torch"), ImportError("cannot import name 'x' from 'l2bn.models'")):
-        monkeypatch.setattr(loop, "train_one_epoch", lambda *a, e=err, **k: (_ for _ in ()).throw(e))
+        l2bn_cli.main(
+            [
+                "train",
+                "--dataset",
+                "digits",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "R"),
+            ]
+        )
+    for err in (
+        ValueError("a value error inside torch"),
+        ImportError("cannot import name 'x' from 'l2bn.models'"),
+    ):
+        monkeypatch.setattr(
+            loop, "train_one_epoch", lambda *a, e=err, **k: (_ for _ in ()).throw(e)
+        )
         with pytest.raises(type(err)):
-            l2bn_cli.main(["train", "--dataset", "digits", "--epochs", "1", "--no-progress", "--out",
-                           str(tmp_path / "S")])
+            l2bn_cli.main(
+                [
+                    "train",
+                    "--dataset",
+                    "digits",
+                    "--epochs",
+                    "1",
+                    "--no-progress",
+                    "--out",
+                    str(tmp_path / "S"),
+                ]
+            )
 
 
 def test_deliberate_input_errors_are_usage_errors(tmp_path, capsys):
@@ -180,7 +262,9 @@ def test_deliberate_input_errors_are_usage_errors(tmp_path, capsys):
     from l2bn.io import BadInput, UsageError
     from l2bn.models import create_model
 
-    assert issubclass(DataNotFoundError, FileNotFoundError) and issubclass(DataNotFoundError, UsageError)
+    assert issubclass(DataNotFoundError, FileNotFoundError) and issubclass(
+        DataNotFoundError, UsageError
+    )
     with pytest.raises(BadInput, match="unknown model 'resnet9'"):
         create_model("resnet9", num_classes=10)
     assert issubclass(BadInput, ValueError)

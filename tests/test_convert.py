@@ -41,9 +41,7 @@ def _randomize_bn(model):
                 m.num_batches_tracked.fill_(1000)  # statistics of a trained model
 
 
-@pytest.mark.parametrize(
-    "name", ["resnet18", "mobilenet_v2", "densenet121", "efficientnet_b0"]
-)
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121", "efficientnet_b0"])
 def test_torchvision_models(name):
     """With running_stats="keep", convert is BN(F.normalize(x)) with every value of the BN model."""
     torch.manual_seed(0)
@@ -111,7 +109,9 @@ def test_include_exclude():
     assert type(out[0]) is nn.BatchNorm2d and type(out[1][1]) is l2bn.L2BatchNorm2d
     out = l2bn.convert(copy.deepcopy(model), include=lambda name, m: name.endswith("1"))
     assert [type(m).__name__ for m in (out[0], out[1][0], out[1][1])] == [
-        "BatchNorm2d", "BatchNorm2d", "L2BatchNorm2d",
+        "BatchNorm2d",
+        "BatchNorm2d",
+        "L2BatchNorm2d",
     ]
     with pytest.raises(ValueError, match="matched by both include and exclude"):
         l2bn.convert(copy.deepcopy(model), include="1.*", exclude="1.0")

@@ -31,7 +31,8 @@ def test_fashion_mnist_missing_lists_places(tmp_path, monkeypatch):
 
 
 def test_explicit_data_dir_is_the_only_place(tmp_path):
-    # a --data-dir that does not exist is an error naming it (not a silent fall-back to Debian's copy)
+    # a --data-dir that does not exist is an error naming it (not a silent fall-back to Debian's
+    # copy)
     with pytest.raises(DataNotFoundError, match=f"{tmp_path / 'nonexistent'} does not exist"):
         load_dataset("fashion-mnist", str(tmp_path / "nonexistent"))
     # an existing one without the files is not replaced by another copy either
@@ -48,7 +49,10 @@ def test_fashion_mnist_checksums(tmp_path):
     from l2bn.data.integrity import DataIntegrityError
 
     make_fashion_mnist(tmp_path / "fm", 30, 10)
-    with pytest.raises(DataIntegrityError, match="train-images-idx3-ubyte.gz: not the official fashion-mnist file.*--no-verify-data"):
+    with pytest.raises(
+        DataIntegrityError,
+        match="train-images-idx3-ubyte.gz: not the official fashion-mnist file.*--no-verify-data",
+    ):
         load_dataset("fashion-mnist", str(tmp_path / "fm"))
     debian = Path("/usr/share/datasets/fashion-mnist")
     assert debian.is_dir(), "apt-get install dataset-fashion-mnist (scripts/install.sh does it)"
@@ -101,10 +105,15 @@ def test_cifar_checksums_name_the_file(tmp_path):
     from l2bn.data.integrity import DataIntegrityError
 
     make_cifar(tmp_path, "cifar10", n_per_batch=10)
-    with pytest.raises(DataIntegrityError, match="data_batch_1: not the official cifar10 file \\(md5 [0-9a-f]{32}, expected c99caf"):
+    with pytest.raises(
+        DataIntegrityError,
+        match="data_batch_1: not the official cifar10 file \\(md5 [0-9a-f]{32}, expected c99caf",
+    ):
         load_dataset("cifar10", str(tmp_path))
     make_cifar(tmp_path, "cifar100", n_per_batch=10)
-    with pytest.raises(DataIntegrityError, match="cifar-100-python/train: not the official cifar100 file"):
+    with pytest.raises(
+        DataIntegrityError, match="cifar-100-python/train: not the official cifar100 file"
+    ):
         load_dataset("cifar100", str(tmp_path))
 
 
@@ -139,7 +148,11 @@ def test_augment_crop_is_translation():
     assert y.shape == x.shape
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
     for i in range(2):  # each output is a 6x6 window of the padded image
-        found = any(torch.equal(y[i, 0], padded[i, 0, a:a + 6, b:b + 6]) for a in range(5) for b in range(5))
+        found = any(
+            torch.equal(y[i, 0], padded[i, 0, a : a + 6, b : b + 6])
+            for a in range(5)
+            for b in range(5)
+        )
         assert found
     with pytest.raises(ValueError, match="unknown augmentation"):
         aug.apply("rotate", x, g)

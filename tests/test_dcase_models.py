@@ -71,10 +71,16 @@ def test_layer_inventory(name):
     dense = [m for m in net.modules() if isinstance(m, nn.Linear)]
     assert len(dense) == n_dense and all(d.bias is not None for d in dense)
     drops = [m for m in net.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
-    assert len(drops) == n_drop and all(type(d) is nn.Dropout and d.p == p for d in drops)  # element-wise, as Keras
+    assert len(drops) == n_drop and all(
+        type(d) is nn.Dropout and d.p == p for d in drops
+    )  # element-wise, as Keras
     if n_dense:  # one shared pair of Dense layers (10 -> 5 -> 10) in the channel attention
         att = [m for m in net.modules() if isinstance(m, ChannelAttention)]
-        assert len(att) == 1 and (att[0].fc1.in_features, att[0].fc1.out_features, att[0].fc2.out_features) == (10, 5, 10)
+        assert len(att) == 1 and (
+            att[0].fc1.in_features,
+            att[0].fc1.out_features,
+            att[0].fc2.out_features,
+        ) == (10, 5, 10)
 
 
 # per-stage outputs (C, F, T) for T = 400 and 423, from the reference tables
@@ -115,7 +121,9 @@ def test_stage_output_shapes(name, t_index, frames):
     mods = dict(net.named_modules())
     seen = {}
     for key in STAGES[name]:
-        mods[key].register_forward_hook(lambda m, a, o, key=key: seen.__setitem__(key, tuple(o.shape[1:])))
+        mods[key].register_forward_hook(
+            lambda m, a, o, key=key: seen.__setitem__(key, tuple(o.shape[1:]))
+        )
     out = net(torch.empty(2, 3, 128, frames, device="meta"))
     assert tuple(out.shape) == (2, 10)
     assert seen == {k: v[t_index] for k, v in STAGES[name].items()}
@@ -126,12 +134,23 @@ def test_stage_output_shapes(name, t_index, frames):
 # TF "same" paddings (freq top, bottom, time left, right) of the strided layers, in call order,
 # from the reference (T = 400 | T = 423); the ResNet list is per path.
 SAME_PADS = {
-    "dcase-resnet": [((1, 1, 0, 1), (1, 1, 1, 1)), ((1, 1, 0, 1), (1, 1, 0, 1)), ((1, 1, 0, 1), (1, 1, 0, 1)),
-                     ((1, 1, 0, 1), (1, 1, 0, 1)), ((1, 1, 0, 1), (1, 1, 0, 1)), ((1, 1, 0, 1), (1, 1, 1, 1)),
-                     ((1, 1, 0, 1), (1, 1, 1, 1))],
+    "dcase-resnet": [
+        ((1, 1, 0, 1), (1, 1, 1, 1)),
+        ((1, 1, 0, 1), (1, 1, 0, 1)),
+        ((1, 1, 0, 1), (1, 1, 0, 1)),
+        ((1, 1, 0, 1), (1, 1, 0, 1)),
+        ((1, 1, 0, 1), (1, 1, 0, 1)),
+        ((1, 1, 0, 1), (1, 1, 1, 1)),
+        ((1, 1, 0, 1), (1, 1, 1, 1)),
+    ],
     "dcase-fcnn": [],
-    "dcase-fsfcnn": [((2, 2, 1, 2), (2, 2, 2, 2)), ((0, 1, 0, 1), (0, 1, 0, 1)), ((0, 1, 0, 1), (0, 1, 0, 1)),
-                     ((1, 1, 0, 1), (1, 1, 1, 1)), ((1, 1, 1, 1), (1, 1, 1, 1))],
+    "dcase-fsfcnn": [
+        ((2, 2, 1, 2), (2, 2, 2, 2)),
+        ((0, 1, 0, 1), (0, 1, 0, 1)),
+        ((0, 1, 0, 1), (0, 1, 0, 1)),
+        ((1, 1, 0, 1), (1, 1, 1, 1)),
+        ((1, 1, 1, 1), (1, 1, 1, 1)),
+    ],
 }
 
 
@@ -144,10 +163,15 @@ def test_tf_same_padding_of_strided_layers(name, t_index, frames):
     def rec(m, args):
         k, s = m.kernel_size, m.stride
         if tuple(s) != (1, 1):
-            pads.append(tf_same_padding(args[0].shape[2], k[0], s[0]) + tf_same_padding(args[0].shape[3], k[1], s[1]))
+            pads.append(
+                tf_same_padding(args[0].shape[2], k[0], s[0])
+                + tf_same_padding(args[0].shape[3], k[1], s[1])
+            )
 
     for prefix, m in net.named_modules():
-        if isinstance(m, (Conv2dSame, MaxPool2dSame, AvgPool2dSame)) and not prefix.startswith("path2"):
+        if isinstance(m, (Conv2dSame, MaxPool2dSame, AvgPool2dSame)) and not prefix.startswith(
+            "path2"
+        ):
             m.register_forward_pre_hook(rec)
     net(torch.empty(1, 3, 128, frames, device="meta"))
     assert pads == [p[t_index] for p in SAME_PADS[name]]
@@ -167,7 +191,9 @@ def test_conv2d_same_is_tf_grid_not_pytorch_grid():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 10)
     conv = Conv2dSame(3, 4, 3, (1, 2))
-    ref = F.conv2d(F.pad(x, (0, 1, 1, 1)), conv.weight, stride=(1, 2))  # TF: extra column at the end
+    ref = F.conv2d(
+        F.pad(x, (0, 1, 1, 1)), conv.weight, stride=(1, 2)
+    )  # TF: extra column at the end
     assert torch.allclose(conv(x), ref, atol=1e-6)
     torch_grid = F.conv2d(x, conv.weight, stride=(1, 2), padding=1)
     assert torch_grid.shape == ref.shape and not torch.allclose(torch_grid, ref)
@@ -180,7 +206,9 @@ def test_avg_pool_same_divides_by_valid_cells():
     assert torch.allclose(AvgPool2dSame(3, (1, 2))(torch.ones(1, 1, 5, 8)), torch.ones(1, 1, 5, 4))
     assert torch.allclose(out[0, :, 0, 0], x[0, :, 0:2, 0:3].mean(dim=(1, 2)))  # top row padded
     assert torch.allclose(out[0, :, 2, 1], x[0, :, 1:4, 2:5].mean(dim=(1, 2)))  # interior
-    assert torch.allclose(out[0, :, 2, 3], x[0, :, 1:4, 6:8].mean(dim=(1, 2)))  # last window: 2 valid columns
+    assert torch.allclose(
+        out[0, :, 2, 3], x[0, :, 1:4, 6:8].mean(dim=(1, 2))
+    )  # last window: 2 valid columns
 
 
 def test_max_pool_same_ignores_padding():
@@ -208,8 +236,14 @@ def test_channel_attention_formula_shared_weights():
     assert sum(p.numel() for p in att.parameters()) == 115
 
 
-@pytest.mark.parametrize("name,kw", [("dcase-resnet", {"width": 8}), ("dcase-fcnn", {"num_filters": (8, 16, 32)}),
-                                     ("dcase-fsfcnn", {"num_filters": (8, 16, 32, 48)})])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("dcase-resnet", {"width": 8}),
+        ("dcase-fcnn", {"num_filters": (8, 16, 32)}),
+        ("dcase-fsfcnn", {"num_filters": (8, 16, 32, 48)}),
+    ],
+)
 def test_keras_he_normal_init(name, kw):
     """Every kernel ~ truncated normal at +-2 sd with variance 2 / fan_in (narrow nets, fast)."""
     torch.manual_seed(0)
@@ -219,7 +253,9 @@ def test_keras_he_normal_init(name, kw):
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             w = m.weight.detach().flatten()
             scale = math.sqrt(2.0 / m.weight[0].numel())
-            assert float(w.abs().max()) <= 2 * scale / 0.87962566103423978 + 1e-7  # truncated at 2 sd
+            assert (
+                float(w.abs().max()) <= 2 * scale / 0.87962566103423978 + 1e-7
+            )  # truncated at 2 sd
             z.append(w / scale)
             if m.bias is not None:
                 assert float(m.bias.detach().abs().max()) == 0
@@ -230,7 +266,9 @@ def test_keras_he_normal_init(name, kw):
 # ------------------------------------------------------------------------- where L2BN goes
 
 
-@pytest.mark.parametrize("name,switchable", [("dcase-resnet", 36), ("dcase-fcnn", 10), ("dcase-fsfcnn", 12)])
+@pytest.mark.parametrize(
+    "name,switchable", [("dcase-resnet", 36), ("dcase-fcnn", 10), ("dcase-fsfcnn", 12)]
+)
 def test_l2bn_everywhere_but_the_final_bn(name, switchable):
     net = _meta(name, "l2bn")
     l2 = [m for m in net.modules() if isinstance(m, L2BatchNorm2d)]
@@ -260,7 +298,9 @@ def test_keras_bn_constants(name):
         layers = [m for m in net.modules() if isinstance(m, (nn.BatchNorm2d, L2BatchNorm2d))]
         assert {(m.eps, m.momentum) for m in layers} == {(1e-3, 0.01)}
     net = _meta(name, "l2bn", bn_eps=1e-5, bn_momentum=0.1)
-    assert {(m.eps, m.momentum) for m in net.modules() if isinstance(m, (nn.BatchNorm2d, L2BatchNorm2d))} == {(1e-5, 0.1)}
+    assert {
+        (m.eps, m.momentum) for m in net.modules() if isinstance(m, (nn.BatchNorm2d, L2BatchNorm2d))
+    } == {(1e-5, 0.1)}
 
 
 def test_feature_tap_gives_pooled_classifier_input():
@@ -279,12 +319,28 @@ def test_feature_tap_gives_pooled_classifier_input():
 
 
 def test_sgdr_is_cosine_warm_restarts_t0_2_mult_2():
-    """The authors' LR_WarmRestart, replayed in the reference: lr at the first batch of epochs 0-13."""
-    want = [0.1, 0.050005, 0.1, 0.085356804, 0.050005, 0.014653196, 0.1, 0.096194357, 0.085356804,
-            0.069137258, 0.050005, 0.030872742, 0.014653196, 0.0038156428]
+    """The authors' LR_WarmRestart, replayed: lr at the first batch of epochs 0-13."""
+    want = [
+        0.1,
+        0.050005,
+        0.1,
+        0.085356804,
+        0.050005,
+        0.014653196,
+        0.1,
+        0.096194357,
+        0.085356804,
+        0.069137258,
+        0.050005,
+        0.030872742,
+        0.014653196,
+        0.0038156428,
+    ]
     steps = 437
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=2 * steps, T_mult=2, eta_min=1e-5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        opt, T_0=2 * steps, T_mult=2, eta_min=1e-5
+    )
     got = []
     for s in range(14 * steps):
         if s % steps == 0:
@@ -307,14 +363,20 @@ def test_spec_augment_masks_one_band_and_one_span_per_sample_and_channel():
             full_cols = z.all(dim=0).nonzero().flatten()
             for idx, widths, cap, size in ((full_rows, fw, 12, 128), (full_cols, tw, 39, 423)):
                 if len(idx):
-                    assert int(idx[-1] - idx[0]) + 1 == len(idx) and int(idx[-1]) < size  # contiguous
+                    assert (
+                        int(idx[-1] - idx[0]) + 1 == len(idx) and int(idx[-1]) < size
+                    )  # contiguous
                 widths.append(len(idx))
                 assert len(idx) <= cap
             # nothing else is zeroed
             assert bool((z == (z.all(dim=1, keepdim=True) | z.all(dim=0, keepdim=True))).all())
-    assert min(fw) == 0 and max(fw) == 12 and min(tw) <= 2 and max(tw) >= 36  # the full width ranges occur
+    assert (
+        min(fw) == 0 and max(fw) == 12 and min(tw) <= 2 and max(tw) >= 36
+    )  # the full width ranges occur
     masks = (y == 0).view(64, 3, -1)
-    assert not all(torch.equal(masks[n, 0], masks[n, 1]) for n in range(64))  # independent per channel
+    assert not all(
+        torch.equal(masks[n, 0], masks[n, 1]) for n in range(64)
+    )  # independent per channel
     assert torch.equal(y, aug.spec_augment(x, 12, 39, torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="mask widths"):
         aug.spec_augment(x, 128, 39, g)
@@ -325,10 +387,16 @@ def test_per_sample_time_crop_independent_windows():
     out = aug.per_sample_time_crop(x, 400, torch.Generator().manual_seed(0))
     assert out.shape == (200, 3, 4, 400)
     starts = out[:, 0, 0, 0].long()
-    assert torch.equal(out, starts.view(-1, 1, 1, 1) + torch.arange(400.0).view(1, 1, 1, -1).expand_as(out))
-    assert int(starts.min()) == 0 and int(starts.max()) == 22  # np.random.randint(0, 423 - 400): 0..22
+    assert torch.equal(
+        out, starts.view(-1, 1, 1, 1) + torch.arange(400.0).view(1, 1, 1, -1).expand_as(out)
+    )
+    assert (
+        int(starts.min()) == 0 and int(starts.max()) == 22
+    )  # np.random.randint(0, 423 - 400): 0..22
     assert len(set(starts.tolist())) == 23
-    wide = aug.per_sample_time_crop(x, 400, torch.Generator().manual_seed(0), include_last_offset=True)
+    wide = aug.per_sample_time_crop(
+        x, 400, torch.Generator().manual_seed(0), include_last_offset=True
+    )
     assert int(wide[:, 0, 0, 0].max()) == 23
     assert aug.per_sample_time_crop(x[..., :300], 400, None).shape[-1] == 300
 
@@ -341,8 +409,12 @@ def test_mixup_pairs_second_set_of_clips_and_per_sample_lambda():
     assert torch.equal(y1, y[:32]) and torch.equal(y2, y[32:])
     assert torch.allclose(xm, lam.view(-1, 1, 1, 1) * x[:32] + (1 - lam.view(-1, 1, 1, 1)) * x[32:])
     assert len(set(lam.tolist())) == 32 and bool(((lam > 0) & (lam < 1)).all())
-    big = aug.mixup_pairs(torch.zeros(400_000, 1), torch.zeros(400_000, dtype=torch.long), 0.4, g)[3]
-    assert abs(float(big.mean()) - 0.5) < 0.003 and abs(float(big.var()) - 0.25 / 1.8) < 0.002  # Beta(0.4, 0.4)
+    big = aug.mixup_pairs(torch.zeros(400_000, 1), torch.zeros(400_000, dtype=torch.long), 0.4, g)[
+        3
+    ]
+    assert (
+        abs(float(big.mean()) - 0.5) < 0.003 and abs(float(big.var()) - 0.25 / 1.8) < 0.002
+    )  # Beta(0.4, 0.4)
     xe, ye = torch.randn(4, 2), torch.arange(4)
     assert aug.mixup_pairs(xe, ye, 0.4, g, x2=xe.flip(0), y2=ye.flip(0))[0].shape == (4, 2)
     with pytest.raises(ValueError, match="even number"):
@@ -353,7 +425,9 @@ def test_mixup_cross_entropy_is_soft_target_cross_entropy():
     logits, y1, y2 = torch.randn(16, 10), torch.randint(0, 10, (16,)), torch.randint(0, 10, (16,))
     lam = torch.rand(16)
     soft = lam[:, None] * F.one_hot(y1, 10) + (1 - lam[:, None]) * F.one_hot(y2, 10)
-    assert torch.allclose(aug.mixup_cross_entropy(logits, y1, y2, lam), F.cross_entropy(logits, soft))
+    assert torch.allclose(
+        aug.mixup_cross_entropy(logits, y1, y2, lam), F.cross_entropy(logits, soft)
+    )
 
 
 def test_pair_batch_indices_cover_two_passes():
@@ -377,17 +451,47 @@ def test_apply_pipeline_masks_before_cropping():
         aug.apply("specaug12", x, None)
 
 
-@pytest.mark.parametrize("name,epochs,wd,decay,specaug", [
-    ("resnet", 126, 2e-3, 1e-6, False), ("fcnn", 254, 0.0, 1e-6, True), ("fsfcnn", 254, 0.0, 0.0, True)])
+@pytest.mark.parametrize(
+    "name,epochs,wd,decay,specaug",
+    [
+        ("resnet", 126, 2e-3, 1e-6, False),
+        ("fcnn", 254, 0.0, 1e-6, True),
+        ("fsfcnn", 254, 0.0, 0.0, True),
+    ],
+)
 def test_recipes_equal_the_reference(name, epochs, wd, decay, specaug):
-    cfg = yaml.safe_load((ROOT / "src" / "l2bn" / "recipes" / f"dcase2020-1a-{name}.yaml").read_text())
-    assert cfg["model"] == f"dcase-{name}" and cfg["dataset"] == "dcase2020-1a" and cfg["norm"] == "l2bn-rms"
+    cfg = yaml.safe_load(
+        (ROOT / "src" / "l2bn" / "recipes" / f"dcase2020-1a-{name}.yaml").read_text()
+    )
+    assert (
+        cfg["model"] == f"dcase-{name}"
+        and cfg["dataset"] == "dcase2020-1a"
+        and cfg["norm"] == "l2bn-rms"
+    )
     assert cfg["epochs"] == epochs and cfg["weight_decay"] == wd and cfg["lr_decay"] == decay
-    assert (cfg["schedule"], cfg["sgdr_t0"], cfg["sgdr_mult"], cfg["lr"], cfg["min_lr"]) == ("sgdr", 2, 2, 0.1, 1e-5)
-    assert (cfg["batch_size"], cfg["momentum"], cfg["nesterov"], cfg.get("wd_on_norm_and_bias", False)) == (32, 0.9, False, False)
-    assert (cfg["bn_eps"], cfg["bn_momentum"], cfg["mixup"], cfg["mixup_mode"]) == (1e-3, 0.01, 0.4, "pairs")
+    assert (cfg["schedule"], cfg["sgdr_t0"], cfg["sgdr_mult"], cfg["lr"], cfg["min_lr"]) == (
+        "sgdr",
+        2,
+        2,
+        0.1,
+        1e-5,
+    )
+    assert (
+        cfg["batch_size"],
+        cfg["momentum"],
+        cfg["nesterov"],
+        cfg.get("wd_on_norm_and_bias", False),
+    ) == (32, 0.9, False, False)
+    assert (cfg["bn_eps"], cfg["bn_momentum"], cfg["mixup"], cfg["mixup_mode"]) == (
+        1e-3,
+        0.01,
+        0.4,
+        "pairs",
+    )
     assert cfg["augment"] == ("specaug12x39+tcrop400-each" if specaug else "tcrop400-each")
-    assert sum(2 * 2 ** i for i in range(int(math.log2(epochs + 2)) - 1)) == epochs  # ends at a cycle minimum
+    assert (
+        sum(2 * 2**i for i in range(int(math.log2(epochs + 2)) - 1)) == epochs
+    )  # ends at a cycle minimum
     aug.apply(cfg["augment"], torch.rand(2, 3, 128, 423), torch.Generator().manual_seed(0))
 
 
@@ -402,11 +506,17 @@ def tau_fixture(tmp_path_factory):
 
     from l2bn.data import load_dataset
 
-    root = make_dcase(tmp_path_factory.mktemp("tau") / "TAU-urban-acoustic-scenes-2020-mobile-development", seconds=1.5)
+    root = make_dcase(
+        tmp_path_factory.mktemp("tau") / "TAU-urban-acoustic-scenes-2020-mobile-development",
+        seconds=1.5,
+    )
     return load_dataset("dcase2020-1a", str(root), seconds=1.5)
 
 
-@pytest.mark.parametrize("name,norm", [("dcase-resnet", "l2bn-rms"), ("dcase-fcnn", "l2bn"), ("dcase-fsfcnn", "l2bn-rms")])
+@pytest.mark.parametrize(
+    "name,norm",
+    [("dcase-resnet", "l2bn-rms"), ("dcase-fcnn", "l2bn"), ("dcase-fsfcnn", "l2bn-rms")],
+)
 def test_a_few_recipe_steps_on_the_official_layout(tau_fixture, name, norm, monkeypatch):
     """SpecAugment -> per-clip crop -> paired mixup -> soft-target loss -> SGD, then evaluation on
     the full clips with per-device accuracy groups (the lead's CLI test covers the engine)."""
@@ -417,7 +527,11 @@ def test_a_few_recipe_steps_on_the_official_layout(tau_fixture, name, norm, monk
     net = create_model(name, b.num_classes, b.in_channels, norm)
     decay = [p for p in net.parameters() if p.ndim >= 2]
     rest = [p for p in net.parameters() if p.ndim < 2]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": 2e-3}, {"params": rest, "weight_decay": 0.0}], lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": 2e-3}, {"params": rest, "weight_decay": 0.0}],
+        lr=0.1,
+        momentum=0.9,
+    )
     g = torch.Generator().manual_seed(0)
     start = {k: v.clone() for k, v in net.state_dict().items()}
     net.train()
@@ -431,8 +545,10 @@ def test_a_few_recipe_steps_on_the_official_layout(tau_fixture, name, norm, monk
         loss.backward()
         opt.step()
     end = net.state_dict()
-    assert not torch.equal(start["final_bn.running_mean" if name == "dcase-resnet" else "head.final_bn.running_mean"],
-                           end["final_bn.running_mean" if name == "dcase-resnet" else "head.final_bn.running_mean"])
+    assert not torch.equal(
+        start["final_bn.running_mean" if name == "dcase-resnet" else "head.final_bn.running_mean"],
+        end["final_bn.running_mean" if name == "dcase-resnet" else "head.final_bn.running_mean"],
+    )
     conv = next(k for k in end if k.endswith("weight") and end[k].ndim == 4)
     assert not torch.equal(start[conv], end[conv])
     net.eval()

@@ -29,8 +29,21 @@ def _blocks(path: Path, lang: str) -> list[str]:
 
 def _sphinx(src: Path, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(src), str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-W",
+            "--keep-going",
+            "-q",
+            "-b",
+            "html",
+            str(src),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -44,7 +57,9 @@ def test_readme_is_a_short_front_door():
     first = _blocks(README, "bash")[0].strip().splitlines()
     assert len(first) == 2, "the README starts with exactly two set-up commands"
     assert first[0].startswith("bash scripts/install.sh && .venv/bin/l2bn compare")
-    assert first[1].split("#")[0].strip() == "bash scripts/install.sh && .venv/bin/python -m pytest -q"
+    assert (
+        first[1].split("#")[0].strip() == "bash scripts/install.sh && .venv/bin/python -m pytest -q"
+    )
     ci = (ROOT / ".ci" / "run").read_text()
     assert first[1].split("#")[0].strip() in ci, ".ci/run must run the README's test command"
     # every page of the guide is one click away
@@ -86,13 +101,22 @@ def test_api_page_renders_the_layer_with_its_signature(site, tmp_path):
     dom = dump_dom(site / "api.html", tmp_path)
     assert 'id="l2bn.L2BatchNorm2d"' in dom, dom[:500]
     # the signature, as Sphinx renders it, and the docstring's formula and arguments
-    sig = dom[dom.index('id="l2bn.L2BatchNorm2d"'):][:6000]
+    sig = dom[dom.index('id="l2bn.L2BatchNorm2d"') :][:6000]
     text = " ".join(re.sub(r"<[^>]+>", "", sig).split())
-    for part in ("class l2bn.L2BatchNorm2d(num_features: int, eps: float = 1e-05, momentum:",
-                 "affine: bool = True", "unit_rms: bool = False", "l2_eps: float = 1e-12"):
+    for part in (
+        "class l2bn.L2BatchNorm2d(num_features: int, eps: float = 1e-05, momentum:",
+        "affine: bool = True",
+        "unit_rms: bool = False",
+        "l2_eps: float = 1e-12",
+    ):
         assert part in text, (part, text[:800])
-    for name in ("l2bn.convert", "l2bn.update_bn", "l2bn.functional.l2_batch_norm",
-                 "l2bn.keras.L2BatchNormalization", "l2bn.SyncL2BatchNorm"):
+    for name in (
+        "l2bn.convert",
+        "l2bn.update_bn",
+        "l2bn.functional.l2_batch_norm",
+        "l2bn.keras.L2BatchNormalization",
+        "l2bn.SyncL2BatchNorm",
+    ):
         assert f'id="{name}"' in dom, name
 
 
@@ -121,7 +145,8 @@ for code in blocks:
     err = io.StringIO()
     with warnings.catch_warnings(record=True) as w, contextlib.redirect_stderr(err):
         exec(compile(code, "<block>", "exec"), ns)
-    out.append({"warnings": [f"{x.category.__name__}: {x.message}" for x in w], "stderr": err.getvalue()})
+    out.append({"warnings": [f"{x.category.__name__}: {x.message}" for x in w], "stderr":
+    err.getvalue()})
 print("RESULT" + json.dumps(out))
 """
 
@@ -139,8 +164,13 @@ def _pages_with_python():
 @pytest.mark.parametrize("page,blocks", _pages_with_python())
 def test_python_blocks_run_as_written(page, blocks, tmp_path):
     (tmp_path / "blocks.json").write_text(json.dumps(blocks))
-    r = subprocess.run([sys.executable, "-c", _RUNNER, str(tmp_path / "blocks.json")],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", _RUNNER, str(tmp_path / "blocks.json")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert r.returncode == 0, f"{page.name}:\n{r.stderr[-3000:]}"
     results = json.loads(r.stdout.split("RESULT", 1)[1])
     for code, res in zip(blocks, results):
@@ -148,7 +178,9 @@ def test_python_blocks_run_as_written(page, blocks, tmp_path):
         if said:
             assert res["warnings"], f"{page.name}: the block says it warns but does not:\n{code}"
         else:
-            assert not res["warnings"], f"{page.name}: unexplained warnings {res['warnings']}:\n{code}"
+            assert not res["warnings"], (
+                f"{page.name}: unexplained warnings {res['warnings']}:\n{code}"
+            )
         assert said or not res["stderr"].strip(), f"{page.name}: printed {res['stderr']!r}:\n{code}"
 
 
@@ -162,7 +194,9 @@ def _l2bn_commands():
                 line = line.split(" #")[0].strip()
                 m = re.search(r"(?:^|\s|/)l2bn (train|compare|analyze|report|bench)\b(.*)", line)
                 if m:
-                    cmds.append(pytest.param(m.group(1) + m.group(2), id=f"{page.name}:{m.group(1)}"))
+                    cmds.append(
+                        pytest.param(m.group(1) + m.group(2), id=f"{page.name}:{m.group(1)}")
+                    )
     return cmds
 
 

@@ -71,7 +71,9 @@ def _gradgrad_cases():
                 for affine in (True, False):
                     for unit_rms in (False, True):
                         # the compiled backend compiles a graph per layout: a subset keeps it fast
-                        if backend == "compiled" and (not affine or unit_rms or mode == "eval-untracked"):
+                        if backend == "compiled" and (
+                            not affine or unit_rms or mode == "eval-untracked"
+                        ):
                             continue
                         cases.append((backend, kind, mode, affine, unit_rms))
     return cases
@@ -128,8 +130,9 @@ def test_double_backward_through_sync_is_refused(backend, monkeypatch):
     monkeypatch.setattr(dist, "all_gather", fake_gather)
     engine = autograd.ATEN if backend == "fused" else l2bn.kernels.compiled.ENGINE
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
-    y = autograd.l2_batch_norm_fast(x, None, None, None, None, True, 0.1, 1e-5, 1e-12, False,
-                                 object(), engine=engine)
+    y = autograd.l2_batch_norm_fast(
+        x, None, None, None, None, True, 0.1, 1e-5, 1e-12, False, object(), engine=engine
+    )
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad((y * y).sum(), x, create_graph=True)
 
@@ -151,12 +154,25 @@ def test_forward_ad_matches_composite(backend, kind, mode):
     track = rm is not None and mode == "eval"
 
     def ours(x, w, b):
-        return l2_batch_norm(x, rm.clone() if track else None, layer.running_var.clone() if track else None,
-                             w, b, mode != "eval", backend=backend)
+        return l2_batch_norm(
+            x,
+            rm.clone() if track else None,
+            layer.running_var.clone() if track else None,
+            w,
+            b,
+            mode != "eval",
+            backend=backend,
+        )
 
     def comp(x, w, b):
-        return composite_fn(x, rm.clone() if track else None, layer.running_var.clone() if track else None,
-                            w, b, mode != "eval")
+        return composite_fn(
+            x,
+            rm.clone() if track else None,
+            layer.running_var.clone() if track else None,
+            w,
+            b,
+            mode != "eval",
+        )
 
     w, b = layer.weight.detach(), layer.bias.detach()
     with fwad.dual_level():
@@ -205,16 +221,25 @@ def test_func_grad_jvp_jacrev(backend, kind, mode, monkeypatch):
         return lambda x, p: (fn(x, p) * v).pow(2).sum()
 
     results = [
-        _same_as_bn(lambda: torch.func.grad(loss(ours), argnums=(0, 1))(x, params),
-                    lambda: torch.func.grad(loss(ref), argnums=(0, 1))(x, params)),
-        _same_as_bn(lambda: torch.func.jvp(lambda t: ours(t, params), (x,), (v,)),
-                    lambda: torch.func.jvp(lambda t: ref(t, params), (x,), (v,))),
-        _same_as_bn(lambda: torch.func.jacrev(ours)(x, params),
-                    lambda: torch.func.jacrev(ref)(x, params)),
-        _same_as_bn(lambda: torch.func.hessian(lambda t: loss(ours)(t, params))(x),
-                    lambda: torch.func.hessian(lambda t: loss(ref)(t, params))(x)),
+        _same_as_bn(
+            lambda: torch.func.grad(loss(ours), argnums=(0, 1))(x, params),
+            lambda: torch.func.grad(loss(ref), argnums=(0, 1))(x, params),
+        ),
+        _same_as_bn(
+            lambda: torch.func.jvp(lambda t: ours(t, params), (x,), (v,)),
+            lambda: torch.func.jvp(lambda t: ref(t, params), (x,), (v,)),
+        ),
+        _same_as_bn(
+            lambda: torch.func.jacrev(ours)(x, params), lambda: torch.func.jacrev(ref)(x, params)
+        ),
+        _same_as_bn(
+            lambda: torch.func.hessian(lambda t: loss(ours)(t, params))(x),
+            lambda: torch.func.hessian(lambda t: loss(ref)(t, params))(x),
+        ),
     ]
-    assert all(r is None for r in results) if mode == "train" else all(r is not None for r in results)
+    assert (
+        all(r is None for r in results) if mode == "train" else all(r is not None for r in results)
+    )
 
 
 def _ensemble(kind, n_models=3, track=True):
@@ -272,8 +297,9 @@ def test_vmap_model_ensemble(backend, kind, training, monkeypatch):
         torch.testing.assert_close(buffers["1.running_var"][i], ref[1].bn.running_var)
         assert int(buffers["1.num_batches_tracked"][i]) == int(ref[1].bn.num_batches_tracked)
     # gradients of the ensemble through vmap(grad)
-    g = torch.func.vmap(torch.func.grad(lambda p, b, x: fmodel(p, b, x).pow(2).sum()),
-                        in_dims=(0, 0, None))(params, buffers, x)
+    g = torch.func.vmap(
+        torch.func.grad(lambda p, b, x: fmodel(p, b, x).pow(2).sum()), in_dims=(0, 0, None)
+    )(params, buffers, x)
     for i, ref in enumerate(refs):
         ref.zero_grad()
         ref(x).pow(2).sum().backward()
@@ -289,11 +315,15 @@ def test_vmap_running_stats_like_batchnorm(backend, monkeypatch):
     monkeypatch.setenv("L2BN_BACKEND", backend)
     layer, bn, _ = _layer("2d")
     xs = torch.randn(4, 3, 2, 3, 2, dtype=torch.float64)
-    _same_as_bn(lambda: torch.func.vmap(layer)(xs), lambda: torch.func.vmap(lambda t: composite(bn, t))(xs))
+    _same_as_bn(
+        lambda: torch.func.vmap(layer)(xs), lambda: torch.func.vmap(lambda t: composite(bn, t))(xs)
+    )
     for mode in ("eval", "eval-untracked", "train-untracked"):
         layer, bn, _ = _layer("2d", mode=mode)
-        out = _same_as_bn(lambda layer=layer: torch.func.vmap(layer)(xs),
-                          lambda bn=bn: torch.func.vmap(lambda t: composite(bn, t))(xs))
+        out = _same_as_bn(
+            lambda layer=layer: torch.func.vmap(layer)(xs),
+            lambda bn=bn: torch.func.vmap(lambda t: composite(bn, t))(xs),
+        )
         assert out is not None
 
 
@@ -318,7 +348,10 @@ def test_grads_batched_and_autograd_hessian(backend):
             warnings.filterwarnings("error", message=".*using the eager kernels")
             res.append(torch.autograd.grad(fn(xi), xi, gs, is_grads_batched=True)[0])
     torch.testing.assert_close(res[0], res[1], rtol=1e-9, atol=1e-10)
-    h = [torch.autograd.functional.hessian(lambda t, fn=fn: fn(t).pow(3).sum(), x) for fn in (ours, comp)]
+    h = [
+        torch.autograd.functional.hessian(lambda t, fn=fn: fn(t).pow(3).sum(), x)
+        for fn in (ours, comp)
+    ]
     torch.testing.assert_close(h[0], h[1], rtol=1e-9, atol=1e-9)
 
 
@@ -346,11 +379,20 @@ def test_forward_ad_parameter_tangents_only_and_stats_not_differentiable(backend
     rm, rv = layer.running_mean.clone(), layer.running_var.clone()
     tw, tb = torch.randn_like(w), torch.randn_like(b)
     with fwad.dual_level():
-        y = l2_batch_norm(x, fwad.make_dual(rm, torch.ones_like(rm)), fwad.make_dual(rv, torch.ones_like(rv)),
-                          fwad.make_dual(w, tw), fwad.make_dual(b, tb), training, 0.0, backend=backend)
+        y = l2_batch_norm(
+            x,
+            fwad.make_dual(rm, torch.ones_like(rm)),
+            fwad.make_dual(rv, torch.ones_like(rv)),
+            fwad.make_dual(w, tw),
+            fwad.make_dual(b, tb),
+            training,
+            0.0,
+            backend=backend,
+        )
         dy = fwad.unpack_dual(y).tangent
-    _, dy_ref = torch.func.jvp(lambda w, b: composite_fn(x, rm.clone(), rv.clone(), w, b, training, 0.0),
-                               (w, b), (tw, tb))
+    _, dy_ref = torch.func.jvp(
+        lambda w, b: composite_fn(x, rm.clone(), rv.clone(), w, b, training, 0.0), (w, b), (tw, tb)
+    )
     torch.testing.assert_close(dy, dy_ref, rtol=1e-9, atol=1e-10)
 
 
@@ -366,8 +408,12 @@ def test_double_backward_with_non_default_options(backend, training):
     v = torch.randn(x0.shape, dtype=torch.float64)
     kw = dict(eps=1e-1, l2_eps=1e-2, unit_rms=True)
     out = []
-    for fn in (lambda t: l2_batch_norm(t, rm.clone(), rv.clone(), w, b, training, 0.1, backend=backend, **kw),
-               lambda t: composite_fn(t, rm.clone(), rv.clone(), w, b, training, 0.1, **kw)):
+    for fn in (
+        lambda t: l2_batch_norm(
+            t, rm.clone(), rv.clone(), w, b, training, 0.1, backend=backend, **kw
+        ),
+        lambda t: composite_fn(t, rm.clone(), rv.clone(), w, b, training, 0.1, **kw),
+    ):
         x = x0.clone().requires_grad_()
         # first derivatives with respect to everything, then a penalty on all of them
         gx, gw, gb = torch.autograd.grad((v * fn(x)).sum(), (x, w, b), create_graph=True)
@@ -388,8 +434,10 @@ def test_double_backward_parameters_only(backend):
     b = torch.randn(3, dtype=torch.float64).requires_grad_()
     v = torch.randn(x.shape, dtype=torch.float64)
     out = []
-    for fn in (lambda: l2_batch_norm(x, None, None, w, b, True, backend=backend),
-               lambda: composite_fn(x, None, None, w, b, True)):
+    for fn in (
+        lambda: l2_batch_norm(x, None, None, w, b, True, backend=backend),
+        lambda: composite_fn(x, None, None, w, b, True),
+    ):
         gw, gb = torch.autograd.grad((v * fn()).pow(2).sum(), (w, b), create_graph=True)
         out.append(torch.autograd.grad(gw.pow(2).sum() + gb.pow(2).sum(), (w, b)))
     for a, r in zip(*out):
@@ -414,7 +462,13 @@ def test_gradient_checkpointing_matches_the_reference(backend, reentrant, monkey
         m = copy.deepcopy(base)
         xx = x.clone().requires_grad_()
         checkpoint(m, xx, use_reentrant=reentrant).backward(g)
-        out[be] = (xx.grad, m[0].weight.grad, m[1].weight.grad, m[1].running_var.clone(), int(m[1].num_batches_tracked))
+        out[be] = (
+            xx.grad,
+            m[0].weight.grad,
+            m[1].weight.grad,
+            m[1].running_var.clone(),
+            int(m[1].num_batches_tracked),
+        )
     for a, b in zip(out[backend], out["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 

@@ -41,7 +41,9 @@ def test_not_folded_by_quantization_fuse_modules():
     with pytest.raises(AssertionError, match="did not find fuser method.*L2BatchNorm2d"):
         fuse_modules(copy.deepcopy(model), [["0", "1"]])
     # and a model with both kinds: only the real BN pair is fused
-    mixed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), l2bn.L2BatchNorm2d(4)).eval()
+    mixed = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), l2bn.L2BatchNorm2d(4)
+    ).eval()
     fused = fuse_modules(copy.deepcopy(mixed), [["0", "1"]])
     assert isinstance(fused[1], nn.Identity) and isinstance(fused[3], l2bn.L2BatchNorm2d)
     x = torch.randn(2, 3, 8, 8)
@@ -78,9 +80,16 @@ def test_weight_decay_groups_with_l2_norm_classes():
     """torchvision's reference recipes exclude norm layers from weight decay by class; its
     default list (``_BatchNorm``, LayerNorm, GroupNorm, ``_InstanceNorm``, LocalResponseNorm)
     misses L2BN, ``l2bn.L2_NORM_CLASSES`` completes it."""
-    default = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
-               nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), l2bn.L2BatchNorm2d(4), l2bn.SyncL2BatchNorm(4), nn.BatchNorm2d(4))
+    default = (
+        nn.modules.batchnorm._BatchNorm,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.modules.instancenorm._InstanceNorm,
+        nn.LocalResponseNorm,
+    )
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), l2bn.L2BatchNorm2d(4), l2bn.SyncL2BatchNorm(4), nn.BatchNorm2d(4)
+    )
     l2_params = {id(p) for i in (1, 2) for p in model[i].parameters()}
     norm, _ = _torchvision_reference_groups(model, default)
     assert not l2_params & {id(p) for p in norm}  # decayed: the silent miss
@@ -110,7 +119,9 @@ def test_timm_freeze_batch_norm_2d_leaves_l2bn_training_and_l2bn_freeze_does_not
     from timm.layers import freeze_batch_norm_2d
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), l2bn.L2BatchNorm2d(4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), l2bn.L2BatchNorm2d(4)
+    )
     model(torch.randn(4, 3, 6, 6))  # statistics from one step
     timm_frozen = freeze_batch_norm_2d(copy.deepcopy(model))
     assert type(timm_frozen[1]).__name__ == "FrozenBatchNorm2d"
@@ -119,7 +130,9 @@ def test_timm_freeze_batch_norm_2d_leaves_l2bn_training_and_l2bn_freeze_does_not
     timm_frozen.train()(torch.randn(4, 3, 6, 6))
     assert not torch.equal(before, timm_frozen[3].running_mean)  # the silent miss
     frozen = l2bn.freeze(freeze_batch_norm_2d(copy.deepcopy(model)))
-    assert isinstance(frozen[3], l2bn.FrozenL2BatchNorm) and not any(p.requires_grad for p in frozen[3].parameters())
+    assert isinstance(frozen[3], l2bn.FrozenL2BatchNorm) and not any(
+        p.requires_grad for p in frozen[3].parameters()
+    )
     assert set(frozen[3].state_dict()) == {"weight", "bias", "running_mean", "running_var"}
     x = torch.randn(4, 3, 6, 6)
     torch.testing.assert_close(frozen.train()(x), copy.deepcopy(model).eval()(x))
@@ -142,6 +155,8 @@ def test_l2bn_trainer_excludes_l2bn_parameters_from_weight_decay():
     from l2bn.train.optim import param_groups
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), l2bn.L2BatchNorm2d(4), l2bn.SyncL2BatchNorm(4))
-    groups = {g["weight_decay"]: {id(p) for p in g["params"]} for g in param_groups(model, 5e-4, False)}
+    groups = {
+        g["weight_decay"]: {id(p) for p in g["params"]} for g in param_groups(model, 5e-4, False)
+    }
     assert groups[5e-4] == {id(model[0].weight)}
     assert {id(p) for i in (1, 2) for p in model[i].parameters()} <= groups[0.0]

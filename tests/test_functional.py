@@ -53,7 +53,9 @@ def cases(draw):
     return (n, c, spatial, scale, training, unit_rms, affine, zero_sample, channels_last, seed)
 
 
-@settings(max_examples=int(__import__("os").environ.get("L2BN_HYPOTHESIS_EXAMPLES", 60)), deadline=None)
+@settings(
+    max_examples=int(__import__("os").environ.get("L2BN_HYPOTHESIS_EXAMPLES", 60)), deadline=None
+)
 @given(cases())
 @example((4, 3, [5, 5], 1e8, True, False, True, False, False, 0))  # large norms: small gradients
 @example((4, 3, [5, 5], 1e-6, False, True, True, True, True, 1))
@@ -102,7 +104,9 @@ def assert_grads_close(x, g, w, unit_rms, d, d_ref, l2_eps=1e-12, eps=1e-5):
     assert bool((err <= allowed).all()), (err / allowed).tolist()
     count = x.numel() // x.shape[1]
     for a, r in zip(d[1:], d_ref[1:]):
-        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-10 * float(g.abs().sum()) * count**0.5 / n)
+        torch.testing.assert_close(
+            a, r, rtol=1e-6, atol=1e-10 * float(g.abs().sum()) * count**0.5 / n
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -125,7 +129,9 @@ def test_eps_checked_like_batch_norm(backend):
     for eps in (0.0, -1.0):
         with pytest.raises(ValueError, match="eps must be positive during training") as bn:
             torch.nn.functional.batch_norm(x, rm, rv, training=True, eps=eps)
-        with pytest.raises(ValueError, match="eps must be positive during training, but got") as ours:
+        with pytest.raises(
+            ValueError, match="eps must be positive during training, but got"
+        ) as ours:
             l2_batch_norm(x, rm.clone(), rv.clone(), training=True, eps=eps, backend=backend)
         assert type(ours.value) is type(bn.value)
     with pytest.raises(ValueError, match="eps must be non-negative"):
@@ -151,7 +157,9 @@ def test_reference_keeps_memory_format():
     for training in (True, False):
         y = l2_batch_norm(x, torch.zeros(3), torch.ones(3), training=training, backend="reference")
         assert y.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(y, l2_batch_norm(x, torch.zeros(3), torch.ones(3), training=training, backend="fused"))
+        torch.testing.assert_close(
+            y, l2_batch_norm(x, torch.zeros(3), torch.ones(3), training=training, backend="fused")
+        )
 
 
 def test_argument_errors_name_the_problem():
@@ -162,19 +170,27 @@ def test_argument_errors_name_the_problem():
         l2_batch_norm(torch.randn(4), None, None, training=True)
     with pytest.raises(TypeError, match="floating-point input .* got torch.int64"):
         l2_batch_norm(torch.ones(4, 3, dtype=torch.long), None, None, training=True)
-    for name, kw in (("running_mean", dict(running_mean=torch.zeros(2), running_var=torch.ones(3))),
-                     ("running_var", dict(running_mean=torch.zeros(3), running_var=torch.ones(5))),
-                     ("weight", dict(running_mean=None, running_var=None, weight=torch.ones(4))),
-                     ("bias", dict(running_mean=None, running_var=None, bias=torch.zeros(1)))):
+    for name, kw in (
+        ("running_mean", dict(running_mean=torch.zeros(2), running_var=torch.ones(3))),
+        ("running_var", dict(running_mean=torch.zeros(3), running_var=torch.ones(5))),
+        ("weight", dict(running_mean=None, running_var=None, weight=torch.ones(4))),
+        ("bias", dict(running_mean=None, running_var=None, bias=torch.zeros(1))),
+    ):
         n = next(t.numel() for k, t in kw.items() if k == name)
-        with pytest.raises(ValueError, match=rf"input has 3 channels \(dim 1 of shape \(4, 3, 2\)\) but {name} has {n} elements"):
+        with pytest.raises(
+            ValueError,
+            match=rf"input has 3 channels \(dim 1 of shape \(4, 3, 2\)\) but {name} has {n} "
+            rf"elements",
+        ):
             l2_batch_norm(x, training=True, **kw)
     with pytest.raises(TypeError, match="l2_eps must be a real number, got str"):
         l2_batch_norm(x, None, None, training=True, l2_eps="1e-12")
     with pytest.raises(TypeError, match="momentum must be a real number, got bool"):
         l2_batch_norm(x, None, None, training=True, momentum=True)
-    msg = (r"l2_batch_norm: running_mean and running_var are required when training=False "
-           r"\(pass training=True to use batch statistics\)")
+    msg = (
+        r"l2_batch_norm: running_mean and running_var are required when training=False "
+        r"\(pass training=True to use batch statistics\)"
+    )
     for rm, rv in ((None, None), (torch.zeros(3), None), (None, torch.ones(3))):
         with pytest.raises(ValueError, match=msg):
             l2_batch_norm(x, rm, rv, training=False)
@@ -202,7 +218,9 @@ def test_single_element_samples_in_eval(backend, shape):
     x = torch.randn(shape, dtype=torch.float64) * 3
     rm, rv = torch.randn(c, dtype=torch.float64) * 0.1, torch.rand(c, dtype=torch.float64) + 0.5
     u = torch.nn.functional.normalize(x.flatten(1), dim=1).view_as(x)
-    torch.testing.assert_close(l2_batch_norm(x, rm, rv, backend=backend), torch.nn.functional.batch_norm(u, rm, rv))
+    torch.testing.assert_close(
+        l2_batch_norm(x, rm, rv, backend=backend), torch.nn.functional.batch_norm(u, rm, rv)
+    )
 
 
 def test_reference_defaults_and_messages():
@@ -224,9 +242,13 @@ def test_reference_defaults_and_messages():
     with pytest.raises(ValueError, match="batch dimension and at least one more, got 1D"):
         l2_normalize_samples(torch.randn(5))
     with pytest.raises(ValueError) as e:
-        reference_backend(x, None, None, None, None, True, 0.1, 1e-5, 1e-12, False, process_group=object())
+        reference_backend(
+            x, None, None, None, None, True, 0.1, 1e-5, 1e-12, False, process_group=object()
+        )
     assert str(e.value) == "l2_batch_norm: the 'reference' backend does not support process_group"
-    assert l2_normalize_samples(x.half()).dtype == torch.float32  # returned in the accumulation dtype
+    assert (
+        l2_normalize_samples(x.half()).dtype == torch.float32
+    )  # returned in the accumulation dtype
 
 
 @pytest.mark.parametrize("backend", ["reference", "fused", "native"])
@@ -241,7 +263,9 @@ def test_options_reach_the_backend(backend):
     u = x / norms * d**0.5
     mean, var = u.mean(dim=(0, 2), keepdim=True), u.var(dim=(0, 2), unbiased=False, keepdim=True)
     want = (u - mean) / (var + eps).sqrt()
-    y = l2_batch_norm(x, None, None, training=True, eps=eps, l2_eps=l2_eps, unit_rms=True, backend=backend)
+    y = l2_batch_norm(
+        x, None, None, training=True, eps=eps, l2_eps=l2_eps, unit_rms=True, backend=backend
+    )
     torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
 
 
@@ -262,7 +286,9 @@ def test_reference_backend_half_layer(dtype):
     y64 = l2_batch_norm_reference(x.double(), rm64, rv64, w.double(), b.double(), training=True)
     ulp = torch.finfo(dtype).eps
     torch.testing.assert_close(y.double(), y64, rtol=2 * ulp, atol=4 * ulp * float(y64.abs().max()))
-    torch.testing.assert_close(rm.double(), rm64, rtol=2 * ulp, atol=2 * ulp * float(rm64.abs().max()))
+    torch.testing.assert_close(
+        rm.double(), rm64, rtol=2 * ulp, atol=2 * ulp * float(rm64.abs().max())
+    )
     torch.testing.assert_close(rv.double(), rv64, rtol=2 * ulp, atol=0)
     # evaluation with the half running statistics
     y = reference_backend(x, rm, rv, w, b, False, 0.1, 1e-5, 1e-12, False)

@@ -31,8 +31,6 @@ _INNER = os.environ.get("L2BN_KERAS_INNER_RUN") == "1"
 _ROOT = Path(__file__).resolve().parents[1]
 
 
-
-
 keras = pytest.importorskip("keras")
 
 from l2bn.keras import L2BatchNormalization  # noqa: E402
@@ -417,7 +415,8 @@ _IMPORT_PROBE = """
 import importlib, importlib.util, json, os, sys
 out = {}
 import l2bn
-out["keras_modules_after_import_l2bn"] = sorted(m for m in sys.modules if m.split(".")[0] == "keras")
+out["keras_modules_after_import_l2bn"] = sorted(m for m in sys.modules if m.split(".")[0] ==
+"keras")
 
 def message():
     mod = importlib.import_module("l2bn.keras")
@@ -512,10 +511,14 @@ def test_first_step_sets_the_moving_statistics_and_older_files_load():
     np.testing.assert_allclose(_np(k.moving_variance), biased, rtol=1e-4)
     np.testing.assert_allclose(_np(k.moving_mean), u.mean((0, 2, 3)).numpy(), rtol=1e-4, atol=1e-7)
     assert float(_np(k.moving_count)) == 1.0
-    store = {str(i): _np(v) for i, v in enumerate([k.gamma, k.beta, k.moving_mean, k.moving_variance])}
+    store = {
+        str(i): _np(v) for i, v in enumerate([k.gamma, k.beta, k.moving_mean, k.moving_variance])
+    }
     old = L2BatchNormalization(axis=1)
     old.build(shape)
     old.load_own_variables(store)
     np.testing.assert_allclose(_np(old.moving_variance), store["3"])
     old(x, training=True)
-    np.testing.assert_allclose(_np(old.moving_variance), 0.99 * store["3"] + 0.01 * biased, rtol=1e-4)
+    np.testing.assert_allclose(
+        _np(old.moving_variance), 0.99 * store["3"] + 0.01 * biased, rtol=1e-4
+    )

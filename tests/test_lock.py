@@ -16,22 +16,35 @@ import pytest
 from l2bn.train.lock import LOCK_NAME, RunDirBusy, lock_owner, run_lock
 
 ENV = dict(os.environ, L2BN_BACKEND="fused", OMP_NUM_THREADS="1")
-HOLD = "import sys, time; from l2bn.train.lock import run_lock\nwith run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))"
+HOLD = (
+    "import sys, time; from l2bn.train.lock import run_lock\n"
+    "with run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))"
+)
 # holds the lock without writing an owner record (as in the instant between flock and write)
-RAW = ("import fcntl, os, sys, time; fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT)\n"
-       "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)")
-OWNER = "import json, sys; from l2bn.train.lock import lock_owner; print(json.dumps(lock_owner(sys.argv[1])))"
+RAW = (
+    "import fcntl, os, sys, time; fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | "
+    "os.O_CREAT)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"
+)
+OWNER = (
+    "import json, sys; from l2bn.train.lock import lock_owner; "
+    "print(json.dumps(lock_owner(sys.argv[1])))"
+)
 
 
 @pytest.fixture
 def holder():
-    """Start a process that holds the lock of a directory (for ``seconds``, or until the test ends)."""
+    """Start a process holding the lock of a directory (``seconds``, or until the test ends)."""
     procs = []
 
     def start(d, seconds=600.0, code=HOLD):
         os.makedirs(d, exist_ok=True)
-        p = subprocess.Popen([sys.executable, "-c", code, str(d), str(seconds)], env=ENV, stdout=subprocess.PIPE,
-                             text=True)
+        p = subprocess.Popen(
+            [sys.executable, "-c", code, str(d), str(seconds)],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert p.stdout.readline().strip() == "held"
         procs.append(p)
         return p
@@ -43,7 +56,9 @@ def holder():
 
 
 def owner_seen_by_another_process(d):
-    r = subprocess.run([sys.executable, "-c", OWNER, str(d)], env=ENV, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", OWNER, str(d)], env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -58,7 +73,9 @@ def test_lock_is_held_for_the_block_and_released_after(tmp_path):
         assert lock_owner(d) == seen  # in this process: its own record
         with run_lock(d):  # re-entrant within the process
             pass
-        assert owner_seen_by_another_process(d)["pid"] == os.getpid(), "the inner block released the outer lock"
+        assert owner_seen_by_another_process(d)["pid"] == os.getpid(), (
+            "the inner block released the outer lock"
+        )
     assert owner_seen_by_another_process(d) is None and lock_owner(d) is None
 
 
@@ -74,8 +91,11 @@ def test_lock_is_released_when_the_block_raises(tmp_path):
 def test_a_live_owner_is_refused_with_its_pid(tmp_path, holder):
     p = holder(tmp_path)
     assert lock_owner(tmp_path)["pid"] == p.pid
-    with pytest.raises(RunDirBusy, match=f"{tmp_path} is being trained by another process \\(pid {p.pid} on "
-                                         f"{socket.gethostname()}, since 20"):
+    with pytest.raises(
+        RunDirBusy,
+        match=f"{tmp_path} is being trained by another process \\(pid {p.pid} on "
+        f"{socket.gethostname()}, since 20",
+    ):
         with run_lock(tmp_path):
             pytest.fail("entered a directory another live process holds")
     assert lock_owner(tmp_path)["pid"] == p.pid and p.poll() is None  # its lock is untouched
@@ -101,7 +121,9 @@ def test_the_lock_goes_with_its_process_however_it_ends(tmp_path, holder):
         assert owner_seen_by_another_process(tmp_path)["pid"] == os.getpid()
 
 
-@pytest.mark.parametrize("content", ["", "not json", "[1, 2]", json.dumps({"pid": 1, "host": socket.gethostname()})])
+@pytest.mark.parametrize(
+    "content", ["", "not json", "[1, 2]", json.dumps({"pid": 1, "host": socket.gethostname()})]
+)
 def test_an_unlocked_file_is_free_whatever_it_says(tmp_path, content):
     (tmp_path / LOCK_NAME).write_text(content)
     assert lock_owner(tmp_path) is None
@@ -132,8 +154,15 @@ def test_wait_blocks_until_the_owner_lets_go(tmp_path, holder):
     assert waited > 0.5
 
 
-@pytest.mark.parametrize("env,takes", [({}, True), ({"RANK": "0", "WORLD_SIZE": "2"}, True),
-                                       ({"RANK": "1", "WORLD_SIZE": "2"}, False), ({"RANK": "3", "WORLD_SIZE": "1"}, True)])
+@pytest.mark.parametrize(
+    "env,takes",
+    [
+        ({}, True),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, True),
+        ({"RANK": "1", "WORLD_SIZE": "2"}, False),
+        ({"RANK": "3", "WORLD_SIZE": "1"}, True),
+    ],
+)
 def test_which_process_of_a_job_holds_the_lock(monkeypatch, env, takes):
     from l2bn.train.config import TrainConfig
     from l2bn.train.trainer import _takes_lock
@@ -147,10 +176,36 @@ def test_which_process_of_a_job_holds_the_lock(monkeypatch, env, takes):
 
 
 def _train(out, *extra):
-    return subprocess.run([sys.executable, "-m", "l2bn", "train", "--dataset", "digits", "--model", "resnet8", "--norm", "bn",
-                           "--epochs", "1", "--batch-size", "64", "--train-subset", "256", "--threads", "1",
-                           "--no-tensorboard", "--out", str(out), *extra],
-                          env=ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "l2bn",
+            "train",
+            "--dataset",
+            "digits",
+            "--model",
+            "resnet8",
+            "--norm",
+            "bn",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--train-subset",
+            "256",
+            "--threads",
+            "1",
+            "--no-tensorboard",
+            "--out",
+            str(out),
+            *extra,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_train_refuses_a_run_another_process_trains_but_test_only_may_read_it(tmp_path, holder):
@@ -166,25 +221,58 @@ def test_train_refuses_a_run_another_process_trains_but_test_only_may_read_it(tm
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads((d / "result.json").read_text())["status"] == "complete"
     holder(d)
-    t = subprocess.run([sys.executable, "-m", "l2bn", "train", "--out", str(d), "--test-only"], env=ENV,
-                       capture_output=True, text=True, timeout=600)
+    t = subprocess.run(
+        [sys.executable, "-m", "l2bn", "train", "--out", str(d), "--test-only"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert t.returncode == 0, t.stderr[-2000:]
     assert json.loads((d / "test_result.json").read_text())["checkpoint"] == "best.pt"
 
 
 def _compare(out, *seeds):
-    return [sys.executable, "-m", "l2bn", "compare", "--dataset", "digits", "--models", "resnet8", "--norms", "bn",
-            "--seeds", *seeds, "--epochs", "1", "--batch-size", "64", "--train-subset", "256", "--warmup-epochs", "0",
-            "--no-analyze", "--threads", "1", "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "l2bn",
+        "compare",
+        "--dataset",
+        "digits",
+        "--models",
+        "resnet8",
+        "--norms",
+        "bn",
+        "--seeds",
+        *seeds,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--train-subset",
+        "256",
+        "--warmup-epochs",
+        "0",
+        "--no-analyze",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
 
 
 def test_compare_skips_a_run_another_process_trains(tmp_path, holder):
     out = tmp_path / "o"
     busy = out / "resnet8-bn-seed0"
     holder(busy)
-    r = subprocess.run(_compare(out, "0", "1"), env=ENV, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        _compare(out, "0", "1"), env=ENV, capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert f"[1/2] resnet8 bn seed 0: skipped, {busy} is being trained by another process" in r.stdout
+    assert (
+        f"[1/2] resnet8 bn seed 0: skipped, {busy} is being trained by another process" in r.stdout
+    )
     assert "1 run(s) left out of this report, still being trained by another process" in r.stdout
     assert not (busy / "result.json").exists()
     s = json.loads((out / "summary.json").read_text())
@@ -244,7 +332,9 @@ def test_compare_checks_a_run_again_under_its_lock(tmp_path, monkeypatch, capsys
     assert "[1/2] resnet8 bn seed 0: finished by another process" in capsys.readouterr().out
 
 
-def test_compare_retries_runs_whose_owner_let_go_and_reports_the_others(tmp_path, monkeypatch, capsys, holder):
+def test_compare_retries_runs_whose_owner_let_go_and_reports_the_others(
+    tmp_path, monkeypatch, capsys, holder
+):
     """Of two runs skipped because other processes held them, the one whose owner stopped before
     this call ended is trained after all; the one still held is reported as being trained."""
     real, refused = run_lock, []
@@ -280,9 +370,14 @@ def test_two_compares_over_one_grid_share_the_runs(tmp_path):
     trained = [line for line in (oa + ob).splitlines() if ": training ->" in line]
     assert sorted(trained) == sorted(set(trained)) and len(trained) == 3, oa + ob
     for s in range(3):
-        assert json.loads((out / f"resnet8-bn-seed{s}" / "result.json").read_text())["status"] == "complete"
+        assert (
+            json.loads((out / f"resnet8-bn-seed{s}" / "result.json").read_text())["status"]
+            == "complete"
+        )
     s = json.loads((out / "summary.json").read_text())
-    assert sorted(r["dir"] for r in s["cells"]["resnet8/bn"]["runs"]) == [f"resnet8-bn-seed{k}" for k in range(3)]
+    assert sorted(r["dir"] for r in s["cells"]["resnet8/bn"]["runs"]) == [
+        f"resnet8-bn-seed{k}" for k in range(3)
+    ]
     assert all(lock_owner(p.parent) is None for p in out.glob("**/" + LOCK_NAME))
 
 
@@ -290,10 +385,18 @@ def test_analyze_warns_about_a_run_that_is_still_training(tmp_path, holder):
     d = tmp_path / "R"
     assert _train(d).returncode == 0
     p = holder(d)
-    r = subprocess.run([sys.executable, "-m", "l2bn", "analyze", str(d), "--max-examples", "200", "--no-knn"], env=ENV,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "l2bn", "analyze", str(d), "--max-examples", "200", "--no-knn"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"{d} is being trained by another process (pid {p.pid}): analysing its checkpoint of epoch 1 of 1" in r.stderr
+    assert (
+        f"{d} is being trained by another process (pid {p.pid}): analysing its checkpoint of "
+        f"epoch 1 of 1" in r.stderr
+    )
     assert json.loads((d / "analysis.json").read_text())["epoch"] == 1
 
 
@@ -326,9 +429,16 @@ with run_lock(sys.argv[1]):
 
 
 def test_a_forked_child_does_not_keep_a_killed_parents_lock(tmp_path):
-    p = subprocess.Popen([sys.executable, "-c", FORK_THEN_DIE, str(tmp_path)], env=ENV, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", FORK_THEN_DIE, str(tmp_path)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert p.stdout.readline().strip() == "held"
     assert lock_owner(tmp_path)["pid"] == p.pid
     p.wait(timeout=60)
     assert p.returncode == -signal.SIGKILL
-    assert lock_owner(tmp_path) is None, "the lock outlived its killed owner, held by its forked child"
+    assert lock_owner(tmp_path) is None, (
+        "the lock outlived its killed owner, held by its forked child"
+    )

@@ -10,8 +10,20 @@ from sklearn.neighbors import KNeighborsClassifier
 from l2bn.analysis import compactness, discrepancy, knn_accuracy
 
 # a sample opposite to its class centroid: float64 cosines round to -1 - 2**-52 and 1 + 2**-52
-A = [0.46636541886786753, 0.8634864607582904, 0.041059375136441645, 0.9972603835252126, 0.879664099238981]
-W = [0.5582430753802258, 0.5875289618364469, 0.6819456856802084, 0.7453761605775864, 0.22765563659688126]
+A = [
+    0.46636541886786753,
+    0.8634864607582904,
+    0.041059375136441645,
+    0.9972603835252126,
+    0.879664099238981,
+]
+W = [
+    0.5582430753802258,
+    0.5875289618364469,
+    0.6819456856802084,
+    0.7453761605775864,
+    0.22765563659688126,
+]
 
 
 def test_compactness_is_scale_invariant_down_to_tiny_norms():
@@ -30,10 +42,16 @@ def test_angles_are_finite_when_cosines_round_above_one():
     c = compactness(f, torch.tensor([0, 0]))
     assert c["compactness"] == pytest.approx(0.0, abs=1e-12)  # cosines -1 and +1
     assert c["intra_class_angle_deg"] == pytest.approx(90.0, abs=1e-5)  # (180 + 0) / 2, not NaN
-    d = discrepancy(torch.tensor([W, [7 * w for w in W]], dtype=torch.float64), torch.tensor([0, 1]))
-    assert d["discrepancy_min_deg"] == pytest.approx(0.0, abs=1e-5) and d["discrepancy_mean_deg"] == pytest.approx(0.0, abs=1e-5)
+    d = discrepancy(
+        torch.tensor([W, [7 * w for w in W]], dtype=torch.float64), torch.tensor([0, 1])
+    )
+    assert d["discrepancy_min_deg"] == pytest.approx(0.0, abs=1e-5) and d[
+        "discrepancy_mean_deg"
+    ] == pytest.approx(0.0, abs=1e-5)
     # opposite directions: exactly 180 degrees, not NaN
-    d2 = discrepancy(torch.tensor([W, [-2 * w for w in W]], dtype=torch.float64), torch.tensor([0, 1]))
+    d2 = discrepancy(
+        torch.tensor([W, [-2 * w for w in W]], dtype=torch.float64), torch.tensor([0, 1])
+    )
     assert d2["discrepancy_min_deg"] == pytest.approx(180.0, abs=1e-5)
 
 
@@ -65,9 +83,16 @@ def test_knn_accuracy_equals_scikit_learn():
     assert got == pytest.approx(_sklearn(f, y, 5, 5, 0), abs=1e-12)
     assert 40 < got < 95  # not at a ceiling where every setting agrees
     # each setting matters on these features, so a different default would be seen
-    others = [_sklearn(f, y, 6, 5, 0), _sklearn(f, y, 5, 6, 0), _sklearn(f, y, 5, 5, 1), _sklearn(f, y, 5, 5, 0, "euclidean")]
+    others = [
+        _sklearn(f, y, 6, 5, 0),
+        _sklearn(f, y, 5, 6, 0),
+        _sklearn(f, y, 5, 5, 1),
+        _sklearn(f, y, 5, 5, 0, "euclidean"),
+    ]
     assert all(abs(o - got) > 1e-9 for o in others)
-    assert knn_accuracy(f, y, k=3, folds=4, seed=2) == pytest.approx(_sklearn(f, y, 3, 4, 2), abs=1e-12)
+    assert knn_accuracy(f, y, k=3, folds=4, seed=2) == pytest.approx(
+        _sklearn(f, y, 3, 4, 2), abs=1e-12
+    )
 
 
 def test_knn_folds_shrink_to_the_smallest_class():

@@ -31,6 +31,7 @@ def _load_module_db():
     if stub:
         try:
             import expecttest  # noqa: F401
+
             stub = False
         except ImportError:
             mod = types.ModuleType("expecttest")
@@ -44,7 +45,11 @@ def _load_module_db():
     return module_db
 
 
-L2_OF = {nn.BatchNorm1d: l2bn.L2BatchNorm1d, nn.BatchNorm2d: l2bn.L2BatchNorm2d, nn.BatchNorm3d: l2bn.L2BatchNorm3d}
+L2_OF = {
+    nn.BatchNorm1d: l2bn.L2BatchNorm1d,
+    nn.BatchNorm2d: l2bn.L2BatchNorm2d,
+    nn.BatchNorm3d: l2bn.L2BatchNorm3d,
+}
 INFOS = [m for m in _load_module_db() if m.module_cls in L2_OF]
 assert len(INFOS) == 3, [m.name for m in INFOS]
 
@@ -54,8 +59,9 @@ def _cases(dtype=torch.float64, requires_grad=False, training=True, keep=None):
     collection, so no test is skipped at run time)."""
     out = []
     for info in INFOS:
-        for mi in info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=requires_grad,
-                                          training=training):
+        for mi in info.module_inputs_func(
+            info, device="cpu", dtype=dtype, requires_grad=requires_grad, training=training
+        ):
             if keep is not None and not keep(mi.forward_input.args[0]):
                 continue
             out.append(pytest.param(info, mi, id=f"{info.name}-{mi.desc or 'default'}"))
@@ -103,8 +109,9 @@ def test_forward_matches_composite(info, mi, training):
 def test_errors_like_batchnorm(info, training):
     """PyTorch's error inputs for BN raise the same error type and message pattern for L2BN
     (eps <= 0: "eps must be positive" in training; in evaluation BN refuses only eps < 0)."""
-    for err in info.module_error_inputs_func(info, device="cpu", dtype=torch.float32,
-                                             requires_grad=False, training=training):
+    for err in info.module_error_inputs_func(
+        info, device="cpu", dtype=torch.float32, requires_grad=False, training=training
+    ):
         mi = err.module_error_input
         args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
         x = _input(mi)
@@ -194,7 +201,9 @@ def test_memory_formats(info, mi, training):
         l2.train(training)
         xi = xin.clone(memory_format=torch.preserve_format).requires_grad_()
         y = l2(xi)
-        assert y.is_contiguous(memory_format=torch.contiguous_format if xin.is_contiguous() else fmt)
+        assert y.is_contiguous(
+            memory_format=torch.contiguous_format if xin.is_contiguous() else fmt
+        )
         y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape))
         results.append((y, xi.grad, l2.state_dict()))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
@@ -234,7 +243,9 @@ def test_to_and_to_empty(info, mi):
     x = _input(mi)
     for m in (l2, bn):
         m.to(torch.float64)
-    assert {k: v.dtype for k, v in l2.state_dict().items()} == {k: v.dtype for k, v in bn.state_dict().items()}
+    assert {k: v.dtype for k, v in l2.state_dict().items()} == {
+        k: v.dtype for k, v in bn.state_dict().items()
+    }
     l2.train()
     assert l2(x.double()).dtype == torch.float64
     args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs

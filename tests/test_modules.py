@@ -71,7 +71,12 @@ def test_gradcheck(training, unit_rms, shape):
 
     def f(x, w, b):
         return l2bn.functional.l2_batch_norm(
-            x, layer.running_mean.clone(), layer.running_var.clone(), w, b, training,
+            x,
+            layer.running_mean.clone(),
+            layer.running_var.clone(),
+            w,
+            b,
+            training,
             unit_rms=unit_rms,
         )
 
@@ -133,7 +138,9 @@ def test_autocast_cpu_bf16():
     assert h.grad.dtype == torch.bfloat16 and torch.isfinite(model[0].weight.grad).all()
     hd = h.detach().double().requires_grad_()
     w, b = model[1].weight.detach().double(), model[1].bias.detach().double()
-    ref = torch.relu(l2bn.functional.l2_batch_norm(hd, None, None, w, b, training=True, backend="reference"))
+    ref = torch.relu(
+        l2bn.functional.l2_batch_norm(hd, None, None, w, b, training=True, backend="reference")
+    )
     ref.backward(g.double())
     err = (h.grad.double() - hd.grad).flatten(1).norm(dim=1) / hd.grad.flatten(1).norm(dim=1)
     assert float(err.max()) < 1e-2, err
@@ -226,11 +233,15 @@ def test_repr_and_docstrings():
     assert "unit_rms=True" in repr(l2bn.L2BatchNorm2d(4, unit_rms=True))
     for name in l2bn.__all__:
         obj = getattr(l2bn, name)
-        assert obj.__doc__ and "Example" in obj.__doc__ or name in ("functional", "L2_NORM_CLASSES"), name
+        assert (
+            obj.__doc__ and "Example" in obj.__doc__ or name in ("functional", "L2_NORM_CLASSES")
+        ), name
 
 
-@pytest.mark.skipif("bias" not in __import__("inspect").signature(nn.BatchNorm2d.__init__).parameters,
-                    reason="BatchNorm(bias=...) exists from torch 2.14")
+@pytest.mark.skipif(
+    "bias" not in __import__("inspect").signature(nn.BatchNorm2d.__init__).parameters,
+    reason="BatchNorm(bias=...) exists from torch 2.14",
+)
 def test_bias_false_like_batchnorm():
     bn = nn.BatchNorm2d(4, bias=False, dtype=torch.float64)
     l2 = l2bn.L2BatchNorm2d(4, bias=False, dtype=torch.float64)
@@ -255,12 +266,29 @@ def test_many_layer_shapes_share_compiled_kernels():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the compiled path must not fall back
-        for c, h in [(3, 40), (5, 33), (8, 16), (16, 8), (24, 24), (32, 4), (40, 12), (48, 6), (64, 2), (96, 7), (7, 7), (12, 30)]:
+        for c, h in [
+            (3, 40),
+            (5, 33),
+            (8, 16),
+            (16, 8),
+            (24, 24),
+            (32, 4),
+            (40, 12),
+            (48, 6),
+            (64, 2),
+            (96, 7),
+            (7, 7),
+            (12, 30),
+        ]:
             m = l2bn.L2BatchNorm2d(c)
             x = torch.randn(64, c, h, h, requires_grad=True)
-            y = l2bn.functional.l2_batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, True, backend="compiled")
+            y = l2bn.functional.l2_batch_norm(
+                x, m.running_mean, m.running_var, m.weight, m.bias, True, backend="compiled"
+            )
             y.sum().backward()
-            ref = l2bn.functional.l2_batch_norm(x.detach(), None, None, m.weight, m.bias, True, backend="reference")
+            ref = l2bn.functional.l2_batch_norm(
+                x.detach(), None, None, m.weight, m.bias, True, backend="reference"
+            )
             torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 

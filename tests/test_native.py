@@ -34,7 +34,9 @@ def _input(shape, fmt, dtype=torch.float64, seed=0):
 
 def _stats_args(x):
     c = x.shape[1]
-    return torch.linspace(-0.2, 0.2, c, dtype=torch.float64), torch.linspace(0.5, 1.5, c, dtype=torch.float64)
+    return torch.linspace(-0.2, 0.2, c, dtype=torch.float64), torch.linspace(
+        0.5, 1.5, c, dtype=torch.float64
+    )
 
 
 @pytest.mark.parametrize("shape,fmt", SHAPES)
@@ -62,7 +64,8 @@ def test_opcheck_backward_op(shape, fmt):
     for batch_stats in (True, False):
         for need_dx in (True, False):
             torch.library.opcheck(
-                OPS.backward.default, (g, x, w, k, r, *rows, mu, invstd, 1e-12, 1.0, batch_stats, need_dx)
+                OPS.backward.default,
+                (g, x, w, k, r, *rows, mu, invstd, 1e-12, 1.0, batch_stats, need_dx),
             )
 
 
@@ -80,9 +83,14 @@ def test_registered_autograd_matches_reference(shape, fmt):
     assert torch.autograd.gradcheck(train, (x, w, b))
     assert torch.autograd.gradcheck(evalf, (x, w, b))
     g = torch.randn(shape, dtype=torch.float64)
-    for fn, kw in ((train, dict(training=True)), (evalf, dict(running_mean=mean, running_var=var, training=False))):
+    for fn, kw in (
+        (train, dict(training=True)),
+        (evalf, dict(running_mean=mean, running_var=var, training=False)),
+    ):
         got = torch.autograd.grad(fn(x, w, b), (x, w, b), g)
-        ref_y = l2_batch_norm_reference(x, kw.get("running_mean"), kw.get("running_var"), w, b, kw["training"], 0.0, 1e-5)
+        ref_y = l2_batch_norm_reference(
+            x, kw.get("running_mean"), kw.get("running_var"), w, b, kw["training"], 0.0, 1e-5
+        )
         ref = torch.autograd.grad(ref_y, (x, w, b), g)
         for a, e in zip(got, ref):
             torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9 * float(e.abs().max()))
@@ -92,10 +100,16 @@ def test_outputs_keep_layout_and_statistics_shapes():
     x = _input((6, 4, 5, 5), torch.channels_last)
     y, r, k, mk, vk, mu, var, invstd = OPS.train_forward(x, None, None, 1e-5, 1e-12, 1.0)
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
-    assert r.shape == k.shape == (6,) and mk.shape == vk.shape == (6, 4) and mu.shape == var.shape == invstd.shape == (4,)
+    assert (
+        r.shape == k.shape == (6,)
+        and mk.shape == vk.shape == (6, 4)
+        and mu.shape == var.shape == invstd.shape == (4,)
+    )
     torch.testing.assert_close(r, x.flatten(1).norm(dim=1))
     # (N, C): the row statistics are k x and 0, not returned
-    y2, *_, mk2, vk2, _m, _v, _i = OPS.train_forward(torch.randn(5, 3, dtype=torch.float64), None, None, 1e-5, 1e-12, 1.0)
+    y2, *_, mk2, vk2, _m, _v, _i = OPS.train_forward(
+        torch.randn(5, 3, dtype=torch.float64), None, None, 1e-5, 1e-12, 1.0
+    )
     assert mk2.numel() == 0 and vk2.numel() == 0
 
 
@@ -113,8 +127,21 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(RuntimeError, match="per-channel tensor of 3 entries"):
         OPS.train_forward(torch.randn(4, 3, 2), torch.ones(4), None, 1e-5, 1e-12, 1.0)
     with pytest.raises(RuntimeError, match="shape"):
-        OPS.backward(torch.randn(4, 3), torch.randn(4, 3, 2), None, torch.ones(4), torch.ones(4), None, None,
-                     torch.zeros(3), torch.ones(3), 1e-12, 1.0, True, True)
+        OPS.backward(
+            torch.randn(4, 3),
+            torch.randn(4, 3, 2),
+            None,
+            torch.ones(4),
+            torch.ones(4),
+            None,
+            None,
+            torch.zeros(3),
+            torch.ones(3),
+            1e-12,
+            1.0,
+            True,
+            True,
+        )
 
 
 def _graph_code(model, x):
@@ -131,7 +158,9 @@ def _graph_code(model, x):
 def test_compile_fullgraph_sees_one_op_per_call(monkeypatch):
     """Once the kernel is loaded, torch.compile(fullgraph=True) traces each L2BN call as the
     custom operator (no graph break, no decomposition), and the compiled model equals eager."""
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), l2bn.L2BatchNorm2d(8), torch.nn.ReLU())
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), l2bn.L2BatchNorm2d(8), torch.nn.ReLU()
+    )
     x = torch.randn(4, 3, 8, 8)
     eager = model(x)
     out, code = _graph_code(model, x)
@@ -159,8 +188,10 @@ def test_compile_fullgraph_sees_one_op_per_call(monkeypatch):
 
 
 def test_build_command_reports_ready():
-    """``python -m l2bn.kernels`` (run by the README's set-up) loads the built kernel and checks it."""
-    out = subprocess.run([sys.executable, "-m", "l2bn.kernels"], capture_output=True, text=True, timeout=600)
+    """``python -m l2bn.kernels`` (the README's set-up runs it) loads and checks the kernel."""
+    out = subprocess.run(
+        [sys.executable, "-m", "l2bn.kernels"], capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr
     assert "native kernel ready" in out.stdout and "float64" in out.stdout
     err = float(out.stdout.split("reference| = ")[1].split()[0])
@@ -181,9 +212,14 @@ def test_native_l2_batch_norm_matches_reference(shape, fmt):
     """The engine entry point, batch statistics and given statistics, with and without affine."""
     x = _input(shape, fmt)
     c = x.shape[1]
-    w, b = torch.linspace(0.5, 2.0, c, dtype=torch.float64), torch.linspace(-1.0, 1.0, c, dtype=torch.float64)
+    w, b = (
+        torch.linspace(0.5, 2.0, c, dtype=torch.float64),
+        torch.linspace(-1.0, 1.0, c, dtype=torch.float64),
+    )
     for weight, bias in ((None, None), (w, b)):
-        y, mean, var, count = native.native_l2_batch_norm(x, weight, bias, None, None, 1e-5, 1e-12, False)
+        y, mean, var, count = native.native_l2_batch_norm(
+            x, weight, bias, None, None, 1e-5, 1e-12, False
+        )
         ref = l2_batch_norm_reference(x, None, None, weight, bias, training=True)
         torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
         assert float(count) == x.numel() / c
@@ -202,7 +238,9 @@ def test_automatic_selection_prefers_native_for_cpu_floats():
     assert not native._prefer(torch.empty(2, 3, dtype=torch.complex64))
     assert not native._prefer(torch.empty(2, 3, device="meta"))
     assert "CPU only" in native._unavailable(torch.empty(2, 3, device="meta"))
-    assert "supports float16/bfloat16/float32/float64" in native._unavailable(torch.empty(2, 3, dtype=torch.int64))
+    assert "supports float16/bfloat16/float32/float64" in native._unavailable(
+        torch.empty(2, 3, dtype=torch.int64)
+    )
 
 
 def test_import_and_first_call_print_nothing():
@@ -211,8 +249,11 @@ def test_import_and_first_call_print_nothing():
     import subprocess
     import sys
 
-    code = ("import torch, l2bn; x = torch.randn(2, 4, 3, 3); l2bn.L2BatchNorm2d(4)(x).sum().backward(); "
-            "print(l2bn.kernels.backends.select(None, x))")
+    code = (
+        "import torch, l2bn; x = torch.randn(2, 4, 3, 3); "
+        "l2bn.L2BatchNorm2d(4)(x).sum().backward(); "
+        "print(l2bn.kernels.backends.select(None, x))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "native", r.stderr
     assert r.stderr == "", r.stderr

@@ -31,18 +31,27 @@ def _report(tmp_path, dirs, name="rep"):
 
 
 def test_report_of_runs_that_cannot_be_paired_says_why(tmp_path):
-    dirs = [_fake_run(tmp_path / "a", "resnet8", "bn", 0, 90.0),
-            _fake_run(tmp_path / "b", "resnet8", "l2bn", 1, 91.0)]  # different seeds: no pair
+    dirs = [
+        _fake_run(tmp_path / "a", "resnet8", "bn", 0, 90.0),
+        _fake_run(tmp_path / "b", "resnet8", "l2bn", 1, 91.0),
+    ]  # different seeds: no pair
     md, summary = _report(tmp_path, dirs)
     assert all(d["n"] == 0 for d in summary["differences"].values())
-    assert "*No paired comparison: no other run has a BN run with the same model, recipe and seed" in md
+    assert (
+        "*No paired comparison: no other run has a BN run with the same model, recipe and seed"
+        in md
+    )
     assert "| comparison |" not in md  # no empty table
 
 
 def test_report_without_a_bn_baseline_has_an_honest_title(tmp_path):
-    dirs = [_fake_run(tmp_path / "a", "resnet8", "l2bn", 0, 90.0),
-            _fake_run(tmp_path / "b", "resnet8", "l2bn", 0, 91.0)]
-    r = json.loads((tmp_path / "b" / "result.json").read_text())  # fake runs are fashion-mnist: one is digits
+    dirs = [
+        _fake_run(tmp_path / "a", "resnet8", "l2bn", 0, 90.0),
+        _fake_run(tmp_path / "b", "resnet8", "l2bn", 0, 91.0),
+    ]
+    r = json.loads(
+        (tmp_path / "b" / "result.json").read_text()
+    )  # fake runs are fashion-mnist: one is digits
     r["config"]["dataset"] = "digits"
     (tmp_path / "b" / "result.json").write_text(json.dumps(r))
     md, _ = _report(tmp_path, dirs)
@@ -61,7 +70,10 @@ def test_recipe_line_leaves_out_a_subset_larger_than_the_data(tmp_path):
         dirs.append(d)
     md, _ = _report(tmp_path, dirs)
     assert "train_subset" not in md
-    dirs2 = [_fake_run(tmp_path / f"x{norm}", "resnet8", norm, 0, 90.0, train_subset=500) for norm in ("bn", "l2bn")]
+    dirs2 = [
+        _fake_run(tmp_path / f"x{norm}", "resnet8", norm, 0, 90.0, train_subset=500)
+        for norm in ("bn", "l2bn")
+    ]
     md2, _ = _report(tmp_path, dirs2, "rep2")
     assert "train_subset=500" in md2
 
@@ -94,13 +106,23 @@ def test_learning_curves_tick_whole_epochs(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.axis.Axis, "set_major_locator", spy)
     from l2bn.report.plots import learning_curves
 
-    learning_curves([json.loads(open(_fake_run(tmp_path / "a", "resnet8", "bn", 0, 90.0) + "/result.json").read())
-                     | {"norm": "bn"}], tmp_path / "c.png")
+    learning_curves(
+        [
+            json.loads(
+                open(_fake_run(tmp_path / "a", "resnet8", "bn", 0, 90.0) + "/result.json").read()
+            )
+            | {"norm": "bn"}
+        ],
+        tmp_path / "c.png",
+    )
     assert any(getattr(t, "_integer", False) for t in ticks)
 
 
 def test_html_keeps_comparison_names_on_one_line(tmp_path):
-    dirs = [_fake_run(tmp_path / f"{n}{s}", "resnet8", n, s, 90.0 + s + (n == "l2bn") * 0.1 * (s + 1))
-            for n in ("bn", "l2bn") for s in range(2)]
+    dirs = [
+        _fake_run(tmp_path / f"{n}{s}", "resnet8", n, s, 90.0 + s + (n == "l2bn") * 0.1 * (s + 1))
+        for n in ("bn", "l2bn")
+        for s in range(2)
+    ]
     build_report(dirs, str(tmp_path / "rep"))
     assert "td:first-child{white-space:nowrap" in (tmp_path / "rep" / "report.html").read_text()

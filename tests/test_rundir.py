@@ -10,13 +10,36 @@ import sys
 import pytest
 
 ENV = dict(os.environ, L2BN_BACKEND="fused", OMP_NUM_THREADS="1")
-BASE = ["--dataset", "digits", "--model", "resnet8", "--epochs", "1", "--batch-size", "64", "--lr", "0.05",
-        "--threads", "1"]
+BASE = [
+    "--dataset",
+    "digits",
+    "--model",
+    "resnet8",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--lr",
+    "0.05",
+    "--threads",
+    "1",
+]
 
 
 def cli(*args, torchrun=False):
-    pre = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "l2bn"] if torchrun \
+    pre = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "l2bn",
+        ]
+        if torchrun
         else [sys.executable, "-m", "l2bn"]
+    )
     return subprocess.run([*pre, *args], env=ENV, capture_output=True, text=True, timeout=600)
 
 
@@ -44,14 +67,27 @@ def test_test_only_uses_the_saved_recipe(run, tmp_path, torchrun):
     res = json.loads((d / "result.json").read_text())
     t = json.loads((d / "test_result.json").read_text())
     assert t["dataset"] == "digits" and t["config"]["norm"] == norm and t["checkpoint"] == "best.pt"
-    assert t["test_acc"] == pytest.approx(res["best_test_acc"], abs=1e-9)  # not 10% on Fashion-MNIST
+    assert t["test_acc"] == pytest.approx(
+        res["best_test_acc"], abs=1e-9
+    )  # not 10% on Fashion-MNIST
     assert f"test acc {t['test_acc']:.2f}%" in r.stdout
 
 
 @pytest.mark.parametrize("torchrun", [False, True])
 def test_resume_extends_the_same_run(run, tmp_path, torchrun):
     norm, d = _copy(run, tmp_path)
-    r = cli("train", "--out", str(d), "--resume", "--epochs", "2", "--no-tensorboard", "--threads", "1", torchrun=torchrun)
+    r = cli(
+        "train",
+        "--out",
+        str(d),
+        "--resume",
+        "--epochs",
+        "2",
+        "--no-tensorboard",
+        "--threads",
+        "1",
+        torchrun=torchrun,
+    )
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-2500:]
     lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
@@ -59,7 +95,11 @@ def test_resume_extends_the_same_run(run, tmp_path, torchrun):
     # the run's training time covers both processes' epochs; wall_time_s only the resumed one
     assert res["train_time_s"] == pytest.approx(sum(x["epoch_time_s"] for x in lines))
     assert res["train_time_s"] > lines[1]["epoch_time_s"] > 0
-    assert res["config"]["dataset"] == "digits" and res["config"]["norm"] == norm and res["epochs"] == 2
+    assert (
+        res["config"]["dataset"] == "digits"
+        and res["config"]["norm"] == norm
+        and res["epochs"] == 2
+    )
     assert res["train_examples"] < 2000  # digits, not Fashion-MNIST's 60,000
     assert json.loads((d / "config.json").read_text())["dataset"] == "digits"
 
@@ -69,13 +109,32 @@ def test_conflicting_recipe_flags_are_refused(run, tmp_path, mode):
     norm, d = _copy(run, tmp_path)
     other = "bn" if norm == "l2bn" else "l2bn-rms"
     before = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
-    r = cli("train", "--out", str(d), mode, "--dataset", "fashion-mnist", "--lr", "0.2", "--norm", other,
-            "--batch-size", "32", "--threads", "1", "--no-tensorboard")
+    r = cli(
+        "train",
+        "--out",
+        str(d),
+        mode,
+        "--dataset",
+        "fashion-mnist",
+        "--lr",
+        "0.2",
+        "--norm",
+        other,
+        "--batch-size",
+        "32",
+        "--threads",
+        "1",
+        "--no-tensorboard",
+    )
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "keeps one recipe" in err[0], r.stderr
-    for key in ("dataset: saved 'digits', given 'fashion-mnist'", "lr: saved 0.05, given 0.2",
-                f"norm: saved '{norm}', given '{other}'", "batch_size: saved 64, given 32"):
+    for key in (
+        "dataset: saved 'digits', given 'fashion-mnist'",
+        "lr: saved 0.05, given 0.2",
+        f"norm: saved '{norm}', given '{other}'",
+        "batch_size: saved 64, given 32",
+    ):
         assert key in err[0], err[0]
     assert "threads" not in err[0] and "tensorboard" not in err[0]  # run control may change
     after = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
@@ -88,7 +147,9 @@ def test_analyze_uses_the_saved_recipe(run, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     a = json.loads((d / "analysis.json").read_text())
     assert a["dataset"] == "digits" and a["norm"] == norm
-    assert a["test_acc_recomputed"] == pytest.approx(json.loads((d / "result.json").read_text())["test_acc"], abs=1e-6)
+    assert a["test_acc_recomputed"] == pytest.approx(
+        json.loads((d / "result.json").read_text())["test_acc"], abs=1e-6
+    )
 
 
 def test_resume_cannot_shorten(run, tmp_path):
@@ -120,5 +181,7 @@ def test_extending_epochs_replans_the_schedule(tmp_path):
         return out
 
     long_run = lrs(4, 0, 40)
-    assert lrs(4, 20, 20) == long_run[20:]  # resumed at epoch 2 of 4: exactly the uninterrupted values
+    assert (
+        lrs(4, 20, 20) == long_run[20:]
+    )  # resumed at epoch 2 of 4: exactly the uninterrupted values
     assert lrs(2, 0, 20) != long_run[:20]

@@ -52,8 +52,16 @@ def test_running_statistics_are_the_normalised_weighted_mean_of_the_batches():
 def test_after_the_warmup_the_update_is_bns_bit_for_bit():
     """From warmup_steps(m) on (356 for 0.1) the factor is momentum exactly: a layer loaded from
     a trained state updates exactly as BN does, and evaluates identically after loading."""
-    assert warmup_steps(0.1) == 356 and running_factor(0.1, 356) == 0.1 and running_factor(0.1, 355) != 0.1
-    assert running_factor(None, 4) == 0.25 and running_factor(0.0, 3) == 0.0 and running_factor(1.0, 1) == 1.0
+    assert (
+        warmup_steps(0.1) == 356
+        and running_factor(0.1, 356) == 0.1
+        and running_factor(0.1, 355) != 0.1
+    )
+    assert (
+        running_factor(None, 4) == 0.25
+        and running_factor(0.0, 3) == 0.0
+        and running_factor(1.0, 1) == 1.0
+    )
     torch.manual_seed(1)
     old = l2bn.L2BatchNorm2d(3)
     state = old.state_dict()
@@ -64,9 +72,13 @@ def test_after_the_warmup_the_update_is_bns_bit_for_bit():
     layer.load_state_dict(state)
     x = torch.randn(4, 3, 5, 5)
     rm, rv = state["running_mean"].clone(), state["running_var"].clone()
-    assert torch.equal(layer.eval()(x), l2bn.functional.l2_batch_norm(x, rm, rv, layer.weight, layer.bias))
+    assert torch.equal(
+        layer.eval()(x), l2bn.functional.l2_batch_norm(x, rm, rv, layer.weight, layer.bias)
+    )
     layer.train()(x)
-    l2bn.functional.l2_batch_norm(x, rm, rv, layer.weight, layer.bias, True, 0.1)  # BN's update rule
+    l2bn.functional.l2_batch_norm(
+        x, rm, rv, layer.weight, layer.bias, True, 0.1
+    )  # BN's update rule
     assert torch.equal(layer.running_mean, rm) and torch.equal(layer.running_var, rv)
     assert not layer._stats_warmup  # the host flag is off: no tensor is read per call
 
@@ -93,14 +105,18 @@ def test_compiled_and_meta_layers_apply_the_same_correction(momentum):
     """Under torch.compile(fullgraph=True) no tensor may be read on the host: the correction is
     applied with tensor ops and equals eager over several steps; on the meta device too."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), l2bn.L2BatchNorm2d(4, momentum=momentum)).double()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), l2bn.L2BatchNorm2d(4, momentum=momentum)
+    ).double()
     ref = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     for _ in range(4):
         x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
         compiled(x)
         ref(x)
-        torch.testing.assert_close(model[1].running_mean, ref[1].running_mean, rtol=1e-10, atol=1e-15)
+        torch.testing.assert_close(
+            model[1].running_mean, ref[1].running_mean, rtol=1e-10, atol=1e-15
+        )
         torch.testing.assert_close(model[1].running_var, ref[1].running_var, rtol=1e-10, atol=1e-15)
     meta = l2bn.L2BatchNorm2d(4, device="meta")
     assert meta(torch.randn(2, 4, 3, 3, device="meta")).device.type == "meta"
@@ -136,10 +152,16 @@ def test_convert_resets_x_scale_statistics_and_says_so():
     model = tv.models.resnet18(num_classes=10)
     batches = [torch.randn(8, 3, 32, 32) for _ in range(2)]
     torch.optim.swa_utils.update_bn(batches, model)  # BN statistics accumulated on data
-    with pytest.warns(UserWarning, match=r"reset the running statistics of 20 layer\(s\) \(bn1, layer1.0.bn1.*update_bn"):
+    with pytest.warns(
+        UserWarning,
+        match=r"reset the running statistics of 20 layer\(s\) \(bn1, layer1.0.bn1.*update_bn",
+    ):
         conv = l2bn.convert(copy.deepcopy(model))
-    assert all(int(m.num_batches_tracked) == 0 and bool((m.running_var == 1).all())
-               for m in conv.modules() if isinstance(m, l2bn.L2_NORM_CLASSES))
+    assert all(
+        int(m.num_batches_tracked) == 0 and bool((m.running_var == 1).all())
+        for m in conv.modules()
+        if isinstance(m, l2bn.L2_NORM_CLASSES)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fresh model has nothing to lose: no warning
         l2bn.convert(tv.models.resnet18(num_classes=10))
@@ -159,9 +181,15 @@ def test_converted_model_recalibrated_with_update_bn_evaluates_as_it_trains(unit
     normalizes over >= 2,048 values here, so the relative difference is < 1e-3)."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 16 * 16, 16), nn.BatchNorm1d(16),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 16 * 16, 16),
+        nn.BatchNorm1d(16),
     )
     data = torch.randn(2048, 3, 16, 16) * 2 + 1
     torch.optim.swa_utils.update_bn([data[:256]], model)
@@ -186,8 +214,15 @@ def test_converted_model_recalibrated_with_update_bn_evaluates_as_it_trains(unit
 
 def test_update_bn_covers_bn_l2bn_and_sync_and_matches_torch_for_bn():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.3), l2bn.L2BatchNorm2d(4),
-                          l2bn.SyncL2BatchNorm(4), nn.Flatten(), nn.Linear(64, 5), l2bn.L2BatchNorm1d(5))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4, momentum=0.3),
+        l2bn.L2BatchNorm2d(4),
+        l2bn.SyncL2BatchNorm(4),
+        nn.Flatten(),
+        nn.Linear(64, 5),
+        l2bn.L2BatchNorm1d(5),
+    )
     batches = [(torch.randn(8, 3, 6, 6), torch.zeros(8)) for _ in range(3)]
     with torch.no_grad():  # stale statistics, e.g. from before SWA or pruning
         model[2].running_var.fill_(5.0)
@@ -203,9 +238,16 @@ def test_update_bn_covers_bn_l2bn_and_sync_and_matches_torch_for_bn():
     assert int(ref[2].num_batches_tracked) == 1003 and bool((ref[2].running_var > 3.6).all())
     # ... l2bn's averages their statistics over the batches, on u's scale
     with torch.no_grad():  # the L2BN layer's inputs during the pass: BN in training mode
-        ins = [F.batch_norm(model[0](b[0]), None, None, model[1].weight, model[1].bias, True) for b in batches]
-    torch.testing.assert_close(model[2].running_var, torch.stack([_batch_stats(h)[1] for h in ins]).mean(0),
-                               rtol=1e-5, atol=1e-9)
+        ins = [
+            F.batch_norm(model[0](b[0]), None, None, model[1].weight, model[1].bias, True)
+            for b in batches
+        ]
+    torch.testing.assert_close(
+        model[2].running_var,
+        torch.stack([_batch_stats(h)[1] for h in ins]).mean(0),
+        rtol=1e-5,
+        atol=1e-9,
+    )
     for i in (2, 3, 6):
         assert int(model[i].num_batches_tracked) == 3
 
@@ -228,7 +270,9 @@ def test_update_bn_on_an_averaged_model():
     l2bn.update_bn(batches, swa)
     with torch.no_grad():
         stats = [_batch_stats(swa.module[0](b))[0] for b in batches]
-    torch.testing.assert_close(swa.module[1].running_mean, torch.stack(stats).mean(0), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(
+        swa.module[1].running_mean, torch.stack(stats).mean(0), rtol=1e-5, atol=1e-9
+    )
     assert int(swa.module[1].num_batches_tracked) == 3
 
 
@@ -238,10 +282,32 @@ ENV = dict(os.environ, OMP_NUM_THREADS="2")
 def _train(tmp_path, norm):
     out = tmp_path / norm
     r = subprocess.run(
-        [sys.executable, "-m", "l2bn", "train", "--dataset", "fashion-mnist", "--model", "resnet8",
-         "--norm", norm, "--epochs", "1", "--train-subset", "3000", "--seed", "0", "--out", str(out),
-         "--no-progress", "--no-tensorboard"],
-        env=ENV, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "l2bn",
+            "train",
+            "--dataset",
+            "fashion-mnist",
+            "--model",
+            "resnet8",
+            "--norm",
+            norm,
+            "--epochs",
+            "1",
+            "--train-subset",
+            "3000",
+            "--seed",
+            "0",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-tensorboard",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((out / "result.json").read_text())["test_acc"]
@@ -267,8 +333,12 @@ def test_traced_first_step_is_exact_in_half_precision():
     torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
     ref(x)
     assert bool((layer.running_var > 0).all())
-    torch.testing.assert_close(layer.running_var.float(), ref.running_var.float(), rtol=5e-3, atol=3e-7)  # half ulps
-    torch.testing.assert_close(layer.running_mean.float(), ref.running_mean.float(), rtol=2e-3, atol=1e-6)
+    torch.testing.assert_close(
+        layer.running_var.float(), ref.running_var.float(), rtol=5e-3, atol=3e-7
+    )  # half ulps
+    torch.testing.assert_close(
+        layer.running_mean.float(), ref.running_mean.float(), rtol=2e-3, atol=1e-6
+    )
 
 
 def test_convert_a_meta_model_and_load_an_older_pickle():

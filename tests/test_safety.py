@@ -28,14 +28,28 @@ class Evil:
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "l2bn", *args], env=ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "l2bn", *args], env=ENV, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("safe") / "run"
-    train(TrainConfig(dataset="digits", model="resnet8", norm="l2bn", epochs=1, batch_size=64, lr=0.05, out=str(d),
-                      progress=False, tensorboard=False, threads=1))
+    train(
+        TrainConfig(
+            dataset="digits",
+            model="resnet8",
+            norm="l2bn",
+            epochs=1,
+            batch_size=64,
+            lr=0.05,
+            out=str(d),
+            progress=False,
+            tensorboard=False,
+            threads=1,
+        )
+    )
     return d
 
 
@@ -49,7 +63,9 @@ def _poison(src, dst, marker):
 
 
 def test_current_checkpoints_hold_only_safe_types(run_dir):
-    state = torch.load(run_dir / "last.pt", weights_only=True)  # raises if anything unsafe were inside
+    state = torch.load(
+        run_dir / "last.pt", weights_only=True
+    )  # raises if anything unsafe were inside
     assert state["rng"]["torch"].dtype == torch.uint8 and state["rng"]["torch"].device.type == "cpu"
     assert load_checkpoint(run_dir / "best.pt")["epoch"] == 0
 
@@ -69,9 +85,29 @@ def test_crafted_checkpoint_runs_no_code(tmp_path, run_dir, command):
         cmp_dir.mkdir()
         shutil.move(str(bad), cmp_dir / "resnet8-l2bn-seed0")
         (cmp_dir / "resnet8-l2bn-seed0" / "result.json").unlink()
-        r = cli("compare", "--dataset", "digits", "--models", "resnet8", "--norms", "l2bn", "--seeds", "0",
-                "--epochs", "1", "--batch-size", "64", "--lr", "0.05", "--train-subset", "0", "--warmup-epochs", "0",
-                "--out", str(cmp_dir))
+        r = cli(
+            "compare",
+            "--dataset",
+            "digits",
+            "--models",
+            "resnet8",
+            "--norms",
+            "l2bn",
+            "--seeds",
+            "0",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--lr",
+            "0.05",
+            "--train-subset",
+            "0",
+            "--warmup-epochs",
+            "0",
+            "--out",
+            str(cmp_dir),
+        )
     assert not marker.exists(), "the crafted checkpoint executed its command"
     assert r.returncode == 2, r.stdout[-1500:] + r.stderr[-1500:]
     err = r.stderr.strip().splitlines()
@@ -83,8 +119,18 @@ def test_crafted_cifar_batch_runs_no_code(tmp_path):
     make_cifar(tmp_path / "c", "cifar10", n_per_batch=10)
     with open(tmp_path / "c" / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
         pickle.dump({b"data": Evil(marker), b"labels": [0]}, f, protocol=2)
-    r = cli("train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "c"), "--no-verify-data", "--epochs", "1",
-            "--out", str(tmp_path / "run"))
+    r = cli(
+        "train",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(tmp_path / "c"),
+        "--no-verify-data",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert not marker.exists(), "the crafted CIFAR batch executed its command"
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
@@ -100,7 +146,9 @@ def test_object_array_in_cifar_batch_refused(tmp_path):
 
     make_cifar(tmp_path, "cifar10", n_per_batch=10)
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
-        pickle.dump({b"data": np.array([object()] * 3, dtype=object), b"labels": [0, 1, 2]}, f, protocol=2)
+        pickle.dump(
+            {b"data": np.array([object()] * 3, dtype=object), b"labels": [0, 1, 2]}, f, protocol=2
+        )
     with pytest.raises(DataIntegrityError, match="test_batch: refused"):
         load_dataset("cifar10", str(tmp_path), verify_data=False)
 
@@ -111,9 +159,14 @@ def test_mismatch_error_is_short(run_dir):
     state = load_checkpoint(run_dir / "last.pt")
     other = create_model("resnet20", 10, 1, "bn")
     with pytest.raises(CheckpointError) as e:
-        load_model_state(other, state, run_dir / "last.pt", want={"model": "resnet20", "norm": "bn"})
+        load_model_state(
+            other, state, run_dir / "last.pt", want={"model": "resnet20", "norm": "bn"}
+        )
     msg = str(e.value)
-    assert "saved for model 'resnet8' norm 'l2bn'" in msg and "asks for model 'resnet20' norm 'bn'" in msg
+    assert (
+        "saved for model 'resnet8' norm 'l2bn'" in msg
+        and "asks for model 'resnet20' norm 'bn'" in msg
+    )
     assert "missing keys" in msg and "(+" in msg and len(msg) < 600 and "\n" not in msg
 
 
@@ -134,6 +187,19 @@ def test_resume_loads_the_rng_state_on_the_cpu(run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ck.torch, "load", load)
     d = tmp_path / "R"
     shutil.copytree(run_dir, d)
-    res = train(TrainConfig(dataset="digits", model="resnet8", norm="l2bn", epochs=2, batch_size=64, lr=0.05, out=str(d),
-                            progress=False, tensorboard=False, threads=1, resume=True))
+    res = train(
+        TrainConfig(
+            dataset="digits",
+            model="resnet8",
+            norm="l2bn",
+            epochs=2,
+            batch_size=64,
+            lr=0.05,
+            out=str(d),
+            progress=False,
+            tensorboard=False,
+            threads=1,
+            resume=True,
+        )
+    )
     assert res["epochs"] == 2 and len(res["history"]) == 2

@@ -60,14 +60,23 @@ def test_paired_difference_small_samples():
     three = paired_difference([1.0, 2.0, 3.0], [0.0, 1.0, 2.5])
     assert "3 seeds" in three["note"] and three["ci_low"] < three["mean"] < three["ci_high"]
     same = paired_difference([1.0, 2.0], [0.0, 1.0])  # identical differences: no spread, so no test
-    assert same["std"] == 0 and "mde_80" not in same and same["p_value"] is None and "no spread" in same["note"]
+    assert (
+        same["std"] == 0
+        and "mde_80" not in same
+        and same["p_value"] is None
+        and "no spread" in same["note"]
+    )
 
 
 def test_paired_t_pvalue():
     d = np.array([0.3, -0.1, 0.8, 0.5, 0.2, 0.9])
     expect = sps.ttest_1samp(d, 0.0).pvalue
-    assert paired_t_pvalue(float(d.mean()), float(d.std(ddof=1)), 6) == pytest.approx(expect, abs=1e-12)
-    assert paired_t_pvalue(-float(d.mean()), float(d.std(ddof=1)), 6) == pytest.approx(expect, abs=1e-12)
+    assert paired_t_pvalue(float(d.mean()), float(d.std(ddof=1)), 6) == pytest.approx(
+        expect, abs=1e-12
+    )
+    assert paired_t_pvalue(-float(d.mean()), float(d.std(ddof=1)), 6) == pytest.approx(
+        expect, abs=1e-12
+    )
     assert paired_t_pvalue(0.0, 0.0, 3) == 1.0 and paired_t_pvalue(0.2, 0.0, 3) == 0.0
     with pytest.raises(ValueError, match="at least 2 pairs"):
         paired_t_pvalue(1.0, 1.0, 1)
@@ -80,9 +89,13 @@ def _simulated_power(effect, std, n, alpha=0.05, sims=40000, seed=0):
     return float((np.abs(t) > sps.t.ppf(1 - alpha / 2, n - 1)).mean())
 
 
-@pytest.mark.parametrize("effect,std,n,alpha", [(1.0, 1.0, 10, 0.05), (0.5, 0.8, 6, 0.05), (-0.7, 1.0, 8, 0.1)])
+@pytest.mark.parametrize(
+    "effect,std,n,alpha", [(1.0, 1.0, 10, 0.05), (0.5, 0.8, 6, 0.05), (-0.7, 1.0, 8, 0.1)]
+)
 def test_power_matches_simulation(effect, std, n, alpha):
-    assert power(effect, std, n, alpha) == pytest.approx(_simulated_power(effect, std, n, alpha), abs=0.01)
+    assert power(effect, std, n, alpha) == pytest.approx(
+        _simulated_power(effect, std, n, alpha), abs=0.01
+    )
 
 
 def test_power_edges():
@@ -96,7 +109,9 @@ def test_power_edges():
 def test_min_detectable_effect():
     e = min_detectable_effect(1.0, 10)
     assert power(e, 1.0, 10) == pytest.approx(0.8, abs=1e-6)
-    assert min_detectable_effect(2.0, 10) == pytest.approx(2 * e, rel=1e-6)  # scales with the spread
+    assert min_detectable_effect(2.0, 10) == pytest.approx(
+        2 * e, rel=1e-6
+    )  # scales with the spread
     assert min_detectable_effect(1.0, 10, target=0.9) > e
     assert min_detectable_effect(1.0, 10, alpha=0.01) > e
     assert min_detectable_effect(1.0, 1) == math.inf
@@ -143,7 +158,9 @@ def test_holm_adjusted_values_reproduce_holms_procedure():
     every level; and known values: Bonferroni for the smallest, never below the raw p-value,
     order kept, capped at 1."""
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert holm([0.3, 0.8]) == pytest.approx([0.6, 0.8])  # running maximum, capped at 1 where it would exceed
+    assert holm([0.3, 0.8]) == pytest.approx(
+        [0.6, 0.8]
+    )  # running maximum, capped at 1 where it would exceed
     assert holm([0.7, 0.9]) == pytest.approx([1.0, 1.0])
     assert holm([0.02]) == [0.02] and holm([]) == []
     assert holm([0.0, 1.0]) == [0.0, 1.0]  # the ends of the range are p-values too

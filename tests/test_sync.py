@@ -65,7 +65,9 @@ def test_eval_without_running_stats_never_communicates(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", collective)
     x = torch.randn(5, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     group = object()  # stands for a process group of two ranks
-    sync = l2bn.SyncL2BatchNorm(3, track_running_stats=False, process_group=group, dtype=torch.float64).eval()
+    sync = l2bn.SyncL2BatchNorm(
+        3, track_running_stats=False, process_group=group, dtype=torch.float64
+    ).eval()
     local = l2bn.L2BatchNorm2d(3, track_running_stats=False, dtype=torch.float64).eval()
     y = sync(x)
     torch.testing.assert_close(y, local(x))
@@ -103,7 +105,9 @@ def _mirror_world(monkeypatch):
     # dist.is_initialized() stays False: torch.compile consults it, and would then look for a
     # real default group; the layer is told its group directly (training only, as the real
     # SyncL2BatchNorm._process_group, tested above)
-    monkeypatch.setattr(l2bn.SyncL2BatchNorm, "_process_group", lambda self: group if self.training else None)
+    monkeypatch.setattr(
+        l2bn.SyncL2BatchNorm, "_process_group", lambda self: group if self.training else None
+    )
     monkeypatch.setattr(dist, "get_world_size", world_size)
     monkeypatch.setattr(dist, "all_gather", all_gather)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
@@ -122,7 +126,9 @@ def test_sync_training_equals_the_union_batch(backend, shape, monkeypatch):
     x = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
     g = torch.randn(shape, dtype=torch.float64)
     sync = l2bn.SyncL2BatchNorm(c, process_group=group, dtype=torch.float64, unit_rms=True)
-    local = (l2bn.L2BatchNorm1d if len(shape) < 4 else l2bn.L2BatchNorm2d)(c, dtype=torch.float64, unit_rms=True)
+    local = (l2bn.L2BatchNorm1d if len(shape) < 4 else l2bn.L2BatchNorm2d)(
+        c, dtype=torch.float64, unit_rms=True
+    )
     with torch.no_grad():
         for m in (sync, local):
             m.weight.copy_(torch.linspace(0.5, 1.5, c))
@@ -152,12 +158,18 @@ def test_forward_ad_and_double_backward_through_sync_are_refused(monkeypatch):
     group = _mirror_world(monkeypatch)
     m = l2bn.SyncL2BatchNorm(3, process_group=group, dtype=torch.float64)
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(NotImplementedError, match=r"^l2_batch_norm: double backward \(create_graph=True\) "
-                       r"through synchronised batch statistics \(process_group\) is not supported$"):
+    with pytest.raises(
+        NotImplementedError,
+        match=r"^l2_batch_norm: double backward \(create_graph=True\) "
+        r"through synchronised batch statistics \(process_group\) is not supported$",
+    ):
         torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
     with fwad.dual_level():
-        with pytest.raises(NotImplementedError, match=r"^l2_batch_norm: forward-mode AD through "
-                           r"synchronised batch statistics \(process_group\) is not supported$"):
+        with pytest.raises(
+            NotImplementedError,
+            match=r"^l2_batch_norm: forward-mode AD through "
+            r"synchronised batch statistics \(process_group\) is not supported$",
+        ):
             m(fwad.make_dual(x.detach(), torch.ones_like(x)))
 
 
@@ -181,7 +193,9 @@ def test_sync_rescales_extreme_inputs_before_the_collective(backend, scale, monk
     xr = torch.cat([x, x]).double().requires_grad_()
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     # a fresh layer's first tracked batch sets its running statistics (factor 1, l2bn.running)
-    yr = l2bn.functional.l2_batch_norm(xr, rm, rv, None, None, True, 1.0, 1e-5, l2_eps=1e-40, backend="reference")
+    yr = l2bn.functional.l2_batch_norm(
+        xr, rm, rv, None, None, True, 1.0, 1e-5, l2_eps=1e-40, backend="reference"
+    )
     yr.backward(torch.cat([gy, gy]).double())
     assert torch.isfinite(ys).all() and torch.isfinite(xs.grad).all()
     torch.testing.assert_close(ys.double(), yr[:4].detach(), rtol=1e-4, atol=1e-4)

@@ -19,12 +19,29 @@ ENV = dict(os.environ, L2BN_BACKEND="fused", OMP_NUM_THREADS="1")
 
 
 def cli(*args, env=ENV, timeout=600, **kw):
-    return subprocess.run([sys.executable, "-m", "l2bn", *args], env=env, capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "l2bn", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(dataset="digits", model="resnet8", norm="l2bn", epochs=2, batch_size=64, lr=0.05,
-                out=str(tmp_path / "run"), progress=False, tensorboard=True, threads=1)
+    base = dict(
+        dataset="digits",
+        model="resnet8",
+        norm="l2bn",
+        epochs=2,
+        batch_size=64,
+        lr=0.05,
+        out=str(tmp_path / "run"),
+        progress=False,
+        tensorboard=True,
+        threads=1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -46,19 +63,51 @@ def test_digits_two_epochs_writes_everything(tmp_path, monkeypatch):
 def test_fashion_mnist_fixture_mlp_bn(tmp_path, monkeypatch):
     monkeypatch.setenv("L2BN_BACKEND", "fused")
     make_fashion_mnist(tmp_path / "fm", 400, 100)
-    res = train(_cfg(tmp_path, dataset="fashion-mnist", data_dir=str(tmp_path / "fm"), model="mlp", norm="bn",
-                     optimizer="adamw", lr=3e-3, schedule="onecycle", verify_data=False))
+    res = train(
+        _cfg(
+            tmp_path,
+            dataset="fashion-mnist",
+            data_dir=str(tmp_path / "fm"),
+            model="mlp",
+            norm="bn",
+            optimizer="adamw",
+            lr=3e-3,
+            schedule="onecycle",
+            verify_data=False,
+        )
+    )
     assert res["best_test_acc"] > 40
 
 
 def test_resume_after_sigkill_is_exact(tmp_path):
-    args = ["train", "--dataset", "digits", "--model", "resnet8", "--norm", "l2bn", "--epochs", "3",
-            "--batch-size", "64", "--lr", "0.05", "--no-progress", "--no-tensorboard", "--threads", "1"]
+    args = [
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "resnet8",
+        "--norm",
+        "l2bn",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.05",
+        "--no-progress",
+        "--no-tensorboard",
+        "--threads",
+        "1",
+    ]
     ref = cli(*args, "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "l2bn", *args, "--out", str(out)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "l2bn", *args, "--out", str(out)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         m = out / "metrics.jsonl"
@@ -73,16 +122,43 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert "resumed from" in res.stdout
     a = json.loads((tmp_path / "ref" / "result.json").read_text())
     b = json.loads((out / "result.json").read_text())
-    strip = lambda h: [{k: v for k, v in e.items() if k not in ("epoch_time_s", "throughput")} for e in h]  # noqa: E731
+
+    def strip(h):
+        return [{k: v for k, v in e.items() if k not in ("epoch_time_s", "throughput")} for e in h]
+
     assert strip(a["history"]) == strip(b["history"])
     assert a["test_acc"] == b["test_acc"]
 
 
 def test_divergence_keeps_last_good_checkpoint(tmp_path):
     # epoch 1 trains normally; the step schedule multiplies the lr by 1e12 at epoch 2
-    r = cli("train", "--dataset", "digits", "--model", "resnet8", "--norm", "bn", "--epochs", "3", "--batch-size", "64",
-            "--schedule", "step", "--milestones", "1", "--gamma", "1e12", "--lr", "0.05", "--no-progress",
-            "--no-tensorboard", "--threads", "1", "--out", str(tmp_path / "nan"))
+    r = cli(
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "resnet8",
+        "--norm",
+        "bn",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "64",
+        "--schedule",
+        "step",
+        "--milestones",
+        "1",
+        "--gamma",
+        "1e12",
+        "--lr",
+        "0.05",
+        "--no-progress",
+        "--no-tensorboard",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path / "nan"),
+    )
     assert r.returncode == 3, r.stdout + r.stderr
     assert "training diverged" in r.stderr and "last good checkpoint" in r.stderr
     import torch
@@ -103,7 +179,9 @@ def test_bad_checkpoint_and_config_errors(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="last.pt: corrupt"):
         train(_cfg(tmp_path, resume=True))
     train(_cfg(tmp_path, epochs=1, out=str(tmp_path / "ok")))
-    with pytest.raises(RunConfigError, match="another recipe \\(model: saved 'resnet8', given 'resnet14'\\)"):
+    with pytest.raises(
+        RunConfigError, match="another recipe \\(model: saved 'resnet8', given 'resnet14'\\)"
+    ):
         train(_cfg(tmp_path, model="resnet14", resume=True, out=str(tmp_path / "ok")))
     # a checkpoint whose own config names another model is refused even if config.json agrees
     import torch
@@ -115,7 +193,9 @@ def test_bad_checkpoint_and_config_errors(tmp_path, monkeypatch):
         train(_cfg(tmp_path, resume=True, epochs=2, out=str(tmp_path / "ok")))
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("dataset: digits\nepochz: 3\n")
-    with pytest.raises(ValueError, match="unknown config key 'epochz' \\(did you mean 'epochs'\\?\\)"):
+    with pytest.raises(
+        ValueError, match="unknown config key 'epochz' \\(did you mean 'epochs'\\?\\)"
+    ):
         make_config({}, str(cfg_file))
     r = cli("train", "--epochz", "3")
     assert r.returncode == 2 and "unrecognized arguments: --epochz" in r.stderr
@@ -142,9 +222,31 @@ def test_recipes_parse_and_ship_with_the_package():
 @pytest.mark.parametrize("sync", [False, True])
 def test_torchrun_two_processes(tmp_path, sync):
     out = tmp_path / f"ddp{sync}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "l2bn", "train",
-           "--dataset", "digits", "--model", "resnet8", "--norm", "l2bn", "--epochs", "1", "--batch-size", "32",
-           "--no-progress", "--threads", "1", "--out", str(out)] + (["--sync-bn"] if sync else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "l2bn",
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "resnet8",
+        "--norm",
+        "l2bn",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ] + (["--sync-bn"] if sync else [])
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "no BatchNorm layer found" not in r.stderr
@@ -155,8 +257,15 @@ def test_torchrun_two_processes(tmp_path, sync):
     assert len(list((out / "tb").glob("events.*"))) == 1
     assert r.stdout.count("epoch   1/1") == 1
     # rank 0 held the run's lock (.lock stays, unlocked, once the job has ended)
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "best.pt", "config.json", "last.pt", "metrics.jsonl",
-                                                     "result.json", "tb"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lock",
+        "best.pt",
+        "config.json",
+        "last.pt",
+        "metrics.jsonl",
+        "result.json",
+        "tb",
+    ]
     from l2bn.train.lock import lock_owner
 
     assert lock_owner(out) is None
@@ -164,8 +273,28 @@ def test_torchrun_two_processes(tmp_path, sync):
 
 def test_compare_tiny_and_skip(tmp_path):
     out = tmp_path / "cmp"
-    args = ["compare", "--dataset", "digits", "--models", "resnet8", "--seeds", "0", "1", "--epochs", "1",
-            "--batch-size", "64", "--train-subset", "600", "--no-progress", "--no-tensorboard", "--threads", "1", "--out", str(out)]
+    args = [
+        "compare",
+        "--dataset",
+        "digits",
+        "--models",
+        "resnet8",
+        "--seeds",
+        "0",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--train-subset",
+        "600",
+        "--no-progress",
+        "--no-tensorboard",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     r = cli(*args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     for f in ("report.md", "summary.json", "curves.png"):
@@ -175,23 +304,31 @@ def test_compare_tiny_and_skip(tmp_path):
     d = s["differences"]["resnet8/l2bn-bn"]
     from scipy import stats
 
-    acc = {c: {r["seed"]: r["test_acc"] for r in s["cells"][f"resnet8/{c}"]["runs"]} for c in ("bn", "l2bn")}
+    acc = {
+        c: {r["seed"]: r["test_acc"] for r in s["cells"][f"resnet8/{c}"]["runs"]}
+        for c in ("bn", "l2bn")
+    }
     diffs = [acc["l2bn"][k] - acc["bn"][k] for k in (0, 1)]
     assert d["n"] == 2 and d["diffs"] == pytest.approx(diffs)
     lo, hi = stats.t.interval(0.95, 1, loc=sum(diffs) / 2, scale=stats.sem(diffs))
     assert (d["ci_low"], d["ci_high"]) == pytest.approx((lo, hi))
-    assert d["p_value"] == pytest.approx(stats.ttest_rel([acc["l2bn"][k] for k in (0, 1)], [acc["bn"][k] for k in (0, 1)]).pvalue)
+    assert d["p_value"] == pytest.approx(
+        stats.ttest_rel([acc["l2bn"][k] for k in (0, 1)], [acc["bn"][k] for k in (0, 1)]).pvalue
+    )
     text = (out / "summary.json").read_text() + (out / "report.md").read_text()
     assert str(tmp_path) not in text  # run directories are recorded relative to the output folder
     assert s["cells"]["resnet8/bn"]["runs"][0]["dir"] == "resnet8-bn-seed0"
     assert "Paired difference" in (out / "report.md").read_text()
     md = (out / "report.md").read_text()
-    total = sum(json.loads((d / "result.json").read_text())["train_time_s"] for d in out.glob("*-seed*"))
+    total = sum(
+        json.loads((d / "result.json").read_text())["train_time_s"] for d in out.glob("*-seed*")
+    )
     assert f"{total:.0f} s of training in total" in md and "; this compare call " in md
     r2 = cli(*args)
     assert r2.returncode == 0
     assert "4 runs (4 finished earlier)" in r2.stdout and "training ->" not in r2.stdout
-    # run control does not make compare retrain: toggling TensorBoard/threads/progress keeps the runs
+    # run control does not make compare retrain: toggling TensorBoard/threads/progress keeps the
+    # runs
     r3 = cli(*[a for a in args if a not in ("--no-tensorboard",)])
     assert r3.returncode == 0 and "4 runs (4 finished earlier)" in r3.stdout
 
@@ -201,8 +338,17 @@ def test_sync_bn_running_stats_agree_across_ranks(tmp_path, sync):
     stats = tmp_path / "stats"
     stats.mkdir()
     worker = Path(__file__).parent / "dist_train_worker.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
-           str(tmp_path / "run"), str(stats), "sync" if sync else "local"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(worker),
+        str(tmp_path / "run"),
+        str(stats),
+        "sync" if sync else "local",
+    ]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     import torch
@@ -232,7 +378,10 @@ def test_sync_model_has_only_synchronised_norm_layers_of_its_variant(norm):
     from l2bn.train.trainer import norm_census
 
     for name in list_models():
-        if name in ("tv_densenet121", "wrn28_10"):  # the same builders as tv_resnet*/wrn16_4, only bigger
+        if name in (
+            "tv_densenet121",
+            "wrn28_10",
+        ):  # the same builders as tv_resnet*/wrn16_4, only bigger
             continue
         shape = (1, 64, 32) if name.startswith(("dcase", "audio")) else (3, 32, 32)
         model = build_model(name, norm, num_classes=10, input_shape=shape, sync=True)
@@ -250,7 +399,13 @@ def test_sync_model_has_only_synchronised_norm_layers_of_its_variant(norm):
 def test_report_counts_training_time_across_resumes():
     from l2bn.report.build import _train_time
 
-    assert _train_time({"train_time_s": 5.0, "wall_time_s": 1.0, "history": [{"epoch_time_s": 9.0}]}) == 5.0
+    assert (
+        _train_time({"train_time_s": 5.0, "wall_time_s": 1.0, "history": [{"epoch_time_s": 9.0}]})
+        == 5.0
+    )
     # results written before train_time_s existed: the epochs of the history, not the last process
-    assert _train_time({"wall_time_s": 1.0, "history": [{"epoch_time_s": 2.0}, {"epoch_time_s": 3.0}]}) == 5.0
+    assert (
+        _train_time({"wall_time_s": 1.0, "history": [{"epoch_time_s": 2.0}, {"epoch_time_s": 3.0}]})
+        == 5.0
+    )
     assert _train_time({"wall_time_s": 7.0, "history": []}) == 7.0

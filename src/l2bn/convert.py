@@ -59,7 +59,9 @@ _RUNNING_STATS = ("reset", "keep")
 def _has_statistics(m: nn.Module) -> bool:
     """Whether a layer's running statistics hold data (tracked batches or values other than the
     prior mean 0, variance 1) rather than a fresh layer's prior."""
-    rm, rv, nbt = (getattr(m, b, None) for b in ("running_mean", "running_var", "num_batches_tracked"))
+    rm, rv, nbt = (
+        getattr(m, b, None) for b in ("running_mean", "running_var", "num_batches_tracked")
+    )
     if rm is None or rv is None or rm.is_meta:  # a meta model holds no values to lose
         return False
     return bool((nbt is not None and nbt > 0) or (rm != 0).any() or (rv != 1).any())
@@ -112,8 +114,13 @@ def _build(cls: type, src: _BatchNorm, extra: dict) -> nn.Module:
     if src.affine and getattr(src, "bias", None) is None:
         kw["bias"] = False  # torch >= 2.14 BN(affine=True, bias=False)
     return cls(
-        src.num_features, src.eps, src.momentum, src.affine, src.track_running_stats,
-        **kw, **extra,
+        src.num_features,
+        src.eps,
+        src.momentum,
+        src.affine,
+        src.track_running_stats,
+        **kw,
+        **extra,
     )
 
 
@@ -203,14 +210,20 @@ def convert(
     _warn_reset("convert", dropped, "BN's statistics describe x, L2BN's the l2-normalized x.")
     if found[0] == 0:
         warnings.warn(
-            f"l2bn.convert: no BatchNorm layer found in {type(module).__name__}; returned unchanged",
+            f"l2bn.convert: no BatchNorm layer found in {type(module).__name__}; "
+            "returned unchanged",
             stacklevel=2,
         )
     return out
 
 
 def _convert_one(
-    mod: _BatchNorm, name: str, sync: bool, process_group: Any, unit_rms: bool, l2_eps: float,
+    mod: _BatchNorm,
+    name: str,
+    sync: bool,
+    process_group: Any,
+    unit_rms: bool,
+    l2_eps: float,
     running_stats: str,
 ) -> nn.Module:
     extra: dict = dict(unit_rms=unit_rms, l2_eps=l2_eps)
@@ -226,7 +239,11 @@ def _convert_one(
                 "BatchNorm subclass with its own forward; converting it would drop that forward. "
                 "Exclude it (exclude=...) or convert it by hand."
             )
-        cls = SyncL2BatchNorm if (sync or dim == 0) else {1: L2BatchNorm1d, 2: L2BatchNorm2d, 3: L2BatchNorm3d}[dim]
+        cls = (
+            SyncL2BatchNorm
+            if (sync or dim == 0)
+            else {1: L2BatchNorm1d, 2: L2BatchNorm2d, 3: L2BatchNorm3d}[dim]
+        )
     if cls in (SyncL2BatchNorm, SyncL2BatchNormAct):
         extra["process_group"] = process_group
     new = _copy_state(mod, _build(cls, mod, extra), running_stats)
@@ -281,7 +298,9 @@ def _revert(module: nn.Module, name: str, running_stats: str, dropped: list) -> 
             new.act = copy.deepcopy(module.act)
         return _copy_state(module, new, running_stats)
     for child_name, child in list(module.named_children()):
-        new_child = _revert(child, f"{name}.{child_name}" if name else child_name, running_stats, dropped)
+        new_child = _revert(
+            child, f"{name}.{child_name}" if name else child_name, running_stats, dropped
+        )
         if new_child is not child:
             setattr(module, child_name, new_child)
     return module

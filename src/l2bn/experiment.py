@@ -12,6 +12,9 @@ The summary (``summary.json``, ``report.md``, ``report.html``) gives per-seed ac
 std per cell, and for each norm the paired difference against BN per model and grid point with a
 95% t-interval, the paired t-test's p-value and power; with ``analyze`` every run is probed
 (``analysis.json``) and the report gains the mechanism section with paired CIs.
+
+Why one file: planning a grid, training its runs (locks, resume, skips), analysing them and
+writing the report are the steps of one command, and they share the run-directory naming.
 """
 
 from __future__ import annotations
@@ -37,45 +40,96 @@ from .train.config import (
 )
 from .train.lock import RunDirBusy, lock_owner, run_lock
 
-__all__ = ["PRESETS", "COMPARE_SKIP", "compare", "plan_compare", "plan_runs", "parse_grid", "run_dir",
-           "ExperimentError"]
+__all__ = [
+    "PRESETS",
+    "COMPARE_SKIP",
+    "compare",
+    "plan_compare",
+    "plan_runs",
+    "parse_grid",
+    "run_dir",
+    "ExperimentError",
+]
 
 #: recipe fields that ``compare`` sets itself (axes, directories) or that mean nothing there
 COMPARE_SKIP = ("model", "norm", "seed", "out", "dataset", "data_dir", "resume", "test_only")
 
-# The main job: Fashion-MNIST, a small CIFAR-style ResNet, 3 seeds per norm, < 10 min on 2 CPU cores.
+# The main job: Fashion-MNIST, a small CIFAR-style ResNet, 3 seeds per norm, < 10 min on 2 CPU
+# cores.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "quick": dict(
-        dataset="fashion-mnist", models=["resnet8"], norms=["bn", "l2bn"], seeds=[0, 1, 2], grid={},
-        note="Preset 'quick': chosen so that the default comparison fits in 10 minutes on 2 CPU cores.",
-        train=dict(epochs=5, batch_size=128, train_subset=20000, lr=0.1, weight_decay=5e-4,
-                   schedule="cosine", warmup_epochs=0.5, width=1),
+        dataset="fashion-mnist",
+        models=["resnet8"],
+        norms=["bn", "l2bn"],
+        seeds=[0, 1, 2],
+        grid={},
+        note="Preset 'quick': chosen so that the default comparison fits in 10 minutes on 2 CPU "
+        "cores.",
+        train=dict(
+            epochs=5,
+            batch_size=128,
+            train_subset=20000,
+            lr=0.1,
+            weight_decay=5e-4,
+            schedule="cosine",
+            warmup_epochs=0.5,
+            width=1,
+        ),
     ),
     "paper": dict(
-        dataset="fashion-mnist", models=["resnet20"], norms=["bn", "l2bn", "l2bn-rms"], seeds=[0, 1, 2, 3, 4], grid={},
-        note="Preset 'paper': ResNet-20 on all 60,000 Fashion-MNIST images, 20 epochs, three norms.",
-        train=dict(epochs=20, batch_size=128, lr=0.1, weight_decay=5e-4, schedule="cosine", warmup_epochs=1),
+        dataset="fashion-mnist",
+        models=["resnet20"],
+        norms=["bn", "l2bn", "l2bn-rms"],
+        seeds=[0, 1, 2, 3, 4],
+        grid={},
+        note="Preset 'paper': ResNet-20 on all 60,000 Fashion-MNIST images, 20 epochs, "
+        "three norms.",
+        train=dict(
+            epochs=20, batch_size=128, lr=0.1, weight_decay=5e-4, schedule="cosine", warmup_epochs=1
+        ),
     ),
     "batch-size": dict(
-        dataset="fashion-mnist", models=["resnet8"], norms=["bn", "l2bn", "l2bn-rms"], seeds=[0, 1, 2, 3, 4],
+        dataset="fashion-mnist",
+        models=["resnet8"],
+        norms=["bn", "l2bn", "l2bn-rms"],
+        seeds=[0, 1, 2, 3, 4],
         grid={"batch_size": [16, 32, 64, 128]},
-        note="Preset 'batch-size': the main job's ResNet-8 setting at batch 16-128, learning rate scaled linearly "
-             "from 0.1 at batch 128 (lr_ref_batch=128).",
-        train=dict(epochs=5, batch_size=128, train_subset=20000, lr=0.1, lr_ref_batch=128, weight_decay=5e-4,
-                   schedule="cosine", warmup_epochs=0.5),
+        note="Preset 'batch-size': the main job's ResNet-8 setting at batch 16-128, learning rate "
+        "scaled linearly "
+        "from 0.1 at batch 128 (lr_ref_batch=128).",
+        train=dict(
+            epochs=5,
+            batch_size=128,
+            train_subset=20000,
+            lr=0.1,
+            lr_ref_batch=128,
+            weight_decay=5e-4,
+            schedule="cosine",
+            warmup_epochs=0.5,
+        ),
     ),
     "depth": dict(
-        dataset="fashion-mnist", models=["resnet8", "resnet20", "resnet56"], norms=["bn", "l2bn", "l2bn-rms"],
-        seeds=[0, 1, 2, 3, 4], grid={},
+        dataset="fashion-mnist",
+        models=["resnet8", "resnet20", "resnet56"],
+        norms=["bn", "l2bn", "l2bn-rms"],
+        seeds=[0, 1, 2, 3, 4],
+        grid={},
         note="Preset 'depth': ResNet-8/20/56 at the main job's budget, three norms.",
-        train=dict(epochs=5, batch_size=128, train_subset=20000, lr=0.1, weight_decay=5e-4,
-                   schedule="cosine", warmup_epochs=0.5),
+        train=dict(
+            epochs=5,
+            batch_size=128,
+            train_subset=20000,
+            lr=0.1,
+            weight_decay=5e-4,
+            schedule="cosine",
+            warmup_epochs=0.5,
+        ),
     ),
 }
 
 
 class ExperimentError(UsageError, ValueError):
-    """A grid or run directory that cannot be used (bad axis, a directory holding another recipe)."""
+    """A grid or run directory that cannot be used (bad axis, a directory of another recipe)."""
 
 
 def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
@@ -89,24 +143,37 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
     grid: Dict[str, List[Any]] = {}
     for item in items:
         if "=" not in item:
-            raise ExperimentError(f"--grid {item!r}: expected KEY=V1,V2,... (e.g. batch_size=16,32,64)")
+            raise ExperimentError(
+                f"--grid {item!r}: expected KEY=V1,V2,... (e.g. batch_size=16,32,64)"
+            )
         key, vals = item.split("=", 1)
         key = key.strip().replace("-", "_")
         check_keys({key: None}, "--grid")
         if key in ("model", "norm", "seed"):
             raise ExperimentError(f"--grid {key}: use --models/--norms/--seeds for that axis")
         words = {"true": True, "false": False} if field_type(key)[0] is bool else {}
-        grid[key] = [check_value(key, words.get(v.strip().lower(), v.strip()), f"--grid {key}")
-                     for v in vals.split(",") if v.strip()]
+        grid[key] = [
+            check_value(key, words.get(v.strip().lower(), v.strip()), f"--grid {key}")
+            for v in vals.split(",")
+            if v.strip()
+        ]
         if not grid[key]:
             raise ExperimentError(f"--grid {item!r}: no values")
     return grid
 
 
-def plan_compare(preset: str = "quick", config: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
-                 grid: Sequence[str] = (), *, models: Optional[Sequence[str]] = None,
-                 norms: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None,
-                 dataset: Optional[str] = None, out: Optional[str] = None) -> Dict[str, Any]:
+def plan_compare(
+    preset: str = "quick",
+    config: Optional[str] = None,
+    overrides: Optional[Dict[str, Any]] = None,
+    grid: Sequence[str] = (),
+    *,
+    models: Optional[Sequence[str]] = None,
+    norms: Optional[Sequence[str]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    dataset: Optional[str] = None,
+    out: Optional[str] = None,
+) -> Dict[str, Any]:
     """What ``l2bn compare`` runs, from its sources in increasing precedence: the preset, then
     the YAML recipe ``config`` (its ``grid:`` mapping too), then the flags (``overrides`` of
     recipe fields, ``grid`` items ``KEY=V1,V2``, and the axes ``models``/``norms``/``seeds``).
@@ -131,7 +198,9 @@ def plan_compare(preset: str = "quick", config: Optional[str] = None, overrides:
     train_kw.update({k: v for k, v in (overrides or {}).items() if k not in COMPARE_SKIP})
     axes.update(parse_grid(grid))
     dataset = dataset or train_kw.get("dataset") or chosen["dataset"]
-    models = list(models or ([train_kw["model"]] if config and "model" in train_kw else chosen["models"]))
+    models = list(
+        models or ([train_kw["model"]] if config and "model" in train_kw else chosen["models"])
+    )
     cfg_norm = train_kw.get("norm") if config else None
     norms = list(norms or (["bn", cfg_norm] if cfg_norm and cfg_norm != "bn" else chosen["norms"]))
     seeds = list(seeds if seeds is not None else chosen["seeds"])
@@ -139,23 +208,40 @@ def plan_compare(preset: str = "quick", config: Optional[str] = None, overrides:
         train_kw.pop(k, None)
     out = out or (f"runs/compare-{dataset}" if preset == "quick" else f"runs/{preset}-{dataset}")
     note = chosen["note"] if not config else f"Recipe: {config}."
-    return dict(out=out, models=models, norms=norms, seeds=seeds, dataset=dataset, train_kw=train_kw,
-                grid=axes, note=note)
+    return dict(
+        out=out,
+        models=models,
+        norms=norms,
+        seeds=seeds,
+        dataset=dataset,
+        train_kw=train_kw,
+        grid=axes,
+        note=note,
+    )
 
 
 def _fmt(v: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(v))
 
 
-def run_dir(out: Path, model: str, norm: str, seed: int, point: Optional[Dict[str, Any]] = None) -> Path:
+def run_dir(
+    out: Path, model: str, norm: str, seed: int, point: Optional[Dict[str, Any]] = None
+) -> Path:
     """The directory of one run: ``OUT/<model>-<norm>[-<key>=<value>...]-seed<k>``."""
     tag = "".join(f"-{k}={_fmt(v)}" for k, v in (point or {}).items())
     return Path(out) / f"{model}-{norm}{tag}-seed{seed}"
 
 
-def plan_runs(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequence[int], dataset: str,
-              train_overrides: Dict[str, Any], grid: Optional[Dict[str, List[Any]]] = None,
-              data_dir: Optional[str] = None) -> List[Tuple[str, TrainConfig]]:
+def plan_runs(
+    out: str,
+    models: Sequence[str],
+    norms: Sequence[str],
+    seeds: Sequence[int],
+    dataset: str,
+    train_overrides: Dict[str, Any],
+    grid: Optional[Dict[str, List[Any]]] = None,
+    data_dir: Optional[str] = None,
+) -> List[Tuple[str, TrainConfig]]:
     """(label, config) of every run, seed-major: all cells get seed ``s`` before seed ``s+1``."""
     grid = grid or {}
     check_keys(train_overrides, "recipe")
@@ -166,9 +252,22 @@ def plan_runs(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequ
             for point in points:
                 for norm in norms:
                     d = run_dir(Path(out), model, norm, seed, point)
-                    cfg = TrainConfig(**{**train_overrides, **point, "dataset": dataset, "data_dir": data_dir, "model": model,
-                                         "norm": norm, "seed": seed, "out": str(d), "resume": True})
-                    label = " ".join([model, norm, *(f"{k}={v}" for k, v in point.items()), f"seed {seed}"])
+                    cfg = TrainConfig(
+                        **{
+                            **train_overrides,
+                            **point,
+                            "dataset": dataset,
+                            "data_dir": data_dir,
+                            "model": model,
+                            "norm": norm,
+                            "seed": seed,
+                            "out": str(d),
+                            "resume": True,
+                        }
+                    )
+                    label = " ".join(
+                        [model, norm, *(f"{k}={v}" for k, v in point.items()), f"seed {seed}"]
+                    )
                     check_config(cfg, f"run {label}")  # the whole plan, before any training
                     plan.append((label, cfg))
     return plan
@@ -194,9 +293,19 @@ def _status(cfg: TrainConfig) -> str:
     return "resume"
 
 
-def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequence[int], dataset: str,
-            train_overrides: Dict[str, Any], grid: Optional[Dict[str, List[Any]]] = None, data_dir: Optional[str] = None,
-            note: str = "", analyze: bool = True, title: str = "") -> Dict[str, Any]:
+def compare(
+    out: str,
+    models: Sequence[str],
+    norms: Sequence[str],
+    seeds: Sequence[int],
+    dataset: str,
+    train_overrides: Dict[str, Any],
+    grid: Optional[Dict[str, List[Any]]] = None,
+    data_dir: Optional[str] = None,
+    note: str = "",
+    analyze: bool = True,
+    title: str = "",
+) -> Dict[str, Any]:
     """Train every run of the grid not yet finished, analyse it, then write the report.
 
     Returns the summary (also written to ``OUT/summary.json``).
@@ -210,18 +319,29 @@ def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequen
     t0 = time.time()
     n_done = sum(s == "done" for s in states)
     print(f"{len(plan)} runs ({n_done} finished earlier) -> {out_p}", flush=True)
-    todo = [(i, label, cfg) for i, ((label, cfg), state) in enumerate(zip(plan, states)) if state != "done"]
-    for _ in range(len(plan) + 1):  # runs another process held are retried once it has let go of them
+    todo = [
+        (i, label, cfg)
+        for i, ((label, cfg), state) in enumerate(zip(plan, states))
+        if state != "done"
+    ]
+    for _ in range(
+        len(plan) + 1
+    ):  # runs another process held are retried once it has let go of them
         skipped = []
         for i, label, cfg in todo:
             tag = f"[{i + 1}/{len(plan)}] {label}"
             try:
                 with run_lock(cfg.out):  # held from the state check to the end of training
-                    state = _status(cfg)  # another compare over the same grid may have finished it meanwhile
+                    state = _status(
+                        cfg
+                    )  # another compare over the same grid may have finished it meanwhile
                     if state == "done":
                         print(f"{tag}: finished by another process", flush=True)
                         continue
-                    print(f"{tag}: {'resuming' if state == 'resume' else 'training'} -> {cfg.out}", flush=True)
+                    print(
+                        f"{tag}: {'resuming' if state == 'resume' else 'training'} -> {cfg.out}",
+                        flush=True,
+                    )
                     train(dataclasses.replace(cfg, resume=state == "resume"))
             except RunDirBusy as e:
                 print(f"{tag}: skipped, {e}", flush=True)
@@ -231,8 +351,13 @@ def compare(out: str, models: Sequence[str], norms: Sequence[str], seeds: Sequen
             break
     owner = lock_owner(out_p)
     if owner is not None:
-        print(f"waiting for pid {owner.get('pid', '?')}, which is writing the report in {out_p}", flush=True)
-    with run_lock(out_p, wait=True):  # one report writer at a time; the last one sees every finished run
+        print(
+            f"waiting for pid {owner.get('pid', '?')}, which is writing the report in {out_p}",
+            flush=True,
+        )
+    with run_lock(
+        out_p, wait=True
+    ):  # one report writer at a time; the last one sees every finished run
         _analyze_and_report(plan, out_p, data_dir, analyze, title, note, t0)
         return read_json(out_p / "summary.json", "summary")
 
@@ -262,28 +387,52 @@ def _left_out(plan: List[Tuple[str, TrainConfig]]) -> Tuple[List[str], List[str]
     return training, [d for d in left if d not in training]
 
 
-def _analyze_and_report(plan: List[Tuple[str, TrainConfig]], out_p: Path, data_dir: Optional[str],
-                        analyze: bool, title: str, note: str, t0: float) -> None:
+def _analyze_and_report(
+    plan: List[Tuple[str, TrainConfig]],
+    out_p: Path,
+    data_dir: Optional[str],
+    analyze: bool,
+    title: str,
+    note: str,
+    t0: float,
+) -> None:
     from .analysis.analyze import analyze_run
     from .report.build import build_report
 
     training, stopped = _left_out(plan)
     if training:
-        print(f"{len(training)} run(s) left out of this report, still being trained by another process: "
-              f"{', '.join(training)}; run this command again when they finish to include them", flush=True)
+        print(
+            f"{len(training)} run(s) left out of this report, still being trained by another "
+            f"process: "
+            f"{', '.join(training)}; run this command again when they finish to include them",
+            flush=True,
+        )
     if stopped:
-        print(f"{len(stopped)} run(s) left out of this report, unfinished (the process that trained them "
-              f"stopped): {', '.join(stopped)}; run this command again to resume them", flush=True)
+        print(
+            f"{len(stopped)} run(s) left out of this report, unfinished (the process that trained "
+            f"them "
+            f"stopped): {', '.join(stopped)}; run this command again to resume them",
+            flush=True,
+        )
     dirs = [cfg.out for _, cfg in plan if cfg.out not in training + stopped]
     if analyze:
         for i, d in enumerate(dirs):
             if _analysed(Path(d)):
                 continue
-            if not (Path(d) / "last.pt").is_file():  # a finished run kept without its checkpoint: nothing to analyse
-                print(f"[{i + 1}/{len(dirs)}] not analysed: {d} has a result but no checkpoint (last.pt) and "
-                      f"no analysis.json; the report leaves it out of the mechanism section (delete the "
-                      f"directory to retrain it)", flush=True)
+            if not (
+                Path(d) / "last.pt"
+            ).is_file():  # a finished run kept without its checkpoint: nothing to analyse
+                print(
+                    f"[{i + 1}/{len(dirs)}] not analysed: {d} has a result but no checkpoint "
+                    f"(last.pt) and "
+                    f"no analysis.json; the report leaves it out of the mechanism section (delete "
+                    f"the "
+                    f"directory to retrain it)",
+                    flush=True,
+                )
                 continue
             print(f"[{i + 1}/{len(dirs)}] analysing {d}", flush=True)
             analyze_run(d, data_dir=data_dir)
-    build_report(dirs, str(out_p), title=title, note=note, extra={"compare_wall_time_s": time.time() - t0})
+    build_report(
+        dirs, str(out_p), title=title, note=note, extra={"compare_wall_time_s": time.time() - t0}
+    )

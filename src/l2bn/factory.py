@@ -29,16 +29,34 @@ from .io import BadInput
 from .modules import l2_layer_for_dim
 from .sync import SyncL2BatchNorm
 
-__all__ = ["get_norm_layer", "create_norm", "canonical_norm", "is_l2_norm", "base_norm", "NORM_NAMES"]
+__all__ = [
+    "get_norm_layer",
+    "create_norm",
+    "canonical_norm",
+    "is_l2_norm",
+    "base_norm",
+    "NORM_NAMES",
+]
 
 _ALIASES = {
-    "bn": "bn", "batchnorm": "bn", "batch_norm": "bn",
-    "l2bn": "l2bn", "l2": "l2bn", "l2_bn": "l2bn", "l2batchnorm": "l2bn",
-    "l2bn-rms": "l2bn-rms", "l2bn_rms": "l2bn-rms",
-    "syncbn": "syncbn", "sync-bn": "syncbn",
-    "sync-l2bn": "sync-l2bn", "syncl2bn": "sync-l2bn", "sync_l2bn": "sync-l2bn",
-    "sync-l2bn-rms": "sync-l2bn-rms", "sync_l2bn_rms": "sync-l2bn-rms",
-    "none": "none", "identity": "none",
+    "bn": "bn",
+    "batchnorm": "bn",
+    "batch_norm": "bn",
+    "l2bn": "l2bn",
+    "l2": "l2bn",
+    "l2_bn": "l2bn",
+    "l2batchnorm": "l2bn",
+    "l2bn-rms": "l2bn-rms",
+    "l2bn_rms": "l2bn-rms",
+    "syncbn": "syncbn",
+    "sync-bn": "syncbn",
+    "sync-l2bn": "sync-l2bn",
+    "syncl2bn": "sync-l2bn",
+    "sync_l2bn": "sync-l2bn",
+    "sync-l2bn-rms": "sync-l2bn-rms",
+    "sync_l2bn_rms": "sync-l2bn-rms",
+    "none": "none",
+    "identity": "none",
 }
 NORM_NAMES = ("bn", "l2bn", "l2bn-rms", "syncbn", "sync-l2bn", "sync-l2bn-rms", "none")
 #: every accepted spelling (case-insensitive), canonical names first
@@ -51,8 +69,10 @@ def canonical_norm(name: str, sync: bool = False) -> str:
     """The canonical name of norm ``name`` (aliases resolved), its synchronised twin if ``sync``.
 
     Example:
-        >>> canonical_norm("L2BN"), canonical_norm("l2bn-rms", sync=True), canonical_norm("bn", sync=True)
-        ('l2bn', 'sync-l2bn-rms', 'syncbn')
+        >>> canonical_norm("L2BN"), canonical_norm("l2bn-rms", sync=True)
+        ('l2bn', 'sync-l2bn-rms')
+        >>> canonical_norm("bn", sync=True)
+        'syncbn'
     """
     key = _ALIASES.get(str(name).lower())
     if key is None:
@@ -79,7 +99,9 @@ def _identity(num_features: int, **kwargs: Any) -> nn.Module:
     return nn.Identity()
 
 
-def get_norm_layer(name: str, dim: int = 2, sync: bool = False, **kwargs: Any) -> Callable[..., nn.Module]:
+def get_norm_layer(
+    name: str, dim: int = 2, sync: bool = False, **kwargs: Any
+) -> Callable[..., nn.Module]:
     """Return a constructor ``f(num_features) -> nn.Module`` for norm ``name`` and input ``dim``.
 
     Args:
@@ -99,7 +121,9 @@ def get_norm_layer(name: str, dim: int = 2, sync: bool = False, **kwargs: Any) -
     if dim not in (1, 2, 3):
         raise ValueError(f"norm layer dim must be 1, 2 or 3, got {dim}")
     if key == "bn":
-        cls: Callable[..., nn.Module] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim]
+        cls: Callable[..., nn.Module] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[
+            dim
+        ]
     elif key == "l2bn":
         cls = l2_layer_for_dim(dim)
     elif key == "l2bn-rms":

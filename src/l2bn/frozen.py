@@ -43,12 +43,23 @@ class FrozenL2BatchNorm(nn.Module):
     """
 
     def __init__(
-        self, num_features: int, eps: float = 1e-5, *, unit_rms: bool = False, l2_eps: float = 1e-12,
-        device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        *,
+        unit_rms: bool = False,
+        l2_eps: float = 1e-12,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         kw = dict(device=device, dtype=dtype)
-        self.num_features, self.eps, self.unit_rms, self.l2_eps = num_features, eps, bool(unit_rms), float(l2_eps)
+        self.num_features, self.eps, self.unit_rms, self.l2_eps = (
+            num_features,
+            eps,
+            bool(unit_rms),
+            float(l2_eps),
+        )
         self.register_buffer("weight", torch.ones(num_features, **kw))
         self.register_buffer("bias", torch.zeros(num_features, **kw))
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
@@ -56,8 +67,16 @@ class FrozenL2BatchNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         y = l2_batch_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps,
-            l2_eps=self.l2_eps, unit_rms=self.unit_rms,
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            False,
+            0.0,
+            self.eps,
+            l2_eps=self.l2_eps,
+            unit_rms=self.unit_rms,
         )
         if "act" in self._modules:  # frozen form of a norm-act layer (timm's FrozenBatchNormAct2d)
             y = self.act(self.drop(y))
@@ -71,7 +90,9 @@ class FrozenL2BatchNorm(nn.Module):
 def _frozen_copy(layer: _L2NormBase) -> FrozenL2BatchNorm:
     ref = layer.weight if layer.weight is not None else layer.running_mean
     kw = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
-    new = FrozenL2BatchNorm(layer.num_features, layer.eps, unit_rms=layer.unit_rms, l2_eps=layer.l2_eps, **kw)
+    new = FrozenL2BatchNorm(
+        layer.num_features, layer.eps, unit_rms=layer.unit_rms, l2_eps=layer.l2_eps, **kw
+    )
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
             src = getattr(layer, name)

@@ -42,12 +42,20 @@ from .kernels import backends, compiled, native, triton_kernels  # noqa: F401  (
 from .kernels.autograd import in_functorch_transform
 from .kernels.reference import l2_normalize_samples
 
-__all__ = ["l2_batch_norm", "l2_normalize_samples", "available_backends", "in_functorch_transform", "exporting"]
+__all__ = [
+    "l2_batch_norm",
+    "l2_normalize_samples",
+    "available_backends",
+    "in_functorch_transform",
+    "exporting",
+]
 
 available_backends = backends.available_backends
 
+
 def exporting() -> bool:
-    """Whether ``torch.export`` (also behind ``torch.onnx.export``'s default exporter) or TorchScript
+    """Whether ``torch.export`` (also behind ``torch.onnx.export``'s default exporter) or
+    TorchScript
     tracing/scripting (the legacy exporter) is recording the graph. The layers then run the
     reference composite: plain ATen ops with a symbolic batch size, which export to standard ONNX
     operators and differentiate with autograd.
@@ -77,26 +85,38 @@ def _check(
         raise TypeError(f"l2_batch_norm: expected a Tensor input, got {type(input).__name__}")
     if input.dim() < 2:
         raise ValueError(
-            f"l2_batch_norm: expected an input of shape (N, C, *) with at least 2 dims, got {input.dim()}D input of shape {tuple(input.shape)}"
+            f"l2_batch_norm: expected an input of shape (N, C, *) with at least 2 dims, got "
+            f"{input.dim()}D input of shape {tuple(input.shape)}"
         )
     if not input.is_floating_point():
         raise TypeError(
-            f"l2_batch_norm: expected a floating-point input (float16, bfloat16, float32, float64), got {input.dtype}"
+            f"l2_batch_norm: expected a floating-point input (float16, bfloat16, float32, "
+            f"float64), got {input.dtype}"
         )
     c = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
         if t is not None and t.numel() != c:
             raise ValueError(
-                f"l2_batch_norm: input has {c} channels (dim 1 of shape {tuple(input.shape)}) but {name} has {t.numel()} elements"
+                f"l2_batch_norm: input has {c} channels (dim 1 of shape {tuple(input.shape)}) but "
+                f"{name} has {t.numel()} elements"
             )
-    if training and (running_mean is None) != (running_var is None):  # as F.batch_norm (eval: below)
+    if training and (running_mean is None) != (
+        running_var is None
+    ):  # as F.batch_norm (eval: below)
         raise ValueError(
             "l2_batch_norm: running_mean and running_var must be given together (got only "
             f"{'running_mean' if running_var is None else 'running_var'})"
         )
     for name, val in (("eps", eps), ("l2_eps", l2_eps), ("momentum", momentum)):
         if isinstance(val, bool) or not isinstance(val, numbers.Real):
-            raise TypeError(f"l2_batch_norm: {name} must be a real number, got {type(val).__name__}")
+            raise TypeError(
+                f"l2_batch_norm: {name} must be a real number, got {type(val).__name__}"
+            )
     # as F.batch_norm: eps > 0 when batch statistics are normalized, >= 0 otherwise
     if training and not eps > 0.0:
         raise ValueError(f"l2_batch_norm eps must be positive during training, but got {eps}")
@@ -180,8 +200,19 @@ def l2_batch_norm(
             "l2_batch_norm: running_mean and running_var are required when training=False "
             "(pass training=True to use batch statistics)"
         )
-    name = "reference" if in_functorch_transform() or exporting() else backends.select(backend, input)
+    name = (
+        "reference" if in_functorch_transform() or exporting() else backends.select(backend, input)
+    )
     return backends.get(name)(
-        input, running_mean, running_var, weight, bias, training, float(momentum), float(eps),
-        float(l2_eps), bool(unit_rms), process_group,
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        float(momentum),
+        float(eps),
+        float(l2_eps),
+        bool(unit_rms),
+        process_group,
     )

@@ -12,8 +12,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Union
 
-__all__ = ["atomic_write_bytes", "write_json", "read_json", "JSONFileError", "UsageError", "BadInput",
-           "MissingFile", "MissingDependency"]
+__all__ = [
+    "atomic_write_bytes",
+    "write_json",
+    "read_json",
+    "JSONFileError",
+    "UsageError",
+    "BadInput",
+    "MissingFile",
+    "MissingDependency",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -41,7 +49,7 @@ class JSONFileError(UsageError, ValueError):
 
 
 def atomic_write_bytes(path: PathLike, write: Callable[[Any], Any]) -> None:
-    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync it, then rename it over ``path``.
+    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync it, rename it over ``path``.
 
     Example:
         >>> import tempfile, pathlib
@@ -72,7 +80,9 @@ def atomic_write_bytes(path: PathLike, write: Callable[[Any], Any]) -> None:
 
 def write_json(obj: Any, path: PathLike) -> None:
     """Write ``obj`` as indented JSON, atomically (non-JSON values are written with ``str``)."""
-    atomic_write_bytes(Path(path), lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
+    atomic_write_bytes(
+        Path(path), lambda f: f.write(json.dumps(obj, indent=1, default=str).encode())
+    )
 
 
 def read_json(path: PathLike, what: str = "JSON file") -> Any:

@@ -1,4 +1,4 @@
-"""L2BN for Keras 3: :class:`L2BatchNormalization`, a drop-in for ``keras.layers.BatchNormalization``.
+"""L2BN for Keras 3: :class:`L2BatchNormalization`, in place of Keras's ``BatchNormalization``.
 
 Wang et al., "L2BN: Enhancing Batch Normalization by Equalizing the L2 Norms of Features",
 arXiv:2207.02625. Each sample is scaled to unit l2 norm over **all** its non-batch axes, then
@@ -166,7 +166,10 @@ if _IMPORT_ERROR is None:
             # the number of training steps, for the bias-corrected moving averages (last
             # variable, so files saved before it existed still load: load_own_variables)
             self.moving_count = self.add_weight(
-                shape=(), name="moving_count", initializer="zeros", trainable=False,
+                shape=(),
+                name="moving_count",
+                initializer="zeros",
+                trainable=False,
                 autocast=False,
             )
 

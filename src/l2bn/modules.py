@@ -59,9 +59,14 @@ def _check_args(name: str, num_features: Any, eps: Any, momentum: Any, l2_eps: A
         if val is None and arg == "momentum":
             continue
         if isinstance(val, bool) or not isinstance(val, numbers.Real):
-            raise TypeError(f"{name}: {arg} must be a float{' or None' if arg == 'momentum' else ''}, got {type(val).__name__}")
+            raise TypeError(
+                f"{name}: {arg} must be a float{' or None' if arg == 'momentum' else ''}, got "
+                f"{type(val).__name__}"
+            )
     if not l2_eps > 0:
-        raise ValueError(f"{name}: l2_eps must be positive (the lower bound of a sample's norm), got {l2_eps}")
+        raise ValueError(
+            f"{name}: l2_eps must be positive (the lower bound of a sample's norm), got {l2_eps}"
+        )
 
 
 # Symbolic tracing (torch.fx, torchvision's feature extraction) records these as calls
@@ -93,7 +98,14 @@ class _L2NormBase(_NormBase):
         _check_args(type(self).__name__, num_features, eps, momentum, l2_eps)
         kw = {"bias": bias} if _NORMBASE_HAS_BIAS else {}
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **kw
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype,
+            **kw,
         )
         if affine and not bias and not _NORMBASE_HAS_BIAS:
             self.register_parameter("bias", None)
@@ -138,8 +150,13 @@ class _L2NormBase(_NormBase):
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
         running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
-        if traced_warmup:  # the kernel updates zero copies (m * batch); corrected values go to the buffers
-            running_mean, running_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
+        if (
+            traced_warmup
+        ):  # the kernel updates zero copies (m * batch); corrected values go to the buffers
+            running_mean, running_var = (
+                torch.zeros_like(running_mean),
+                torch.zeros_like(running_var),
+            )
         out = l2_batch_norm(
             input,
             running_mean,
@@ -234,16 +251,28 @@ class L2BatchNorm3d(_L2NormBase):
 
 
 L2BatchNorm1d.__doc__ = _DOC.format(
-    shape_words="2D or 3D", bn="BatchNorm1d", shape=":math:`(N, C)` or :math:`(N, C, L)`",
-    name="L2BatchNorm1d", c=16, example="20, 16, 50",
+    shape_words="2D or 3D",
+    bn="BatchNorm1d",
+    shape=":math:`(N, C)` or :math:`(N, C, L)`",
+    name="L2BatchNorm1d",
+    c=16,
+    example="20, 16, 50",
 )
 L2BatchNorm2d.__doc__ = _DOC.format(
-    shape_words="4D", bn="BatchNorm2d", shape=":math:`(N, C, H, W)`",
-    name="L2BatchNorm2d", c=16, example="20, 16, 8, 8",
+    shape_words="4D",
+    bn="BatchNorm2d",
+    shape=":math:`(N, C, H, W)`",
+    name="L2BatchNorm2d",
+    c=16,
+    example="20, 16, 8, 8",
 )
 L2BatchNorm3d.__doc__ = _DOC.format(
-    shape_words="5D", bn="BatchNorm3d", shape=":math:`(N, C, D, H, W)`",
-    name="L2BatchNorm3d", c=4, example="6, 4, 3, 5, 5",
+    shape_words="5D",
+    bn="BatchNorm3d",
+    shape=":math:`(N, C, D, H, W)`",
+    name="L2BatchNorm3d",
+    c=4,
+    example="6, 4, 3, 5, 5",
 )
 
 
@@ -253,4 +282,3 @@ def l2_layer_for_dim(dim: int) -> type:
         return {1: L2BatchNorm1d, 2: L2BatchNorm2d, 3: L2BatchNorm3d}[dim]
     except KeyError:
         raise ValueError(f"no L2BatchNorm{dim}d; expected dim 1, 2 or 3") from None
-

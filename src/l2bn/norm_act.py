@@ -19,8 +19,14 @@ __all__ = ["L2BatchNormAct2d", "SyncL2BatchNormAct"]
 class _NormActMixin:
     """BN forward followed by ``drop`` then ``act`` (timm's norm-act contract, same keys)."""
 
-    def __init__(self, num_features: int, *args: Any, drop: Optional[nn.Module] = None,
-                 act: Optional[nn.Module] = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        *args: Any,
+        drop: Optional[nn.Module] = None,
+        act: Optional[nn.Module] = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(num_features, *args, **kwargs)  # type: ignore[call-arg]
         self.drop = drop if drop is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()

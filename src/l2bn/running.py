@@ -12,7 +12,8 @@ and :math:`O(1/D)` — not BN's :math:`O(1)`. Three things here follow from that
   :math:`m / (1 - (1 - m)^k)`, so the running statistics are the exponentially weighted mean of
   the batches seen so far, normalised by the weights' sum. Step 1 copies the first batch's
   statistics; from step :math:`36.7 / -\\ln(1 - m)` on (356 for ``momentum = 0.1``) the
-  factor equals ``momentum`` exactly in float64, and the layer updates exactly as BN does. ``momentum=None`` keeps BN's cumulative average.
+  factor equals ``momentum`` exactly in float64, and the layer updates exactly as BN does.
+  ``momentum=None`` keeps BN's cumulative average.
 * :func:`check_eps_share` — warns once per layer (at its first training step) when BN's
   ``eps`` dominates the variance of the l2-normalized input (:class:`EpsDominanceWarning`).
 * :func:`update_bn` — :func:`torch.optim.swa_utils.update_bn` for BN *and* L2BN layers.

@@ -76,8 +76,16 @@ class SyncL2BatchNorm(_L2NormBase):
         l2_eps: float = 1e-12,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            bias=bias, unit_rms=unit_rms, l2_eps=l2_eps,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            unit_rms=unit_rms,
+            l2_eps=l2_eps,
         )
         self.process_group = process_group
 

@@ -52,11 +52,19 @@ def measure_norm_layers(model: nn.Module, x: Tensor) -> List[Dict[str, Any]]:
             if hasattr(mod, "unit_rms"):  # an L2BN layer: its own l2 step first
                 u = l2_normalize_samples(inp, l2_eps=mod.l2_eps, unit_rms=mod.unit_rms)
             var = u.transpose(0, 1).flatten(1).var(dim=1, unbiased=False)
-            rows.append({
-                "layer": name, "type": type(mod).__name__, "C": int(inp.shape[1]), "D": int(inp[0].numel()),
-                "in_std": float(inp.std()), "var_c": float(var.mean()),
-                "eps_share": float((mod.eps / (var + mod.eps)).mean()), "out_std": float(out.detach().float().std()),
-            })
+            rows.append(
+                {
+                    "layer": name,
+                    "type": type(mod).__name__,
+                    "C": int(inp.shape[1]),
+                    "D": int(inp[0].numel()),
+                    "in_std": float(inp.std()),
+                    "var_c": float(var.mean()),
+                    "eps_share": float((mod.eps / (var + mod.eps)).mean()),
+                    "out_std": float(out.detach().float().std()),
+                }
+            )
+
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in norm_layers(model)]
@@ -97,20 +105,33 @@ def _spread(rows: List[Dict[str, Any]], key: str) -> Tuple[float, float, float]:
     return statistics.median(vals), min(vals), max(vals)
 
 
-def eps_trap_report(models: Sequence[str] = tuple(REFERENCE), norms: Sequence[str] = ("bn", "l2bn", "l2bn-rms"),
-                    batch: int = 8, frames: int = 400, per_layer: bool = False) -> str:
+def eps_trap_report(
+    models: Sequence[str] = tuple(REFERENCE),
+    norms: Sequence[str] = ("bn", "l2bn", "l2bn-rms"),
+    batch: int = 8,
+    frames: int = 400,
+    per_layer: bool = False,
+) -> str:
     """Markdown: the networks' parameter counts against the Keras reference, then the ε share
     and output spread of their switchable norm layers (all but ``final_bn``) per model and norm,
     at initialisation, on ``batch`` synthetic scenes of ``frames`` frames."""
     lines = ["| model | trainable (ours / Keras) | running stats (ours / Keras) |", "|---|---|---|"]
     for name in models:
         tr, nt = param_counts(create_model(name, 10, 3, "l2bn"))
-        lines.append(f"| {name} | {tr:,} / {REFERENCE[name][0]:,} | {nt:,} / {REFERENCE[name][1]:,} |")
+        lines.append(
+            f"| {name} | {tr:,} / {REFERENCE[name][0]:,} | {nt:,} / {REFERENCE[name][1]:,} |"
+        )
     x = synthetic_scenes(batch, frames)
-    lines += ["", f"eps trap: {batch} synthetic 10-s scenes through the front-end, T = {frames}, training-mode "
-              f"batch statistics, at initialisation; the switchable norm layers (all but final_bn)", "",
-              "| model | norm | layers | D (min-max) | var_c median | eps share: median (min-max) | "
-              "out std: median (min-max) |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"eps trap: {batch} synthetic 10-s scenes through the front-end, T = {frames}, "
+        f"training-mode "
+        f"batch statistics, at initialisation; the switchable norm layers (all but final_bn)",
+        "",
+        "| model | norm | layers | D (min-max) | var_c median | eps share: median (min-max) | "
+        "out std: median (min-max) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     details: List[str] = []
     for name in models:
         for norm in norms:
@@ -119,11 +140,23 @@ def eps_trap_report(models: Sequence[str] = tuple(REFERENCE), norms: Sequence[st
             final = next(n for n, m in net.named_modules() if m is net.final_bn)
             rows = [r for r in measure_norm_layers(net, x) if r["layer"] != final]
             d, e, o = _spread(rows, "D"), _spread(rows, "eps_share"), _spread(rows, "out_std")
-            lines.append(f"| {name} | {norm} | {len(rows)} | {d[1]:,}-{d[2]:,} | {_spread(rows, 'var_c')[0]:.2e} | "
-                         f"{e[0]:.3f} ({e[1]:.3f}-{e[2]:.3f}) | {o[0]:.3f} ({o[1]:.3f}-{o[2]:.3f}) |")
+            lines.append(
+                f"| {name} | {norm} | {len(rows)} | {d[1]:,}-{d[2]:,} | "
+                f"{_spread(rows, 'var_c')[0]:.2e} | "
+                f"{e[0]:.3f} ({e[1]:.3f}-{e[2]:.3f}) | {o[0]:.3f} ({o[1]:.3f}-{o[2]:.3f}) |"
+            )
             if per_layer:
-                details += ["", f"{name} / {norm}", "", "| layer | C | D | var_c | eps share | in std | out std |",
-                            "|---|---|---|---|---|---|---|"]
-                details += [f"| {r['layer']} | {r['C']} | {r['D']:,} | {r['var_c']:.2e} | {r['eps_share']:.3f} | "
-                            f"{r['in_std']:.3g} | {r['out_std']:.3f} |" for r in rows]
+                details += [
+                    "",
+                    f"{name} / {norm}",
+                    "",
+                    "| layer | C | D | var_c | eps share | in std | out std |",
+                    "|---|---|---|---|---|---|---|",
+                ]
+                details += [
+                    f"| {r['layer']} | {r['C']} | {r['D']:,} | {r['var_c']:.2e} | "
+                    f"{r['eps_share']:.3f} | "
+                    f"{r['in_std']:.3g} | {r['out_std']:.3f} |"
+                    for r in rows
+                ]
     return "\n".join(lines + details)

@@ -9,7 +9,8 @@ Given features :math:`f_i` with labels :math:`y_i` and class centroids
 * **inter-class discrepancy** = the mean and the minimum over class pairs of the angle
   :math:`\\angle(\\mu_a, \\mu_b)` in degrees (90 = orthogonal class means).
 * **Fisher ratio** = :math:`\\mathrm{tr}(S_b) / \\mathrm{tr}(S_w)` with
-  :math:`S_b = \\sum_c n_c (\\mu_c - \\mu)(\\mu_c - \\mu)^T`, :math:`S_w = \\sum_i (f_i - \\mu_{y_i})(f_i - \\mu_{y_i})^T`.
+  :math:`S_b = \\sum_c n_c (\\mu_c - \\mu)(\\mu_c - \\mu)^T`, :math:`S_w = \\sum_i (f_i -
+  \\mu_{y_i})(f_i - \\mu_{y_i})^T`.
 * **k-NN accuracy**: 5-fold cross-validated accuracy (%) of a k-nearest-neighbour classifier
   (cosine distance, scikit-learn) on the features.
 """
@@ -43,7 +44,10 @@ def compactness(features: Tensor, labels: Tensor) -> Dict[str, float]:
     classes, cents = _centroids(f, y)
     idx = torch.searchsorted(classes, y)
     cos = F.cosine_similarity(f, cents[idx], dim=1, eps=1e-12).clamp(-1, 1)
-    return {"compactness": float(cos.mean()), "intra_class_angle_deg": float(torch.rad2deg(torch.arccos(cos)).mean())}
+    return {
+        "compactness": float(cos.mean()),
+        "intra_class_angle_deg": float(torch.rad2deg(torch.arccos(cos)).mean()),
+    }
 
 
 def discrepancy(features: Tensor, labels: Tensor) -> Dict[str, float]:
@@ -76,7 +80,9 @@ def fisher_ratio(features: Tensor, labels: Tensor) -> float:
     return sb / sw if sw > 0 else math.inf
 
 
-def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5, folds: int = 5, seed: int = 0) -> float:
+def knn_accuracy(
+    features: Tensor, labels: Tensor, k: int = 5, folds: int = 5, seed: int = 0
+) -> float:
     """Cross-validated k-NN accuracy (%) with cosine distance (scikit-learn)."""
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.neighbors import KNeighborsClassifier

@@ -58,13 +58,15 @@ class _Stream:
     def summary(self) -> Dict[str, object]:
         std = math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else 0.0
         return {
-            "count": self.n, "mean": self.mean, "std": std,
+            "count": self.n,
+            "mean": self.mean,
+            "std": std,
             "cv": std / self.mean if self.mean > 0 else float("nan"),
-            "min": self.min, "max": self.max,
+            "min": self.min,
+            "max": self.max,
             "max_min_ratio": self.max / self.min if self.min > 0 else float("inf"),
             **self._histogram(),
         }
-
 
     def _histogram(self) -> Dict[str, object]:
         """``HIST_BINS`` bins over the data's log10 range widened by 5 % on each side (at least
@@ -110,6 +112,7 @@ class NormInputProbe:
         def fn(mod: nn.Module, args: tuple) -> None:
             x = args[0]
             self.stats[name].update(torch.linalg.vector_norm(x.detach().float().flatten(1), dim=1))
+
         return fn
 
     def __exit__(self, *exc: object) -> None:
@@ -124,12 +127,17 @@ class NormInputProbe:
 class FeatureProbe:
     """Capture the input of ``layer`` (default: the model's last ``nn.Linear``) for each batch."""
 
-    def __init__(self, model: nn.Module, layer: Optional[str] = None, max_items: int = 100_000) -> None:
+    def __init__(
+        self, model: nn.Module, layer: Optional[str] = None, max_items: int = 100_000
+    ) -> None:
         mods = dict(model.named_modules())
         if layer is None:
             linears = [n for n, m in mods.items() if isinstance(m, nn.Linear)]
             if not linears:
-                raise BadInput("no nn.Linear classifier found; pass layer= the name of the layer whose input to capture")
+                raise BadInput(
+                    "no nn.Linear classifier found; pass layer= the name of the layer whose input "
+                    "to capture"
+                )
             layer = linears[-1]
         if layer not in mods:
             raise BadInput(f"no layer named {layer!r} in the model")
@@ -144,6 +152,7 @@ class FeatureProbe:
                 f = args[0].detach().float().flatten(1).cpu()
                 self.feats.append(f[: self.max_items - self._n])
                 self._n += len(self.feats[-1])
+
         self._handle = self.module.register_forward_pre_hook(fn)
         return self
 

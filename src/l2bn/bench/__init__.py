@@ -55,10 +55,30 @@ from .tables import format_bandwidth, format_models, format_table
 from .timing import interleaved_samples, quantile, ratio_summary, saved_bytes, summarize, time_call
 
 __all__ = [
-    "run", "bench_layers", "bench_model", "format_table", "format_bandwidth", "format_models", "make_layer",
-    "Naive", "Row", "Shape", "SHAPES", "GPU_SHAPES", "VARIANTS", "DTYPES", "TRAFFIC_PASSES",
-    "BANDWIDTH_MIN_BYTES", "interleaved_samples", "quantile", "ratio_summary", "saved_bytes", "summarize",
-    "time_call", "_Case", "_finish",
+    "run",
+    "bench_layers",
+    "bench_model",
+    "format_table",
+    "format_bandwidth",
+    "format_models",
+    "make_layer",
+    "Naive",
+    "Row",
+    "Shape",
+    "SHAPES",
+    "GPU_SHAPES",
+    "VARIANTS",
+    "DTYPES",
+    "TRAFFIC_PASSES",
+    "BANDWIDTH_MIN_BYTES",
+    "interleaved_samples",
+    "quantile",
+    "ratio_summary",
+    "saved_bytes",
+    "summarize",
+    "time_call",
+    "_Case",
+    "_finish",
 ]
 
 
@@ -79,10 +99,19 @@ def _backend_env(backend: Optional[str]) -> Iterator[None]:
 
 
 def run(
-    device: str = "cpu", threads: Optional[int] = None, reps: int = 20, compile: bool = True,
-    resnet: bool = True, json_path: Optional[str] = None, quick: bool = False, rounds: Optional[int] = None,
-    dtype: str = "float32", shapes: Optional[List[Shape]] = None, channels_last: bool = False,
-    bandwidth: Optional[bool] = None, backend: Optional[str] = None,
+    device: str = "cpu",
+    threads: Optional[int] = None,
+    reps: int = 20,
+    compile: bool = True,
+    resnet: bool = True,
+    json_path: Optional[str] = None,
+    quick: bool = False,
+    rounds: Optional[int] = None,
+    dtype: str = "float32",
+    shapes: Optional[List[Shape]] = None,
+    channels_last: bool = False,
+    bandwidth: Optional[bool] = None,
+    backend: Optional[str] = None,
 ) -> str:
     """Run the benchmarks and return the markdown report (also written as JSON if asked).
 
@@ -104,37 +133,91 @@ def run(
     shapes = shapes[:1] + shapes[-1:] if quick else shapes
     say = lambda s: print(f"  ... {s}", flush=True)  # noqa: E731
     with _backend_env(backend):
-        rows = bench_layers(device, DTYPES[dtype], reps=reps, compile=compile, shapes=shapes, progress=say,
-                            rounds=rounds, channels_last=channels_last, bandwidth=bandwidth)
-        dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+        rows = bench_layers(
+            device,
+            DTYPES[dtype],
+            reps=reps,
+            compile=compile,
+            shapes=shapes,
+            progress=say,
+            rounds=rounds,
+            channels_last=channels_last,
+            bandwidth=bandwidth,
+        )
+        dev_name = (
+            torch.cuda.get_device_name(dev)
+            if dev.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads"
+        )
         layout = ", channels_last" if channels_last else ""
         l2_backend = backend or os.environ.get("L2BN_BACKEND") or "auto"
         title = f"{dev_name}, {dtype}{layout}, torch {torch.__version__}, L2BN backend {l2_backend}"
-        out = [format_table(rows, title), "",
-               f"Ratios: median (25th-75th percentile) of {rounds} per-round ratios; each round times all "
-               f"variants interleaved, {reps} reps, per-round median. fwd+bwd = one training forward and "
-               "backward of the layer; eval = one inference forward."]
+        out = [
+            format_table(rows, title),
+            "",
+            f"Ratios: median (25th-75th percentile) of {rounds} per-round ratios; each round "
+            f"times all "
+            f"variants interleaved, {reps} reps, per-round median. fwd+bwd = one training forward "
+            f"and "
+            "backward of the layer; eval = one inference forward.",
+        ]
         result: Dict[str, object] = {
-            "device": dev_name, "torch": torch.__version__, "dtype": dtype, "channels_last": channels_last,
-            "backend": l2_backend, "rounds": rounds, "reps": reps, "traffic_passes": TRAFFIC_PASSES,
+            "device": dev_name,
+            "torch": torch.__version__,
+            "dtype": dtype,
+            "channels_last": channels_last,
+            "backend": l2_backend,
+            "rounds": rounds,
+            "reps": reps,
+            "traffic_passes": TRAFFIC_PASSES,
             "rows": [asdict(r) for r in rows],
         }
         bw = format_bandwidth(rows)
         if bw:
-            out += ["", f"#### Achieved bandwidth, fwd+bwd ({TRAFFIC_PASSES} passes over the tensor, BN's minimum "
-                    "traffic) vs y.copy_(x) (2 passes)", "", bw, "",
-                    "Target: L2BN/copy >= 0.80 (L2BN fwd+bwd at 80% of device-to-device copy bandwidth)."]
+            out += [
+                "",
+                f"#### Achieved bandwidth, fwd+bwd ({TRAFFIC_PASSES} passes over the tensor, BN's "
+                f"minimum "
+                "traffic) vs y.copy_(x) (2 passes)",
+                "",
+                bw,
+                "",
+                "Target: L2BN/copy >= 0.80 (L2BN fwd+bwd at 80% of device-to-device copy "
+                "bandwidth).",
+            ]
         if resnet:
             batch, m_reps, warm = (16, 1, 1) if quick else (128, max(2, reps // 10), 2)
-            r56 = bench_model("resnet56", 3, 32, batch, m_reps, rounds, device, warmup=warm, progress=say)
-            r8 = bench_model("resnet8", 1, 28, batch, m_reps, rounds, device, infer=True, warmup=warm, progress=say)
+            r56 = bench_model(
+                "resnet56", 3, 32, batch, m_reps, rounds, device, warmup=warm, progress=say
+            )
+            r8 = bench_model(
+                "resnet8",
+                1,
+                28,
+                batch,
+                m_reps,
+                rounds,
+                device,
+                infer=True,
+                warmup=warm,
+                progress=say,
+            )
             result["resnet56_step"] = r56["train"]
             result["resnet8"] = r8
-            out += ["", format_models([("ResNet-56 training step, 3x32x32", batch, r56["train"]),
-                                       ("ResNet-8 training step, 1x28x28", batch, r8["train"]),
-                                       ("ResNet-8 inference (eval, no_grad), 1x28x28", batch, r8["eval"])]),
-                    "", f"Model rows (float32): {rounds} rounds of {m_reps} interleaved step(s) per norm; training step = "
-                    "forward, cross-entropy, backward, SGD update."]
+            out += [
+                "",
+                format_models(
+                    [
+                        ("ResNet-56 training step, 3x32x32", batch, r56["train"]),
+                        ("ResNet-8 training step, 1x28x28", batch, r8["train"]),
+                        ("ResNet-8 inference (eval, no_grad), 1x28x28", batch, r8["eval"]),
+                    ]
+                ),
+                "",
+                f"Model rows (float32): {rounds} rounds of {m_reps} interleaved step(s) per norm; "
+                f"training step = "
+                "forward, cross-entropy, backward, SGD update.",
+            ]
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)

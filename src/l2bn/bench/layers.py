@@ -78,7 +78,9 @@ def _bn_cls(ndim: int) -> type:
     return {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[ndim]
 
 
-def make_layer(variant: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> nn.Module:
+def make_layer(
+    variant: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype
+) -> nn.Module:
     """``variant`` (``"bn"``, ``"naive"`` or ``"l2bn"``) for inputs of ``shape``."""
     c, ndim = shape[1], len(shape)
     if variant == "bn":
@@ -120,8 +122,15 @@ class _Case:
     number: Dict[str, int] = field(default_factory=dict)
 
 
-def _setup(name: str, shape: Tuple[int, ...], dev: torch.device, dtype: torch.dtype, compile: bool,
-           channels_last: bool, bandwidth: bool) -> _Case:
+def _setup(
+    name: str,
+    shape: Tuple[int, ...],
+    dev: torch.device,
+    dtype: torch.dtype,
+    compile: bool,
+    channels_last: bool,
+    bandwidth: bool,
+) -> _Case:
     fmt = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
     x = torch.randn(shape, device=dev).to(dtype).contiguous(memory_format=fmt)
     g = torch.randn_like(x)
@@ -138,12 +147,14 @@ def _setup(name: str, shape: Tuple[int, ...], dev: torch.device, dtype: torch.dt
         def f() -> None:
             xg.grad = None
             m(xg).backward(g)
+
         return f
 
     def eval_fn(m: nn.Module) -> Callable[[], None]:
         def f() -> None:
             with torch.no_grad():
                 m(x)
+
         return f
 
     train = {k: train_fn(m) for k, m in variants.items()}
@@ -198,10 +209,15 @@ def _finish(case: _Case) -> Row:
 
 
 def bench_layers(
-    device: str = "cpu", dtype: torch.dtype = torch.float32, reps: int = 20,
-    compile: bool = True, shapes: Optional[List[Shape]] = None,
-    progress: Callable[[str], None] = lambda s: None, rounds: int = 5,
-    channels_last: bool = False, bandwidth: Optional[bool] = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    reps: int = 20,
+    compile: bool = True,
+    shapes: Optional[List[Shape]] = None,
+    progress: Callable[[str], None] = lambda s: None,
+    rounds: int = 5,
+    channels_last: bool = False,
+    bandwidth: Optional[bool] = None,
 ) -> List[Row]:
     """Time every shape in ``rounds`` rounds of ``reps`` interleaved repetitions (module doc).
 

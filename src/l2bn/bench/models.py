@@ -13,8 +13,16 @@ from .timing import interleaved_samples, quantile, ratio_summary
 
 
 def bench_model(
-    model_name: str, in_channels: int, size: int, batch: int, reps: int, rounds: int, device: str = "cpu",
-    infer: bool = False, warmup: int = 2, progress: Callable[[str], None] = lambda s: None,
+    model_name: str,
+    in_channels: int,
+    size: int,
+    batch: int,
+    reps: int,
+    rounds: int,
+    device: str = "cpu",
+    infer: bool = False,
+    warmup: int = 2,
+    progress: Callable[[str], None] = lambda s: None,
 ) -> Dict[str, Dict[str, object]]:
     """BN vs L2BN in a whole model: an SGD training step (forward, cross-entropy, backward,
     update) and, with ``infer``, an eval-mode ``no_grad`` forward; interleaved, per-round ratios.
@@ -28,7 +36,9 @@ def bench_model(
     x = torch.randn(batch, in_channels, size, size, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
     models: Dict[str, nn.Module] = {}
-    phases: Dict[str, Dict[str, Callable[[], None]]] = {"train": {}, "eval": {}} if infer else {"train": {}}
+    phases: Dict[str, Dict[str, Callable[[], None]]] = (
+        {"train": {}, "eval": {}} if infer else {"train": {}}
+    )
     for norm in ("bn", "l2bn"):
         torch.manual_seed(0)
         model = models[norm] = create_model(model_name, 10, in_channels, norm).to(dev)
@@ -57,6 +67,13 @@ def bench_model(
     out: Dict[str, Dict[str, object]] = {}
     for phase, t in per_round.items():
         s = ratio_summary(t["l2bn"], t["bn"])
-        out[phase] = {"bn_s": quantile(t["bn"], 0.5), "l2bn_s": quantile(t["l2bn"], 0.5), "ratio": s["median"],
-                      "ratio_median": s["median"], "ratio_q25": s["q25"], "ratio_q75": s["q75"], "rounds_s": t}
+        out[phase] = {
+            "bn_s": quantile(t["bn"], 0.5),
+            "l2bn_s": quantile(t["l2bn"], 0.5),
+            "ratio": s["median"],
+            "ratio_median": s["median"],
+            "ratio_q25": s["q25"],
+            "ratio_q75": s["q75"],
+            "rounds_s": t,
+        }
     return out

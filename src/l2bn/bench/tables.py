@@ -1,4 +1,4 @@
-"""Markdown tables of the benchmark results: the layer table, the bandwidth table, the model rows."""
+"""Markdown tables of the benchmark results: layers, bandwidth, model rows."""
 
 from __future__ import annotations
 
@@ -31,11 +31,16 @@ def format_table(rows: List[Row], title: str) -> str:
     head += ["BN eval ms"] + [c[2] for c in cols[-2:]] + ["saved L2BN/BN", "saved naive/BN"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{r.name} {'x'.join(map(str, r.shape))}", f"{r.train_ms['bn']:.2f}"] + [_cell(r, *c[:2]) for c in cols[:2]]
+        cells = [f"{r.name} {'x'.join(map(str, r.shape))}", f"{r.train_ms['bn']:.2f}"] + [
+            _cell(r, *c[:2]) for c in cols[:2]
+        ]
         if has_c:
             cells += [f"{r.train_ms['bn+compile']:.2f}"] + [_cell(r, *c[:2]) for c in cols[2:4]]
         cells += [f"{r.eval_ms['bn']:.3f}"] + [_cell(r, *c[:2]) for c in cols[-2:]]
-        cells += [f"{r.saved['l2bn'] / r.saved['bn']:.2f}", f"{r.saved['naive'] / r.saved['bn']:.2f}"]
+        cells += [
+            f"{r.saved['l2bn'] / r.saved['bn']:.2f}",
+            f"{r.saved['naive'] / r.saved['bn']:.2f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
 
     def gm(phase: str, key: str) -> str:
@@ -45,7 +50,9 @@ def format_table(rows: List[Row], title: str) -> str:
     if has_c:
         foot += [""] + [gm(*c[:2]) for c in cols[2:4]]
     foot += [""] + [gm(*c[:2]) for c in cols[-2:]]
-    foot += [f"**{_gmean([r.saved[v] / r.saved['bn'] for r in rows]):.3f}**" for v in ("l2bn", "naive")]
+    foot += [
+        f"**{_gmean([r.saved[v] / r.saved['bn'] for r in rows]):.3f}**" for v in ("l2bn", "naive")
+    ]
     lines.append("| " + " | ".join(foot) + " |")
     return "\n".join(lines)
 
@@ -56,20 +63,28 @@ def format_bandwidth(rows: List[Row]) -> str:
     if not rows:
         return ""
     lines = [
-        "| shape | MB | copy GB/s | BN GB/s | L2BN GB/s | BN/copy | L2BN/copy |", "|" + "---|" * 7,
+        "| shape | MB | copy GB/s | BN GB/s | L2BN GB/s | BN/copy | L2BN/copy |",
+        "|" + "---|" * 7,
     ]
     for r in rows:
         lines.append(
-            f"| {r.name} {'x'.join(map(str, r.shape))} | {r.nbytes / 1e6:.0f} | {r.gbps['copy']:.0f} | {r.gbps['bn']:.0f} | "
-            f"{r.gbps['l2bn']:.0f} | {_cell(r, 'bandwidth', 'bn')} | {_cell(r, 'bandwidth', 'l2bn')} |"
+            f"| {r.name} {'x'.join(map(str, r.shape))} | {r.nbytes / 1e6:.0f} | "
+            f"{r.gbps['copy']:.0f} | {r.gbps['bn']:.0f} | "
+            f"{r.gbps['l2bn']:.0f} | {_cell(r, 'bandwidth', 'bn')} | "
+            f"{_cell(r, 'bandwidth', 'l2bn')} |"
         )
     return "\n".join(lines)
 
 
 def format_models(results: List[Tuple[str, int, Dict[str, object]]]) -> str:
     """Rows ``(label, batch, phase result)`` as a markdown table."""
-    lines = ["| model | batch | BN ms | L2BN ms | L2BN/BN (25th-75th pct) |", "|---|---|---|---|---|"]
+    lines = [
+        "| model | batch | BN ms | L2BN ms | L2BN/BN (25th-75th pct) |",
+        "|---|---|---|---|---|",
+    ]
     for label, batch, r in results:
-        lines.append(f"| {label} | {batch} | {r['bn_s'] * 1e3:.1f} | {r['l2bn_s'] * 1e3:.1f} | "  # type: ignore[operator]
-                     f"**{r['ratio_median']:.3f}** ({r['ratio_q25']:.3f}-{r['ratio_q75']:.3f}) |")
+        lines.append(
+            f"| {label} | {batch} | {r['bn_s'] * 1e3:.1f} | {r['l2bn_s'] * 1e3:.1f} | "  # type: ignore[operator]
+            f"**{r['ratio_median']:.3f}** ({r['ratio_q25']:.3f}-{r['ratio_q75']:.3f}) |"
+        )
     return "\n".join(lines)

@@ -83,7 +83,11 @@ def _pick_number(fn: Callable[[], None], device: torch.device) -> int:
 
 
 def interleaved_samples(
-    fns: Dict[str, Callable[[], None]], device: torch.device, reps: int, number: int = 1, warmup: int = 0,
+    fns: Dict[str, Callable[[], None]],
+    device: torch.device,
+    reps: int,
+    number: int = 1,
+    warmup: int = 0,
 ) -> Dict[str, List[float]]:
     """Seconds per call of each function, ``reps`` samples each, interleaved across functions."""
     for fn in fns.values():

@@ -15,4 +15,11 @@ from .registry import (
     register_dataset,
 )
 
-__all__ = ["DATASETS", "DataBundle", "DataNotFoundError", "list_datasets", "load_dataset", "register_dataset"]
+__all__ = [
+    "DATASETS",
+    "DataBundle",
+    "DataNotFoundError",
+    "list_datasets",
+    "load_dataset",
+    "register_dataset",
+]

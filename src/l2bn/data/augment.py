@@ -39,8 +39,8 @@ def random_crop(x: Tensor, pad: int, generator: Optional[torch.Generator]) -> Te
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device="cpu").to(x.device)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device="cpu").to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])  # (n, h)
-    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])  # (n, w)
+    rows = dy[:, None] + torch.arange(h, device=x.device)[None, :]  # (n, h)
+    cols = dx[:, None] + torch.arange(w, device=x.device)[None, :]  # (n, w)
     idx_n = torch.arange(n, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
     return out.permute(0, 3, 1, 2).contiguous()
@@ -58,7 +58,7 @@ def random_time_crop(x: Tensor, frames: int, generator: Optional[torch.Generator
     if frames >= t:
         return x
     start = int(torch.randint(0, t - frames + 1, (1,), generator=generator))
-    return x[..., start:start + frames]
+    return x[..., start : start + frames]
 
 
 def _draw(generator: Optional[torch.Generator], *shape: int) -> Tensor:
@@ -66,8 +66,13 @@ def _draw(generator: Optional[torch.Generator], *shape: int) -> Tensor:
     return torch.rand(shape, generator=generator, device="cpu", dtype=torch.float64)
 
 
-def spec_augment(x: Tensor, freq_mask_max: int, time_mask_max: int, generator: Optional[torch.Generator],
-                 value: float = 0.0) -> Tensor:
+def spec_augment(
+    x: Tensor,
+    freq_mask_max: int,
+    time_mask_max: int,
+    generator: Optional[torch.Generator],
+    value: float = 0.0,
+) -> Tensor:
     """SpecAugment as in Hu et al.'s DCASE 2020 generator (``funcs.frequency_masking`` /
     ``time_masking``, one mask each), for every sample **and every channel** independently.
 
@@ -87,8 +92,10 @@ def spec_augment(x: Tensor, freq_mask_max: int, time_mask_max: int, generator: O
         raise ValueError(f"spec_augment expects (N, C, freq, time), got shape {tuple(x.shape)}")
     n, c, nf, nt = x.shape
     if not (0 <= freq_mask_max < nf and 0 <= time_mask_max < nt):
-        raise ValueError(f"mask widths must be in [0, {nf - 1}] bins and [0, {nt - 1}] frames, "
-                         f"got {freq_mask_max} and {time_mask_max}")
+        raise ValueError(
+            f"mask widths must be in [0, {nf - 1}] bins and [0, {nt - 1}] frames, "
+            f"got {freq_mask_max} and {time_mask_max}"
+        )
     f = (_draw(generator, n, c) * (freq_mask_max + 1)).floor().long()
     f0 = (_draw(generator, n, c) * (nf - f)).floor().long()
     t = (_draw(generator, n, c) * (time_mask_max + 1)).floor().long()
@@ -101,8 +108,9 @@ def spec_augment(x: Tensor, freq_mask_max: int, time_mask_max: int, generator: O
     return x.masked_fill(fmask[..., None] | tmask[:, :, None, :], value)
 
 
-def per_sample_time_crop(x: Tensor, frames: int, generator: Optional[torch.Generator],
-                         include_last_offset: bool = False) -> Tensor:
+def per_sample_time_crop(
+    x: Tensor, frames: int, generator: Optional[torch.Generator], include_last_offset: bool = False
+) -> Tensor:
     """An independent random window of ``frames`` along the last (time) axis for every sample.
 
     Start offsets follow Hu et al.'s ``np.random.randint(0, T - frames)``: uniform on
@@ -129,8 +137,14 @@ def _beta(alpha: float, n: int, generator: Optional[torch.Generator]) -> Tensor:
     return torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, n))
 
 
-def mixup_pairs(x: Tensor, y: Tensor, alpha: float, generator: Optional[torch.Generator],
-                x2: Optional[Tensor] = None, y2: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def mixup_pairs(
+    x: Tensor,
+    y: Tensor,
+    alpha: float,
+    generator: Optional[torch.Generator],
+    x2: Optional[Tensor] = None,
+    y2: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Mixup as in Hu et al.'s generator: partners come from a *second set of clips* and every
     sample has its own ``lambda ~ Beta(alpha, alpha)``.
 
@@ -149,28 +163,40 @@ def mixup_pairs(x: Tensor, y: Tensor, alpha: float, generator: Optional[torch.Ge
         raise ValueError("give both x2 and y2, or neither")
     if x2 is None:
         if x.shape[0] % 2:
-            raise ValueError(f"mixup_pairs without partners needs an even number of clips (2 x batch), got {x.shape[0]}")
+            raise ValueError(
+                f"mixup_pairs without partners needs an even number of clips (2 x batch), got "
+                f"{x.shape[0]}"
+            )
         b = x.shape[0] // 2
         x, x2, y, y2 = x[:b], x[b:], y[:b], y[b:]
     if x2.shape != x.shape or y2.shape != y.shape:
-        raise ValueError(f"partner shapes {tuple(x2.shape)}/{tuple(y2.shape)} differ from {tuple(x.shape)}/{tuple(y.shape)}")
+        raise ValueError(
+            f"partner shapes {tuple(x2.shape)}/{tuple(y2.shape)} differ from "
+            f"{tuple(x.shape)}/{tuple(y.shape)}"
+        )
     if alpha <= 0:
         raise ValueError(f"mixup alpha must be > 0, got {alpha}")
-    lam = _beta(alpha, x.shape[0], generator).to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
+    lam = _beta(alpha, x.shape[0], generator).to(
+        device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32
+    )
     lb = lam.view(-1, *([1] * (x.dim() - 1)))
     return lb * x + (1 - lb) * x2, y, y2, lam
 
 
-def mixup_cross_entropy(logits: Tensor, y1: Tensor, y2: Tensor, lam: Tensor, label_smoothing: float = 0.0) -> Tensor:
+def mixup_cross_entropy(
+    logits: Tensor, y1: Tensor, y2: Tensor, lam: Tensor, label_smoothing: float = 0.0
+) -> Tensor:
     """``mean_i [lam_i CE(logits_i, y1_i) + (1 - lam_i) CE(logits_i, y2_i)]`` -- equal to the
     cross-entropy against the soft targets ``lam * onehot(y1) + (1 - lam) * onehot(y2)`` that the
     Keras recipe trains on (Keras also clips probabilities to [1e-7, 1 - 1e-7]; not done here).
 
     Example:
-        >>> logits, y1, y2 = torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.tensor([1, 1, 0, 2])
+        >>> logits = torch.randn(4, 3)
+        >>> y1, y2 = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 1, 0, 2])
         >>> lam = torch.tensor([0.2, 0.5, 1.0, 0.0])
         >>> soft = lam[:, None] * F.one_hot(y1, 3) + (1 - lam[:, None]) * F.one_hot(y2, 3)
-        >>> bool(torch.allclose(mixup_cross_entropy(logits, y1, y2, lam), F.cross_entropy(logits, soft)))
+        >>> loss = mixup_cross_entropy(logits, y1, y2, lam)
+        >>> bool(torch.allclose(loss, F.cross_entropy(logits, soft)))
         True
     """
     lam = lam.to(torch.float32)
@@ -179,7 +205,9 @@ def mixup_cross_entropy(logits: Tensor, y1: Tensor, y2: Tensor, lam: Tensor, lab
     return (lam * a + (1 - lam) * b).mean()
 
 
-def pair_batch_indices(n: int, batch_size: int, steps: int, generator: Optional[torch.Generator]) -> Tensor:
+def pair_batch_indices(
+    n: int, batch_size: int, steps: int, generator: Optional[torch.Generator]
+) -> Tensor:
     """``(steps, 2 * batch_size)`` clip indices for mixup with partners from a second set of clips.
 
     Consecutive shuffled passes over the ``n`` clips are concatenated and cut into groups of
@@ -211,7 +239,9 @@ def transform(name: str, x: Tensor) -> Tensor:
     raise BadInput(f"unknown input transform {name!r}; expected 'none' or 'deltas'")
 
 
-_NAMES = "'none', 'crop<P>[-flip]', 'tcrop<F>', 'tcrop<F>-each' or 'specaug<Fm>x<Tm>' (joined with '+')"
+_NAMES = (
+    "'none', 'crop<P>[-flip]', 'tcrop<F>', 'tcrop<F>-each' or 'specaug<Fm>x<Tm>' (joined with '+')"
+)
 
 
 def apply(name: str, x: Tensor, generator: Optional[torch.Generator]) -> Tensor:

@@ -19,7 +19,9 @@ def load_digits(data_dir: Optional[str] = None) -> DataBundle:
     try:
         from sklearn.datasets import load_digits as sk_digits
     except ImportError as e:  # pragma: no cover
-        raise MissingDependency("the 'digits' dataset needs scikit-learn: pip install 'l2bn[vision]'") from e
+        raise MissingDependency(
+            "the 'digits' dataset needs scikit-learn: pip install 'l2bn[vision]'"
+        ) from e
     d = sk_digits()
     x = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype("uint8")).unsqueeze(1)
     y = torch.from_numpy(d.target).long()
@@ -33,7 +35,16 @@ def load_digits(data_dir: Optional[str] = None) -> DataBundle:
     mask = torch.ones(len(y), dtype=torch.bool)
     mask[test] = False
     return DataBundle(
-        name="digits", num_classes=10, input_shape=(1, 8, 8),
-        train_x=x[mask], train_y=y[mask], test_x=x[test], test_y=y[test],
-        mean=(0.3,), std=(0.4,), augment="none", classes=[str(i) for i in range(10)], source="sklearn",
+        name="digits",
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        train_x=x[mask],
+        train_y=y[mask],
+        test_x=x[test],
+        test_y=y[test],
+        mean=(0.3,),
+        std=(0.4,),
+        augment="none",
+        classes=[str(i) for i in range(10)],
+        source="sklearn",
     )

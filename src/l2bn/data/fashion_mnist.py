@@ -26,7 +26,18 @@ FILES = {
     "test_x": "t10k-images-idx3-ubyte.gz",
     "test_y": "t10k-labels-idx1-ubyte.gz",
 }
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -53,7 +64,8 @@ def read_idx(path: Path, verify_data: bool = False) -> np.ndarray:
     body = data[4 + 4 * ndim :]
     if len(body) != expected:
         raise DataNotFoundError(
-            f"{path}: truncated or corrupt idx file: header says {dims} ({expected} bytes), found {len(body)} bytes"
+            f"{path}: truncated or corrupt idx file: header says {dims} ({expected} bytes), found "
+            f"{len(body)} bytes"
         )
     return np.frombuffer(body, dtype=dtype).reshape(dims)
 
@@ -112,7 +124,9 @@ def _try_download(dirs: List[Path]) -> Tuple[Optional[Path], str]:
 
 
 @register_dataset("fashion-mnist")
-def load_fashion_mnist(data_dir: Optional[str] = None, download: bool = True, verify_data: bool = True) -> DataBundle:
+def load_fashion_mnist(
+    data_dir: Optional[str] = None, download: bool = True, verify_data: bool = True
+) -> DataBundle:
     """Fashion-MNIST: 60k/10k 28x28 grayscale images, 10 classes (checksums verified)."""
     found, dirs = _find(data_dir)
     why = ""
@@ -125,8 +139,10 @@ def load_fashion_mnist(data_dir: Optional[str] = None, download: bool = True, ve
             f"({', '.join(FILES.values())}) in:\n{looked}\n"
             + (f"Download with torchvision failed ({why}).\n" if why else "")
             + "Get it either way:\n"
-            f"  1. Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist   (installs {DEBIAN_DIR})\n"
-            "  2. online: rerun with network access (torchvision downloads it to ~/.cache/l2bn), or put\n"
+            f"  1. Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist   (installs "
+            f"{DEBIAN_DIR})\n"
+            "  2. online: rerun with network access (torchvision downloads it to ~/.cache/l2bn), "
+            "or put\n"
             "     the four .gz files in a folder and pass --data-dir FOLDER (or set L2BN_DATA)."
         )
     arrays = {k: read_idx(found / f, verify_data) for k, f in FILES.items()}
@@ -134,10 +150,16 @@ def load_fashion_mnist(data_dir: Optional[str] = None, download: bool = True, ve
         if len(arrays[f"{split}_x"]) != len(arrays[f"{split}_y"]):
             raise DataNotFoundError(f"{found}: {split} images and labels differ in count")
     return DataBundle(
-        name="fashion-mnist", num_classes=10, input_shape=(1, 28, 28),
+        name="fashion-mnist",
+        num_classes=10,
+        input_shape=(1, 28, 28),
         train_x=torch.from_numpy(arrays["train_x"].copy()).unsqueeze(1),
         train_y=torch.from_numpy(arrays["train_y"].astype(np.int64)),
         test_x=torch.from_numpy(arrays["test_x"].copy()).unsqueeze(1),
         test_y=torch.from_numpy(arrays["test_y"].astype(np.int64)),
-        mean=(0.2860,), std=(0.3530,), augment="crop2-flip", classes=CLASSES, source=str(found),
+        mean=(0.2860,),
+        std=(0.3530,),
+        augment="crop2-flip",
+        classes=CLASSES,
+        source=str(found),
     )

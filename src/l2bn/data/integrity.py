@@ -25,20 +25,24 @@ __all__ = ["safe_unpickle", "verify", "CHECKSUMS", "DataIntegrityError"]
 
 CHECKSUMS: Dict[str, Dict[str, str]] = {
     "cifar10": {  # md5 of the file
-        "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+        "data_batch_1": "c99cafc152244af753f735de768cd75f",
+        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+        "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+        "test_batch": "40351d587109b95175f43aff81a1287e",
         "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
     },
     "cifar100": {
-        "train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+        "train": "16019d7e3df5f24257cddd939b257f8d",
+        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
         "meta": "7973b15100ade9c7d40fb424638fde48",
     },
     "fashion-mnist": {  # sha256 of the decompressed idx bytes
-        "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-        "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-        "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-        "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",  # noqa: E501
+        "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",  # noqa: E501
+        "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",  # noqa: E501
+        "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",  # noqa: E501
     },
 }
 _ALGO = {"cifar10": "md5", "cifar100": "md5", "fashion-mnist": "sha256"}
@@ -57,16 +61,22 @@ def verify(dataset: str, path: Path, payload: bytes) -> None:
     got = hashlib.new(_ALGO[dataset], payload).hexdigest()
     if got != want:
         raise DataIntegrityError(
-            f"{path}: not the official {dataset} file ({_ALGO[dataset]} {got}, expected {want}). Re-download it, "
-            f"or pass --no-verify-data (verify_data=False) if this is a deliberate variant of the dataset."
+            f"{path}: not the official {dataset} file ({_ALGO[dataset]} {got}, expected {want}). "
+            f"Re-download it, "
+            f"or pass --no-verify-data (verify_data=False) if this is a deliberate variant of the "
+            f"dataset."
         )
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
     }
 
     def __init__(self, f: Any, path: Path) -> None:
@@ -77,8 +87,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise DataIntegrityError(
-            f"{self.path}: refused — the file asks to load {module}.{name}, which official CIFAR batches never "
-            f"contain (a crafted pickle could run code this way); only dicts, lists, bytes, numbers and numpy arrays are read"
+            f"{self.path}: refused — the file asks to load {module}.{name}, which official CIFAR "
+            f"batches never "
+            f"contain (a crafted pickle could run code this way); only dicts, lists, bytes, "
+            f"numbers and numpy arrays are read"
         )
 
 
@@ -91,11 +103,15 @@ def safe_unpickle(path: Path, payload: bytes) -> Any:
     except DataIntegrityError:
         raise
     except Exception as e:
-        raise DataNotFoundError(f"{path}: unreadable or truncated CIFAR batch ({type(e).__name__}: {e})") from None
+        raise DataNotFoundError(
+            f"{path}: unreadable or truncated CIFAR batch ({type(e).__name__}: {e})"
+        ) from None
 
     def check(o: Any) -> None:
         if isinstance(o, np.ndarray) and o.dtype.hasobject:
-            raise DataIntegrityError(f"{path}: refused — an array of Python objects (official batches hold numbers)")
+            raise DataIntegrityError(
+                f"{path}: refused — an array of Python objects (official batches hold numbers)"
+            )
         if isinstance(o, dict):
             for k, v in o.items():
                 check(k)

@@ -34,9 +34,22 @@ class TensorBatches:
     examples of one shared permutation); a test loader yields every example in order.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, data: DataBundle, device: torch.device, batch_size: int, *,
-                 train: bool, seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False,
-                 max_steps: int = 0, pairs: bool = False) -> None:
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        data: DataBundle,
+        device: torch.device,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = False,
+        max_steps: int = 0,
+        pairs: bool = False,
+    ) -> None:
         self.x = x.to(device)
         self.y = y.to(device)
         shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -50,14 +63,19 @@ class TensorBatches:
         self.channels_last = channels_last and x.dim() == 4
         n = len(self.y) // world_size if train else len(self.y)
         self.pairs = pairs and train
-        if self.pairs:  # Hu et al.'s mixup generator: 2B clips per step, ceil(n / B) steps (~2 passes)
+        if (
+            self.pairs
+        ):  # Hu et al.'s mixup generator: 2B clips per step, ceil(n / B) steps (~2 passes)
             self.steps = math.ceil(n / batch_size)
         else:
             self.steps = (n // batch_size) if train else math.ceil(n / batch_size)
         if train and max_steps:
             self.steps = min(self.steps, max_steps)
         if train and self.steps == 0:
-            raise BadInput(f"batch size {batch_size} is larger than the per-process training set ({n} examples)")
+            raise BadInput(
+                f"batch size {batch_size} is larger than the per-process training set ({n} "
+                f"examples)"
+            )
 
     @property
     def num_examples(self) -> int:
@@ -74,13 +92,13 @@ class TensorBatches:
             gen = epoch_generator(self.seed, epoch)
             perm = torch.randperm(n, generator=gen)
             per = n // self.world_size
-            idx = perm[self.rank * per:(self.rank + 1) * per].to(self.x.device)
+            idx = perm[self.rank * per : (self.rank + 1) * per].to(self.x.device)
         else:
             idx = torch.arange(n, device=self.x.device)
         if self.pairs:
             rows = idx[aug.pair_batch_indices(len(idx), self.bs, self.steps, gen).to(idx.device)]
         for s in range(self.steps):
-            b = rows[s] if self.pairs else idx[s * self.bs:(s + 1) * self.bs]
+            b = rows[s] if self.pairs else idx[s * self.bs : (s + 1) * self.bs]
             x = aug.transform(self.transform, (self.x[b].float() - self.mean) / self.std)
             if self.train:
                 x = aug.apply(self.augment, x, gen)
@@ -90,20 +108,42 @@ class TensorBatches:
 
 
 class LoaderBatches:
-    """``DataLoader`` over a map-style dataset (image folders), sharded with ``DistributedSampler``."""
+    """``DataLoader`` over a map-style dataset (image folders), sharded: ``DistributedSampler``."""
 
-    def __init__(self, dataset: Any, device: torch.device, batch_size: int, *, train: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, workers: int = 0, channels_last: bool = False,
-                 max_steps: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        device: torch.device,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 0,
+        channels_last: bool = False,
+        max_steps: int = 0,
+    ) -> None:
         from torch.utils.data import DataLoader, DistributedSampler
 
         self.dataset = dataset
-        self.sampler = (DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed, drop_last=train)
-                        if world_size > 1 else None)
+        self.sampler = (
+            DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed, drop_last=train)
+            if world_size > 1
+            else None
+        )
         self.seed, self.train = seed, train
-        self.loader_kw = dict(batch_size=batch_size, sampler=self.sampler, num_workers=workers, drop_last=train,
-                              pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-        self.loader = DataLoader(dataset, shuffle=False if self.sampler is not None else None, **self.loader_kw)
+        self.loader_kw = dict(
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            drop_last=train,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
+        self.loader = DataLoader(
+            dataset, shuffle=False if self.sampler is not None else None, **self.loader_kw
+        )
         self.device, self.channels_last = device, channels_last
         self.steps = min(len(self.loader), max_steps) if (train and max_steps) else len(self.loader)
 
@@ -122,8 +162,12 @@ class LoaderBatches:
             from torch.utils.data import DataLoader, RandomSampler
 
             sampler = RandomSampler(self.dataset, generator=epoch_generator(self.seed, epoch))
-            it = iter(DataLoader(self.dataset, **{**self.loader_kw, "sampler": sampler,
-                                                  "persistent_workers": False}))
+            it = iter(
+                DataLoader(
+                    self.dataset,
+                    **{**self.loader_kw, "sampler": sampler, "persistent_workers": False},
+                )
+            )
         else:
             it = iter(self.loader)
         for s, (x, y) in enumerate(it):
@@ -135,28 +179,81 @@ class LoaderBatches:
             yield x, y.to(self.device, non_blocking=True)
 
 
-def make_loaders(data: DataBundle, device: torch.device, batch_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, workers: int = 0, channels_last: bool = False, max_steps: int = 0,
-                 eval_batch_size: Optional[int] = None, pairs: bool = False) -> Tuple[Any, Any]:
+def make_loaders(
+    data: DataBundle,
+    device: torch.device,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    channels_last: bool = False,
+    max_steps: int = 0,
+    eval_batch_size: Optional[int] = None,
+    pairs: bool = False,
+) -> Tuple[Any, Any]:
     """(train, test) loaders for ``data``: tensors on ``device`` when the dataset is in memory,
     else ``DataLoader``s. The test loader is not sharded (every rank sees every example)."""
-    te = make_test_loader(data, device, eval_batch_size or (max(256, batch_size) if data.in_memory else batch_size),
-                          workers=workers, channels_last=channels_last)
+    te = make_test_loader(
+        data,
+        device,
+        eval_batch_size or (max(256, batch_size) if data.in_memory else batch_size),
+        workers=workers,
+        channels_last=channels_last,
+    )
     if data.in_memory:
-        tr: Any = TensorBatches(data.train_x, data.train_y, data, device, batch_size, train=True, seed=seed,
-                                rank=rank, world_size=world_size, channels_last=channels_last, max_steps=max_steps,
-                                pairs=pairs)
+        tr: Any = TensorBatches(
+            data.train_x,
+            data.train_y,
+            data,
+            device,
+            batch_size,
+            train=True,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            channels_last=channels_last,
+            max_steps=max_steps,
+            pairs=pairs,
+        )
     else:
         if pairs:
             raise BadInput("mixup_mode 'pairs' needs an in-memory dataset (not an image folder)")
-        tr = LoaderBatches(data.train_set, device, batch_size, train=True, seed=seed, rank=rank, world_size=world_size,
-                           workers=workers, channels_last=channels_last, max_steps=max_steps)
+        tr = LoaderBatches(
+            data.train_set,
+            device,
+            batch_size,
+            train=True,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            workers=workers,
+            channels_last=channels_last,
+            max_steps=max_steps,
+        )
     return tr, te
 
 
-def make_test_loader(data: DataBundle, device: torch.device, batch_size: int, *, workers: int = 0,
-                     channels_last: bool = False) -> Any:
+def make_test_loader(
+    data: DataBundle,
+    device: torch.device,
+    batch_size: int,
+    *,
+    workers: int = 0,
+    channels_last: bool = False,
+) -> Any:
     """The (unsharded, unshuffled, unaugmented) test loader of ``data``."""
     if data.in_memory:
-        return TensorBatches(data.test_x, data.test_y, data, device, batch_size, train=False, channels_last=channels_last)
-    return LoaderBatches(data.test_set, device, batch_size, train=False, workers=workers, channels_last=channels_last)
+        return TensorBatches(
+            data.test_x,
+            data.test_y,
+            data,
+            device,
+            batch_size,
+            train=False,
+            channels_last=channels_last,
+        )
+    return LoaderBatches(
+        data.test_set, device, batch_size, train=False, workers=workers, channels_last=channels_last
+    )

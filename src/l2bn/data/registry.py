@@ -36,7 +36,9 @@ class DataBundle:
     mean: Sequence[float] = (0.0,)
     std: Sequence[float] = (1.0,)
     augment: str = "none"
-    transform: str = "none"  # applied to train and test batches on device ("deltas": 3-channel log-mel)
+    transform: str = (
+        "none"  # applied to train and test batches on device ("deltas": 3-channel log-mel)
+    )
     test_groups: Optional[List[str]] = None  # e.g. the recording device of each test clip
     train_set: Any = None
     test_set: Any = None
@@ -83,7 +85,9 @@ def list_datasets() -> List[str]:
     return sorted(DATASETS)
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None, verify_data: bool = True, **kwargs: Any) -> DataBundle:
+def load_dataset(
+    name: str, data_dir: Optional[str] = None, verify_data: bool = True, **kwargs: Any
+) -> DataBundle:
     """Load dataset ``name`` (see :func:`list_datasets`) from ``data_dir``; ``verify_data`` checks
     the official checksums where the loader knows them (CIFAR, Fashion-MNIST).
 
@@ -94,8 +98,10 @@ def load_dataset(name: str, data_dir: Optional[str] = None, verify_data: bool = 
     if name not in DATASETS:
         raise BadInput(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
     if data_dir is not None and not Path(data_dir).exists():
-        raise DataNotFoundError(f"{name}: the data directory {data_dir} does not exist (an explicit --data-dir is "
-                                f"used as given; drop it to use the default locations)")
+        raise DataNotFoundError(
+            f"{name}: the data directory {data_dir} does not exist (an explicit --data-dir is "
+            f"used as given; drop it to use the default locations)"
+        )
     import inspect
 
     fn = DATASETS[name]

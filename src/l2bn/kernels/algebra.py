@@ -259,7 +259,8 @@ def tangent_coeffs(
     :math:`\sum_s u \dot u = k^2 \sum_s x \dot x - \dot\rho M (\mathrm{var}(u) + \bar u^2)`; in
     training :math:`\dot\mu = \sum \dot u / n` and
     :math:`\dot\sigma^2 = 2 (\sum u \dot u - \mu \sum \dot u) / n`; in eval they are 0 (running
-    statistics are not differentiable inputs, as in BN). Then :math:`e_c = \gamma \dot\sigma^{-1} + \dot\gamma \sigma^{-1}`,
+    statistics are not differentiable inputs, as in BN). Then :math:`e_c = \gamma \dot\sigma^{-1} +
+    \dot\gamma \sigma^{-1}`,
     :math:`P = a k`, :math:`Q = k (e - a \dot\rho)`, :math:`R = -a \dot\mu - e \mu + \dot\beta`.
     """
     r, k, mk, vk = norms
@@ -274,7 +275,9 @@ def tangent_coeffs(
     if batch_stats:
         if d_nc is not None and xd_nc is not None:
             sdu = (kk * d_nc - rho * m_sp * mk).sum(0)
-            sudu = ((kk * xd_nc) * kk - rho * m_sp * (vk + mk * mk)).sum(0)  # k^2 alone may overflow
+            sudu = ((kk * xd_nc) * kk - rho * m_sp * (vk + mk * mk)).sum(
+                0
+            )  # k^2 alone may overflow
             dmu = sdu / count
             dvar = 2 * (sudu - mu * sdu) / count
         else:

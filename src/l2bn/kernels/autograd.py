@@ -57,8 +57,6 @@ __all__ = [
 ]
 
 
-
-
 # ------------------------------------------------------------------------- transforms
 
 _maybe_current_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
@@ -83,7 +81,9 @@ def in_functorch_transform() -> bool:
 # --------------------------------------------------------------------------- autograd
 
 
-def _combine_across(count: int, mean: Tensor, m2: Tensor, process_group: Any) -> Tuple[Tensor, Tensor, Tensor]:
+def _combine_across(
+    count: int, mean: Tensor, m2: Tensor, process_group: Any
+) -> Tuple[Tensor, Tensor, Tensor]:
     """All-gather per-rank (count, mean, M2) of each channel and combine them (Chan et al.)."""
     import torch.distributed as dist
 
@@ -171,7 +171,9 @@ def _forward_core(
         y, r, k, mk, vk, mu, var, invstd = eng.train(xs, w, b, eps, l2_eps, s)
         if needs_rescale(r, acc, c * m_sp, l2_eps):
             sigma = pow2_scale(xs, acc, l2_eps)
-            y, r, k, mk, vk, mu, var, invstd = train_forward(xs, w, b, eps, l2_eps, s, ATEN_KERNELS, sigma)
+            y, r, k, mk, vk, mu, var, invstd = train_forward(
+                xs, w, b, eps, l2_eps, s, ATEN_KERNELS, sigma
+            )
         count: Any = _static_count(n * m_sp, acc, x.device)
     elif batch_stats:
         norms = local_stats(xs, acc, s, l2_eps, eng.kernels.row_stats)
@@ -181,20 +183,38 @@ def _forward_core(
         r, k, mk, vk = norms
         mu, m2 = algebra.batch_moments(mk, vk, m_sp)
         count, mu, m2 = _combine_across(n * m_sp, mu, m2, process_group)
-        y, var, invstd = finish_train(xs, norms, w, b, eps, mu, m2, count, eng.kernels.affine_apply, sigma)
+        y, var, invstd = finish_train(
+            xs, norms, w, b, eps, mu, m2, count, eng.kernels.affine_apply, sigma
+        )
     else:
         assert stat_var is not None
         y, r, k, mu, var, invstd = eng.evaluate(xs, w, b, stat_mean, stat_var, eps, l2_eps, s)
         if needs_rescale(r, acc, c * m_sp, l2_eps):
             sigma = pow2_scale(xs, acc, l2_eps)
-            y, r, k, mu, var, invstd = eval_forward(xs, w, b, stat_mean, stat_var, eps, l2_eps, s, ATEN_KERNELS, sigma)
+            y, r, k, mu, var, invstd = eval_forward(
+                xs, w, b, stat_mean, stat_var, eps, l2_eps, s, ATEN_KERNELS, sigma
+            )
         count = _static_count(n * m_sp, acc, x.device)
         var_saved = var
     # With one entry per (n, c) (an MLP's (N, C) input) the row statistics of u are k x and
     # 0: recompute them in backward rather than save two more tensors of x's size.
     keep = batch_stats and m_sp != 1
-    synced = count if isinstance(count, Tensor) else None  # the static count is recomputed from x's shape
-    saved = (x, weight, k, r, mk if keep else None, vk if keep else None, mu, invstd, synced, var_saved, sigma)
+    synced = (
+        count if isinstance(count, Tensor) else None
+    )  # the static count is recomputed from x's shape
+    saved = (
+        x,
+        weight,
+        k,
+        r,
+        mk if keep else None,
+        vk if keep else None,
+        mu,
+        invstd,
+        synced,
+        var_saved,
+        sigma,
+    )
     return y, mu, var, count, saved
 
 
@@ -253,12 +273,37 @@ class L2BatchNormFunction(torch.autograd.Function):
         pg = ctx.process_group
         if pg is None and sigma is None and xs.numel() > 0:
             dx, gw, gb = ctx.engine.backward(
-                gs, xs, w, k, r, mk, vk, mu, invstd, ctx.l2_eps, ctx.unit_rms, ctx.batch_stats, need_dx
+                gs,
+                xs,
+                w,
+                k,
+                r,
+                mk,
+                vk,
+                mu,
+                invstd,
+                ctx.l2_eps,
+                ctx.unit_rms,
+                ctx.batch_stats,
+                need_dx,
             )
         else:
             kern = ctx.engine.kernels if sigma is None and xs.numel() > 0 else ATEN_KERNELS
             dx, gw, gb = backward_core(
-                gs, xs, w, k, r, mk, vk, mu, invstd, ctx.l2_eps, ctx.unit_rms, ctx.batch_stats, need_dx, kern,
+                gs,
+                xs,
+                w,
+                k,
+                r,
+                mk,
+                vk,
+                mu,
+                invstd,
+                ctx.l2_eps,
+                ctx.unit_rms,
+                ctx.batch_stats,
+                need_dx,
+                kern,
                 count=count if pg is not None else None,
                 all_reduce=_all_reducer(pg) if pg is not None else None,
                 sigma=sigma,
@@ -270,15 +315,19 @@ class L2BatchNormFunction(torch.autograd.Function):
         return dx, grad_w, grad_b, None, None, None, None, None, None, None
 
 
-
 class L2BatchNormFunctionFwAD(L2BatchNormFunction):
     """:class:`L2BatchNormFunction` with forward-mode AD (``jvp``), used inside a
     ``torch.autograd.forward_ad.dual_level``. A separate class because ``torch.compile`` cannot
     trace a Function that defines ``jvp``."""
 
     @staticmethod
-    def jvp(ctx: Any, dx: Optional[Tensor], dw: Optional[Tensor], db: Optional[Tensor],  # type: ignore[override]
-            *_: Any):
+    def jvp(
+        ctx: Any,
+        dx: Optional[Tensor],
+        dw: Optional[Tensor],
+        db: Optional[Tensor],  # type: ignore[override]
+        *_: Any,
+    ):
         """Tangent of ``y``; running statistics are not differentiable inputs (as in BN)."""
         if ctx.process_group is not None:
             raise NotImplementedError(
@@ -304,11 +353,26 @@ class L2BatchNormFunctionFwAD(L2BatchNormFunction):
         dw = dw.to(acc) if dw is not None else None
         db = db.to(acc) if db is not None else None
         p, q, rr = algebra.tangent_coeffs(
-            d_nc, xd_nc, SampleNorms(r, k, mk, vk), mu, invstd, w, dw, db,
-            count, m_sp, r > ctx.l2_eps, ctx.batch_stats,
+            d_nc,
+            xd_nc,
+            SampleNorms(r, k, mk, vk),
+            mu,
+            invstd,
+            w,
+            dw,
+            db,
+            count,
+            m_sp,
+            r > ctx.l2_eps,
+            ctx.batch_stats,
         )
         dy = ATEN_KERNELS.grad_apply(dxs, xs, p, q, rr, x.dtype)
-        return dy.reshape(xs.shape), None, None, None  # the Function's output is (N, C, 1) for (N, C)
+        return (
+            dy.reshape(xs.shape),
+            None,
+            None,
+            None,
+        )  # the Function's output is (N, C, 1) for (N, C)
 
 
 def _higher_order_backward(ctx: Any, gy: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -332,10 +396,20 @@ def _higher_order_backward(ctx: Any, gy: Tensor) -> Tuple[Optional[Tensor], ...]
         with torch.enable_grad():
             w = weight.to(acc) if weight is not None else None
             y = l2_batch_norm_reference(
-                x, None if ctx.batch_stats else mu, None if ctx.batch_stats else var, w, None,
-                ctx.batch_stats, 0.0, ctx.eps, l2_eps=ctx.l2_eps, unit_rms=ctx.unit_rms,
+                x,
+                None if ctx.batch_stats else mu,
+                None if ctx.batch_stats else var,
+                w,
+                None,
+                ctx.batch_stats,
+                0.0,
+                ctx.eps,
+                l2_eps=ctx.l2_eps,
+                unit_rms=ctx.unit_rms,
             )
-        grads = list(torch.autograd.grad(y, targets, gy.reshape(y.shape), create_graph=True))  # gy: (N, C, 1) for (N, C)
+        grads = list(
+            torch.autograd.grad(y, targets, gy.reshape(y.shape), create_graph=True)
+        )  # gy: (N, C, 1) for (N, C)
     dx = grads.pop(0) if need_dx else None
     dw = grads.pop(0).to(ctx.param_dtypes[0]) if need_w and weight is not None else None
     db = None
@@ -364,12 +438,18 @@ def update_running_stats(
                 return
             # in place, no temporaries: (1 - m) * running + m * batch
             running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-            running_var.mul_(1 - momentum).add_(var, alpha=momentum * static_count / max(static_count - 1, 1))
+            running_var.mul_(1 - momentum).add_(
+                var, alpha=momentum * static_count / max(static_count - 1, 1)
+            )
             return
         unbiased = var * (count / (count - 1).clamp_min(1))
         keep = count == 0
-        running_mean.copy_(torch.where(keep, running_mean, running_mean * (1 - momentum) + mean * momentum))
-        running_var.copy_(torch.where(keep, running_var, running_var * (1 - momentum) + unbiased * momentum))
+        running_mean.copy_(
+            torch.where(keep, running_mean, running_mean * (1 - momentum) + mean * momentum)
+        )
+        running_var.copy_(
+            torch.where(keep, running_var, running_var * (1 - momentum) + unbiased * momentum)
+        )
 
 
 def l2_batch_norm_fast(
@@ -400,8 +480,12 @@ def l2_batch_norm_fast(
         True
     """
     if not training:
-        return _apply(input, weight, bias, running_mean, running_var, eps, l2_eps, unit_rms, None, engine)[0]
-    y, mean, var, count = _apply(input, weight, bias, None, None, eps, l2_eps, unit_rms, process_group, engine)
+        return _apply(
+            input, weight, bias, running_mean, running_var, eps, l2_eps, unit_rms, None, engine
+        )[0]
+    y, mean, var, count = _apply(
+        input, weight, bias, None, None, eps, l2_eps, unit_rms, process_group, engine
+    )
     if running_mean is not None and running_var is not None:
         static = None if process_group is not None else input.shape[0] * _numel(input.shape[2:])
         update_running_stats(running_mean, running_var, mean, var, count, momentum, static)
@@ -431,7 +515,9 @@ def fused_l2_batch_norm(
         >>> y.shape, mean.shape, float(count)
         (torch.Size([6, 3, 4]), torch.Size([3]), 24.0)
     """
-    y, mean, var, count = _apply(input, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, engine)
+    y, mean, var, count = _apply(
+        input, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, engine
+    )
     if not isinstance(count, Tensor):
         count = torch.tensor(count, dtype=mean.dtype, device=mean.device)
     return y, mean, var, count

@@ -29,7 +29,9 @@ from .autograd import fused_l2_batch_norm, in_functorch_transform, l2_batch_norm
 from .engine import Engine, Kernels, _bshape, backward_core, eval_forward, train_forward
 
 
-def _row_stats(xs: Tensor, dims: Tuple[int, ...], m_sp: int, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
+def _row_stats(
+    xs: Tensor, dims: Tuple[int, ...], m_sp: int, acc: torch.dtype
+) -> Tuple[Tensor, Tensor]:
     """Per-(n, c) mean and biased variance from shifted sums (one pass)."""
     shift = xs[(slice(None), slice(None)) + (slice(0, 1),) * (xs.dim() - 2)].to(acc)
     d = xs.to(acc) - shift
@@ -45,15 +47,18 @@ def _affine_apply(xs: Tensor, amat: Tensor, bvec: Tensor, out_dtype: torch.dtype
     return (xs.to(amat.dtype) * _bshape(amat, nd) + _bshape(bvec, nd)).to(out_dtype)
 
 
-def _grad_sums(gs: Tensor, xs: Tensor, dims: Tuple[int, ...], acc: torch.dtype,
-               shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def _grad_sums(
+    gs: Tensor, xs: Tensor, dims: Tuple[int, ...], acc: torch.dtype, shift: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     ga, xa = gs.to(acc), xs.to(acc)
     if shift is not None:
         xa = xa - _bshape(shift, xs.dim())
     return ga.sum(dims), (ga * xa).sum(dims)
 
 
-def _grad_apply(gs: Tensor, xs: Tensor, p: Tensor, q: Tensor, r: Tensor, out_dtype: torch.dtype) -> Tensor:
+def _grad_apply(
+    gs: Tensor, xs: Tensor, p: Tensor, q: Tensor, r: Tensor, out_dtype: torch.dtype
+) -> Tensor:
     nd = xs.dim()
     acc = p.dtype
     out = gs.to(acc) * _bshape(p, nd) + xs.to(acc) * _bshape(q, nd) + _bshape(r, nd)
@@ -79,10 +84,25 @@ def _eval_graph(xs, weight, bias, mean, var, eps, l2_eps, s):  # type: ignore[no
     return eval_forward(xs, weight, bias, mean, var, eps, l2_eps, s, _GRAPH_KERNELS)
 
 
-def _backward_graph(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx):  # type: ignore[no-untyped-def]
+def _backward_graph(
+    gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx
+):  # type: ignore[no-untyped-def]
     """The whole backward as one graph: per-(n, c) sums, (N, C) algebra, ``dx``."""
     return backward_core(
-        gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx, _GRAPH_KERNELS
+        gs,
+        xs,
+        weight,
+        k,
+        r,
+        mk,
+        vk,
+        mu,
+        invstd,
+        l2_eps,
+        unit_rms,
+        batch_stats,
+        need_dx,
+        _GRAPH_KERNELS,
     )
 
 
@@ -93,7 +113,9 @@ def _layout_key(t: Tensor) -> tuple:
     return (t.dtype, t.dim(), t.device.type, order, tuple(s == 1 for s in t.shape))
 
 
-_legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", lambda t: False)
+_legacy_batched = getattr(
+    getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", lambda t: False
+)
 
 
 def _compile(fn):
@@ -138,8 +160,11 @@ def _compile(fn):
             # that error propagate and keep trying to compile this layout next time.
             out = fn(*args)
             cache[key] = fn
-            warnings.warn(f"l2bn: torch.compile of {fn.__name__} failed for inputs {key} "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); using the eager kernels", stacklevel=2)
+            warnings.warn(
+                f"l2bn: torch.compile of {fn.__name__} failed for inputs {key} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); using the eager kernels",
+                stacklevel=2,
+            )
             return out
 
     return run
@@ -148,7 +173,9 @@ def _compile(fn):
 def _compile_settings():
     stack = contextlib.ExitStack()
     stack.enter_context(torch.fx.experimental._config.patch(use_duck_shape=False))
-    stack.enter_context(torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096))
+    stack.enter_context(
+        torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096)
+    )
     return stack
 
 
@@ -172,20 +199,25 @@ def _probe(device_type: str) -> Optional[str]:
             return "compiled kernels disagree with the eager ones"
         return None
     except Exception as e:  # no C++ compiler, no Triton, unsupported platform, ...
-        return f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        return f"torch.compile failed: {type(e).__name__}: {first}"
 
 
 def _unavailable(x: Tensor) -> Optional[str]:
     return _probe(x.device.type)
 
 
-def compiled_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group=None):  # type: ignore[no-untyped-def]
+def compiled_l2_batch_norm(
+    x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group=None
+):  # type: ignore[no-untyped-def]
     """Same contract as :func:`l2bn.kernels.autograd.fused_l2_batch_norm`, compiled.
 
     Synchronised training (a ``process_group``) runs the fused algorithm with compiled bulk
     passes, since the statistics must be all-gathered between them.
     """
-    return fused_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE)
+    return fused_l2_batch_norm(
+        x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE
+    )
 
 
 def _prefer(x: Tensor) -> bool:
@@ -201,8 +233,11 @@ def _prefer(x: Tensor) -> bool:
 
 
 backends.register(
-    "compiled", functools.partial(l2_batch_norm_fast, engine=ENGINE), _unavailable,
-    auto_priority=0, prefer=_prefer,
+    "compiled",
+    functools.partial(l2_batch_norm_fast, engine=ENGINE),
+    _unavailable,
+    auto_priority=0,
+    prefer=_prefer,
 )
 
 __all__ = ["ENGINE", "compiled_l2_batch_norm"]

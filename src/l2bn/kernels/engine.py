@@ -11,6 +11,9 @@ r"""The L2BN computation of the fast backends, as plain tensor functions: bulk p
   are needed by the backward — the naive composite also keeps the normalized copy of ``x``.
 
 The autograd plumbing around them is :mod:`l2bn.kernels.autograd`.
+
+Why one file: the bulk passes and the engine functions built from them are one table
+(:data:`ATEN_KERNELS`) and the three functions that every fast backend's engine mirrors.
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ def _bshape(t: Tensor, ndim: int) -> Tensor:
     return t.reshape(t.shape + (1,) * (ndim - t.dim()))
 
 
-def _row_mean_var(xs: Tensor, dims: Tuple[int, ...], m_sp: int, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
+def _row_mean_var(
+    xs: Tensor, dims: Tuple[int, ...], m_sp: int, acc: torch.dtype
+) -> Tuple[Tensor, Tensor]:
     """Per-(n, c) mean and biased variance in ``acc``, two-pass (centred) for stability.
 
     ``torch.var_mean`` over trailing dims is ~10x slower than a sum on CPU, so the variance is
@@ -79,8 +84,9 @@ def _affine_apply(xs: Tensor, amat: Tensor, bvec: Tensor, out_dtype: torch.dtype
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
-def _grad_sums(gs: Tensor, xs: Tensor, dims: Tuple[int, ...], acc: torch.dtype,
-               shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def _grad_sums(
+    gs: Tensor, xs: Tensor, dims: Tuple[int, ...], acc: torch.dtype, shift: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """Per-(n, c) sums of ``g`` and ``g * (x - shift[n, c])`` in ``acc`` (``shift`` 0 if not
     given)."""
     if gs.dtype != acc or xs.dtype != acc:
@@ -90,7 +96,9 @@ def _grad_sums(gs: Tensor, xs: Tensor, dims: Tuple[int, ...], acc: torch.dtype,
     return gs.sum(dims), (gs * xs).sum(dims)
 
 
-def _grad_apply(gs: Tensor, xs: Tensor, p: Tensor, q: Tensor, r: Tensor, out_dtype: torch.dtype) -> Tensor:
+def _grad_apply(
+    gs: Tensor, xs: Tensor, p: Tensor, q: Tensor, r: Tensor, out_dtype: torch.dtype
+) -> Tensor:
     """``dx = g * P[n, c] + x * Q[n, c] + R[n, c]``."""
     nd = xs.dim()
     dx = torch.addcmul(_bshape(r, nd), xs, _bshape(q, nd))
@@ -122,11 +130,17 @@ ATEN_KERNELS = Kernels(_row_mean_var, _affine_apply, _grad_sums, _grad_apply, _s
 
 
 def local_stats(
-    xs: Tensor, acc: torch.dtype, s: float, l2_eps: float, row_stats: Callable, sigma: Optional[Tensor] = None
+    xs: Tensor,
+    acc: torch.dtype,
+    s: float,
+    l2_eps: float,
+    row_stats: Callable,
+    sigma: Optional[Tensor] = None,
 ) -> SampleNorms:
     """Per-sample norms/scales and per-(n, c) statistics of ``u`` (no communication).
 
-    With ``sigma`` the row statistics are taken of ``sigma_n * x_n`` (see :func:`l2bn.kernels.scaling.pow2_scale`).
+    With ``sigma`` the row statistics are taken of ``sigma_n * x_n`` (see
+    :func:`l2bn.kernels.scaling.pow2_scale`).
     """
     n, c = xs.shape[0], xs.shape[1]
     m_sp = _numel(xs.shape[2:])
@@ -162,8 +176,16 @@ def finish_train(
     return _affine_out(xs, norms.k, sigma, mu, invstd, weight, bias, affine_apply), var, invstd
 
 
-def _affine_out(xs: Tensor, k: Tensor, sigma: Optional[Tensor], mu: Tensor, invstd: Tensor,
-                weight: Optional[Tensor], bias: Optional[Tensor], affine_apply: Callable) -> Tensor:
+def _affine_out(
+    xs: Tensor,
+    k: Tensor,
+    sigma: Optional[Tensor],
+    mu: Tensor,
+    invstd: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    affine_apply: Callable,
+) -> Tensor:
     """``y = x * (a k) + B``, or ``(sigma x) * (a k / sigma) + B`` with ``sigma``."""
     out_dtype = xs.dtype
     if sigma is not None:
@@ -187,7 +209,9 @@ def train_forward(
     m_sp = _numel(xs.shape[2:])
     norms = local_stats(xs, acc, s, l2_eps, kernels.row_stats, sigma)
     mu, m2 = algebra.batch_moments(norms.mk, norms.vk, m_sp)
-    y, var, invstd = finish_train(xs, norms, weight, bias, eps, mu, m2, xs.shape[0] * m_sp, kernels.affine_apply, sigma)
+    y, var, invstd = finish_train(
+        xs, norms, weight, bias, eps, mu, m2, xs.shape[0] * m_sp, kernels.affine_apply, sigma
+    )
     return (y, *norms, mu, var, invstd)
 
 
@@ -214,7 +238,14 @@ def eval_forward(
     r, k, _ = algebra.norm_scale(rs, s, l2_eps, sigma)
     mu, var_a = mean.to(acc), var.to(acc)
     invstd = torch.rsqrt(var_a + eps)
-    return _affine_out(xs, k, sigma, mu, invstd, weight, bias, kernels.affine_apply), r, k, mu, var_a, invstd
+    return (
+        _affine_out(xs, k, sigma, mu, invstd, weight, bias, kernels.affine_apply),
+        r,
+        k,
+        mu,
+        var_a,
+        invstd,
+    )
 
 
 def _with_big_k(k: Tensor, sigma: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
@@ -311,8 +342,25 @@ def _aten_eval(xs, weight, bias, mean, var, eps, l2_eps, s):  # type: ignore[no-
     return eval_forward(xs, weight, bias, mean, var, eps, l2_eps, s, ATEN_KERNELS)
 
 
-def _aten_backward(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx):  # type: ignore[no-untyped-def]
-    return backward_core(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx, ATEN_KERNELS)
+def _aten_backward(
+    gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx
+):  # type: ignore[no-untyped-def]
+    return backward_core(
+        gs,
+        xs,
+        weight,
+        k,
+        r,
+        mk,
+        vk,
+        mu,
+        invstd,
+        l2_eps,
+        unit_rms,
+        batch_stats,
+        need_dx,
+        ATEN_KERNELS,
+    )
 
 
 ATEN = Engine("fused", ATEN_KERNELS, _aten_train, _aten_eval, _aten_backward)

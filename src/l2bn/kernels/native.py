@@ -25,6 +25,10 @@ command — into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``), on first use or ahead of time with ``python -m
 l2bn.kernels``. Where it cannot be built (no compiler) the backend reports why, automatic
 selection warns once and uses the ``fused`` ATen path. ``L2BN_NO_NATIVE=1`` disables it.
+
+Why one file: building the C++ library, registering its operators (with fake kernels and
+autograd) and the engine that calls them are one binding; split, each part would import the
+others' private names.
 """
 
 from __future__ import annotations
@@ -102,14 +106,28 @@ def build(verbose: bool = False) -> Path:
     path = _library_path()
     fresh = not path.exists() or path.stat().st_mtime < _SRC.stat().st_mtime
     if fresh:
-        print(f"l2bn: building the native CPU kernel for this machine (once, ~1 min) in {path.parent}",
-              file=sys.stderr, flush=True)
+        print(
+            f"l2bn: building the native CPU kernel for this machine (once, ~1 min) in "
+            f"{path.parent}",
+            file=sys.stderr,
+            flush=True,
+        )
     t0 = time.perf_counter()
     # -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded
-    _load(name=_NAME, sources=[str(_SRC)], extra_cflags=_cflags(), extra_ldflags=["-fopenmp"],
-          is_python_module=False, verbose=verbose)
+    _load(
+        name=_NAME,
+        sources=[str(_SRC)],
+        extra_cflags=_cflags(),
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=verbose,
+    )
     if fresh:
-        print(f"l2bn: native kernel built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"l2bn: native kernel built in {time.perf_counter() - t0:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     return path
 
 
@@ -198,8 +216,14 @@ def _register_python_side() -> None:
     @torch.library.register_fake("l2bn::backward")
     def _backward_fake(g, x, weight, k, r, mk, vk, mu, invstd, l2_eps, s, batch_stats, need_dx):  # type: ignore[no-untyped-def]
         c = x.shape[1]
-        acc = accumulate_dtype(x.dtype)  # an unneeded dx stays the kernel's empty accumulation-dtype tensor
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x)) if need_dx else x.new_empty(0, dtype=acc)
+        acc = accumulate_dtype(
+            x.dtype
+        )  # an unneeded dx stays the kernel's empty accumulation-dtype tensor
+        dx = (
+            torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_format(x))
+            if need_dx
+            else x.new_empty(0, dtype=acc)
+        )
         return dx, x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
 
     def _setup_train(ctx, inputs, output):  # type: ignore[no-untyped-def]
@@ -208,7 +232,8 @@ def _register_python_side() -> None:
         ctx.save_for_backward(x, weight, k, r, mk, vk, mu, invstd)
         ctx.l2_eps, ctx.s, ctx.batch_stats = l2_eps, s, True
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        # only y is differentiable (first order); the statistics are outputs, not functions of x here
+        # only y is differentiable (first order); the statistics are outputs, not functions of x
+        # here
         ctx.mark_non_differentiable(*output[1:])
 
     def _setup_eval(ctx, inputs, output):  # type: ignore[no-untyped-def]
@@ -226,12 +251,25 @@ def _register_python_side() -> None:
             gy = torch.zeros_like(x)
         rows = mk is not None and mk.numel() > 0
         dx, gw, gb = torch.ops.l2bn.backward(
-            gy, x, weight, k, r, mk if rows else None, vk if rows else None, mu, invstd,
-            ctx.l2_eps, ctx.s, ctx.batch_stats, ctx.needs_input_grad[0],
+            gy,
+            x,
+            weight,
+            k,
+            r,
+            mk if rows else None,
+            vk if rows else None,
+            mu,
+            invstd,
+            ctx.l2_eps,
+            ctx.s,
+            ctx.batch_stats,
+            ctx.needs_input_grad[0],
         )
-        grads = [dx if ctx.needs_input_grad[0] else None,
-                 gw.to(weight.dtype) if weight is not None else None,
-                 gb.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None]  # the bias's dtype, not x's
+        grads = [
+            dx if ctx.needs_input_grad[0] else None,
+            gw.to(weight.dtype) if weight is not None else None,
+            gb.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None,
+        ]  # the bias's dtype, not x's
         return (*grads, *([None] * (len(ctx.needs_input_grad) - 3)))
 
     torch.library.register_autograd("l2bn::train_forward", _backward, setup_context=_setup_train)
@@ -253,20 +291,42 @@ def _below_autograd(op: Any, *args: Any) -> Any:
 
 
 def _train(xs, weight, bias, eps, l2_eps, s):  # type: ignore[no-untyped-def]
-    y, r, k, mk, vk, mu, var, invstd = _below_autograd(torch.ops.l2bn.train_forward.default, xs, weight, bias, eps, l2_eps, s)
-    if mk.numel() == 0 and xs.numel() > 0:  # one entry per (n, c): not computed (recomputed if needed)
+    y, r, k, mk, vk, mu, var, invstd = _below_autograd(
+        torch.ops.l2bn.train_forward.default, xs, weight, bias, eps, l2_eps, s
+    )
+    if (
+        mk.numel() == 0 and xs.numel() > 0
+    ):  # one entry per (n, c): not computed (recomputed if needed)
         mk = vk = None
     return y, r, k, mk, vk, mu, var, invstd
 
 
 def _evaluate(xs, weight, bias, mean, var, eps, l2_eps, s):  # type: ignore[no-untyped-def]
-    return _below_autograd(torch.ops.l2bn.eval_forward.default, xs, weight, bias, mean, var, eps, l2_eps, s)
+    return _below_autograd(
+        torch.ops.l2bn.eval_forward.default, xs, weight, bias, mean, var, eps, l2_eps, s
+    )
 
 
-def _backward_engine(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx):  # type: ignore[no-untyped-def]
+def _backward_engine(
+    gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms, batch_stats, need_dx
+):  # type: ignore[no-untyped-def]
     s = unit_scale(xs.shape[1] * math.prod(xs.shape[2:]), unit_rms)
-    dx, gw, gb = _below_autograd(torch.ops.l2bn.backward.default, gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, s,
-                                 batch_stats, need_dx)
+    dx, gw, gb = _below_autograd(
+        torch.ops.l2bn.backward.default,
+        gs,
+        xs,
+        weight,
+        k,
+        r,
+        mk,
+        vk,
+        mu,
+        invstd,
+        l2_eps,
+        s,
+        batch_stats,
+        need_dx,
+    )
     return (dx if need_dx else None), gw, gb
 
 
@@ -274,9 +334,13 @@ def _backward_engine(gs, xs, weight, k, r, mk, vk, mu, invstd, l2_eps, unit_rms,
 ENGINE = Engine("native", ATEN_KERNELS, _train, _evaluate, _backward_engine)
 
 
-def native_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group=None):  # type: ignore[no-untyped-def]
-    """Same contract as :func:`l2bn.kernels.autograd.fused_l2_batch_norm`, on the native operators."""
-    return fused_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE)
+def native_l2_batch_norm(
+    x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group=None
+):  # type: ignore[no-untyped-def]
+    """As :func:`l2bn.kernels.autograd.fused_l2_batch_norm`, on the native operators."""
+    return fused_l2_batch_norm(
+        x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE
+    )
 
 
 def _unavailable(x: Tensor) -> Optional[str]:
@@ -292,8 +356,11 @@ def _prefer(x: Any) -> bool:
 
 
 backends.register(
-    "native", functools.partial(l2_batch_norm_fast, engine=ENGINE), _unavailable,
-    auto_priority=0, prefer=_prefer,
+    "native",
+    functools.partial(l2_batch_norm_fast, engine=ENGINE),
+    _unavailable,
+    auto_priority=0,
+    prefer=_prefer,
 )
 
 
@@ -310,6 +377,9 @@ def _main(argv: Optional[list] = None) -> int:
     y = native_l2_batch_norm(x, None, None, None, None, 1e-5, 1e-12, False)[0]
     ref = l2_batch_norm_reference(x, None, None, training=True)
     err = float((y - ref).abs().max())
-    print(f"l2bn native kernel ready ({_library_path()}), loaded in {time.perf_counter() - t0:.2f} s, "
-          f"max |native - reference| = {err:.1e} (float64)")
+    print(
+        f"l2bn native kernel ready ({_library_path()}), loaded in {time.perf_counter() - t0:.2f} "
+        f"s, "
+        f"max |native - reference| = {err:.1e} (float64)"
+    )
     return 0 if err < 1e-10 else 1

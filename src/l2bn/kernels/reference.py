@@ -18,7 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["l2_normalize_samples", "l2_batch_norm_reference", "reference_backend", "accumulate_dtype"]
+__all__ = [
+    "l2_normalize_samples",
+    "l2_batch_norm_reference",
+    "reference_backend",
+    "accumulate_dtype",
+]
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,9 +31,7 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def l2_normalize_samples(
-    input: Tensor, *, l2_eps: float = 1e-12, unit_rms: bool = False
-) -> Tensor:
+def l2_normalize_samples(input: Tensor, *, l2_eps: float = 1e-12, unit_rms: bool = False) -> Tensor:
     r"""Scale each sample of ``input`` to unit l2 norm over all its non-batch dimensions.
 
     .. math::
@@ -45,7 +48,9 @@ def l2_normalize_samples(
         True
     """
     if input.dim() < 2:
-        raise ValueError(f"expected an input with a batch dimension and at least one more, got {input.dim()}D")
+        raise ValueError(
+            f"expected an input with a batch dimension and at least one more, got {input.dim()}D"
+        )
     x = input.to(accumulate_dtype(input.dtype))
     norm = torch.linalg.vector_norm(x, 2, dim=tuple(range(1, x.dim())), keepdim=True)
     # max(norm, l2_eps), written so that at norm == l2_eps no gradient flows through the norm

@@ -35,7 +35,9 @@ def needs_rescale(r: Tensor, acc: torch.dtype, d: int, l2_eps: float) -> bool:
     if r.device.type != "cpu" or r.numel() == 0 or torch.compiler.is_compiling():
         return False
     lo, hi = _norm_range(acc, d)
-    if l2_eps >= lo:  # the usual case: only overflow (or NaN, for which the comparison fails) matters
+    if (
+        l2_eps >= lo
+    ):  # the usual case: only overflow (or NaN, for which the comparison fails) matters
         return not float(r.max()) <= hi
     # l2_eps below the accurate range: every norm below lo is suspect, also one that is under
     # l2_eps or 0 (the squares of a sample of 1e-25s underflow to 0 in float32); an all-zero

@@ -21,6 +21,9 @@ float64 for float64.
 Correctness is tested on the CPU with Triton's interpreter (``TRITON_INTERPRET=1``,
 ``tests/test_triton.py``); automatic selection on CUDA first runs a small probe against the ATen
 path and falls back, with one warning, if it disagrees or fails.
+
+Why one file: the five Triton kernels, their launch helper and the backend entry that uses
+them are one binding of the engine to Triton.
 """
 
 from __future__ import annotations
@@ -76,7 +79,9 @@ def _jit() -> Any:
         tl.store(y_ptr + row * M + offs, (x * a + b).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _grad_sums(g_ptr, x_ptr, shift_ptr, gs_ptr, gx_ptr, M, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    def _grad_sums(
+        g_ptr, x_ptr, shift_ptr, gs_ptr, gx_ptr, M, BLOCK: tl.constexpr, ACC: tl.constexpr
+    ):
         row = tl.program_id(0).to(tl.int64)
         shift = tl.load(shift_ptr + row).to(ACC)
         s1 = tl.zeros([BLOCK], dtype=ACC)
@@ -92,7 +97,9 @@ def _jit() -> Any:
         tl.store(gx_ptr + row, tl.sum(s2, axis=0))
 
     @triton.jit
-    def _grad_apply(g_ptr, x_ptr, p_ptr, q_ptr, r_ptr, dx_ptr, M, NBLK, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    def _grad_apply(
+        g_ptr, x_ptr, p_ptr, q_ptr, r_ptr, dx_ptr, M, NBLK, BLOCK: tl.constexpr, ACC: tl.constexpr
+    ):
         pid = tl.program_id(0).to(tl.int64)
         row = pid // NBLK
         offs = (pid % NBLK) * BLOCK + tl.arange(0, BLOCK)
@@ -102,7 +109,9 @@ def _jit() -> Any:
         r = tl.load(r_ptr + row)
         g = tl.load(g_ptr + row * M + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + row * M + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(dx_ptr + row * M + offs, (g * p + (x * q + r)).to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            dx_ptr + row * M + offs, (g * p + (x * q + r)).to(dx_ptr.dtype.element_ty), mask=mask
+        )
 
     @triton.jit
     def _sample_norm(x_ptr, out_ptr, D, BLOCK: tl.constexpr, ACC: tl.constexpr):
@@ -114,8 +123,17 @@ def _jit() -> Any:
             acc += v * v
         tl.store(out_ptr + n, tl.sqrt(tl.sum(acc, axis=0)))
 
-    return triton, tl, dict(row_stats=_row_stats, affine=_affine, grad_sums=_grad_sums,
-                            grad_apply=_grad_apply, sample_norm=_sample_norm)
+    return (
+        triton,
+        tl,
+        dict(
+            row_stats=_row_stats,
+            affine=_affine,
+            grad_sums=_grad_sums,
+            grad_apply=_grad_apply,
+            sample_norm=_sample_norm,
+        ),
+    )
 
 
 #: CUDA's grid limits: axis 0 up to 2^31 - 1 programs, axes 1 and 2 up to 65,535
@@ -126,7 +144,10 @@ def launch(name: str, grid: Tuple[int, ...], *args: Any, **meta: Any) -> None:
     """Launch kernel ``name`` on ``grid`` after checking it against CUDA's limits (the
     interpreter does not enforce them, so the CPU tests would not see a violation)."""
     if len(grid) > 3 or any(not 0 < g <= lim for g, lim in zip(grid, GRID_LIMITS)):
-        raise ValueError(f"l2bn triton: grid {grid} for {name!r} exceeds CUDA's limits {GRID_LIMITS[:len(grid)]}")
+        raise ValueError(
+            f"l2bn triton: grid {grid} for {name!r} exceeds CUDA's limits "
+            f"{GRID_LIMITS[: len(grid)]}"
+        )
     _jit()[2][name][grid](*args, **meta)
 
 
@@ -147,14 +168,24 @@ def _rows(t: Tensor) -> Tensor:
 
 def _like_input(out: Tensor, xs: Tensor) -> Tensor:
     """Give ``out`` (contiguous) the memory format of ``xs`` (channels_last stays channels_last)."""
-    if xs.dim() == 4 and not xs.is_contiguous() and xs.is_contiguous(memory_format=torch.channels_last):
+    if (
+        xs.dim() == 4
+        and not xs.is_contiguous()
+        and xs.is_contiguous(memory_format=torch.channels_last)
+    ):
         return out.contiguous(memory_format=torch.channels_last)
-    if xs.dim() == 5 and not xs.is_contiguous() and xs.is_contiguous(memory_format=torch.channels_last_3d):
+    if (
+        xs.dim() == 5
+        and not xs.is_contiguous()
+        and xs.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
         return out.contiguous(memory_format=torch.channels_last_3d)
     return out
 
 
-def _row_stats(xs: Tensor, dims: Tuple[int, ...], m_sp: int, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
+def _row_stats(
+    xs: Tensor, dims: Tuple[int, ...], m_sp: int, acc: torch.dtype
+) -> Tuple[Tensor, Tensor]:
     x = _rows(xs)
     n, c = x.shape[0], x.shape[1]
     mean = torch.empty((n, c), dtype=acc, device=x.device)
@@ -172,13 +203,25 @@ def _affine_apply(xs: Tensor, amat: Tensor, bvec: Tensor, out_dtype: torch.dtype
     if x.numel():
         blk = _block(m)
         nblk = -(-m // blk)
-        launch("affine", (n * c * nblk,), x, y, amat.contiguous(), bvec.contiguous(), m, c, nblk, BLOCK=blk,
-               ACC=_acc(amat.dtype))
+        launch(
+            "affine",
+            (n * c * nblk,),
+            x,
+            y,
+            amat.contiguous(),
+            bvec.contiguous(),
+            m,
+            c,
+            nblk,
+            BLOCK=blk,
+            ACC=_acc(amat.dtype),
+        )
     return _like_input(y, xs)
 
 
-def _grad_sums(gs: Tensor, xs: Tensor, dims: Tuple[int, ...], acc: torch.dtype,
-               shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def _grad_sums(
+    gs: Tensor, xs: Tensor, dims: Tuple[int, ...], acc: torch.dtype, shift: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     g, x = _rows(gs), _rows(xs)
     n, c = x.shape[0], x.shape[1]
     m = x.numel() // max(n * c, 1)
@@ -190,7 +233,9 @@ def _grad_sums(gs: Tensor, xs: Tensor, dims: Tuple[int, ...], acc: torch.dtype,
     return s1, s2
 
 
-def _grad_apply(gs: Tensor, xs: Tensor, p: Tensor, q: Tensor, r: Tensor, out_dtype: torch.dtype) -> Tensor:
+def _grad_apply(
+    gs: Tensor, xs: Tensor, p: Tensor, q: Tensor, r: Tensor, out_dtype: torch.dtype
+) -> Tensor:
     g, x = _rows(gs), _rows(xs)
     n, c = x.shape[0], x.shape[1]
     m = x.numel() // max(n * c, 1)
@@ -198,8 +243,20 @@ def _grad_apply(gs: Tensor, xs: Tensor, p: Tensor, q: Tensor, r: Tensor, out_dty
     if x.numel():
         blk = _block(m)
         nblk = -(-m // blk)
-        launch("grad_apply", (n * c * nblk,), g, x, p.contiguous(), q.contiguous(), r.contiguous(), dx, m, nblk,
-               BLOCK=blk, ACC=_acc(p.dtype))
+        launch(
+            "grad_apply",
+            (n * c * nblk,),
+            g,
+            x,
+            p.contiguous(),
+            q.contiguous(),
+            r.contiguous(),
+            dx,
+            m,
+            nblk,
+            BLOCK=blk,
+            ACC=_acc(p.dtype),
+        )
     return _like_input(dx, xs)
 
 
@@ -226,9 +283,13 @@ ENGINE = Engine(
 )
 
 
-def triton_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group=None):  # type: ignore[no-untyped-def]
+def triton_l2_batch_norm(
+    x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group=None
+):  # type: ignore[no-untyped-def]
     """Same contract as :func:`l2bn.kernels.autograd.fused_l2_batch_norm`, on the Triton kernels."""
-    return fused_l2_batch_norm(x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE)
+    return fused_l2_batch_norm(
+        x, weight, bias, stat_mean, stat_var, eps, l2_eps, unit_rms, process_group, ENGINE
+    )
 
 
 @functools.cache
@@ -247,7 +308,9 @@ def _probe(device: str) -> Optional[str]:
             return "Triton kernels disagree with the ATen path on this device"
         return None
     except Exception as e:  # no Triton, unsupported GPU, compile failure
-        return f"Triton failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return (
+            f"Triton failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        )
 
 
 def _unavailable(x: Tensor) -> Optional[str]:
@@ -261,6 +324,9 @@ def _prefer(x: Tensor) -> bool:
 
 
 backends.register(
-    "triton", functools.partial(l2_batch_norm_fast, engine=ENGINE), _unavailable,
-    auto_priority=0, prefer=_prefer,
+    "triton",
+    functools.partial(l2_batch_norm_fast, engine=ENGINE),
+    _unavailable,
+    auto_priority=0,
+    prefer=_prefer,
 )

@@ -40,6 +40,8 @@ class AudioCNN(nn.Module):
 
 
 @register_model("audio-cnn")
-def audio_cnn(num_classes: int = 10, in_channels: int = 3, norm: str = "bn", width: int = 16) -> nn.Module:
+def audio_cnn(
+    num_classes: int = 10, in_channels: int = 3, norm: str = "bn", width: int = 16
+) -> nn.Module:
     """Small CNN for the offline spoken-digits demo."""
     return AudioCNN(num_classes, in_channels, norm, width)

@@ -37,7 +37,11 @@ class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs. ``width`` scales the 16/32/64 channels."""
 
     def __init__(
-        self, depth: int, num_classes: int = 10, in_channels: int = 3, norm: str = "bn",
+        self,
+        depth: int,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        norm: str = "bn",
         width: int = 1,
     ) -> None:
         super().__init__()

@@ -46,7 +46,8 @@ the final non-affine BN on the class maps before pooling (``BatchNormalization(c
 scale=False)`` written out directly in ``model_resnet``/``model_fcnn``). Here ``norm=`` sets all
 switchable layers (36 in the ResNet, 10 in the FCNN, 12 in the fsFCNN, input BNs included) and
 ``final_norm`` (default: BN, see :func:`default_final_norm`) sets that last layer, reachable as
-``model.final_bn``. (In the released Keras file the switch has no effect: its ``L2BN2d`` subclasses ``BatchNormalization``
+``model.final_bn``. (In the released Keras file the switch has no effect: its ``L2BN2d`` subclasses
+``BatchNormalization``
 and defines only a PyTorch-style ``forward()``, which Keras never calls, so ``l2bn=True`` runs
 plain BN. These networks with a working L2BN are the experiment that code never ran.)
 
@@ -84,9 +85,20 @@ from .keras_layers import (
 from .registry import register_model
 
 __all__ = [
-    "KERAS_BN_EPS", "KERAS_BN_MOMENTUM", "REFERENCE", "tf_same_padding", "Conv2dSame", "MaxPool2dSame",
-    "AvgPool2dSame", "ChannelAttention", "DCASEResNet", "DCASEFCNN", "DCASEFsFCNN", "keras_he_normal_",
-    "param_counts", "default_final_norm",
+    "KERAS_BN_EPS",
+    "KERAS_BN_MOMENTUM",
+    "REFERENCE",
+    "tf_same_padding",
+    "Conv2dSame",
+    "MaxPool2dSame",
+    "AvgPool2dSame",
+    "ChannelAttention",
+    "DCASEResNet",
+    "DCASEFCNN",
+    "DCASEFsFCNN",
+    "keras_he_normal_",
+    "param_counts",
+    "default_final_norm",
 ]
 
 
@@ -105,8 +117,8 @@ def default_final_norm(norm: str) -> str:
     for ``"none"``) -- the authors' design keeps it BN whatever the ``l2bn`` switch says.
 
     Example:
-        >>> default_final_norm("l2bn"), default_final_norm("sync-l2bn-rms"), default_final_norm("none")
-        ('bn', 'syncbn', 'none')
+        >>> [default_final_norm(n) for n in ("l2bn", "sync-l2bn-rms", "none")]
+        ['bn', 'syncbn', 'none']
     """
     key = str(norm).lower()
     if key in ("none", "identity"):
@@ -114,7 +126,9 @@ def default_final_norm(norm: str) -> str:
     return "syncbn" if key.startswith("sync") else "bn"
 
 
-def _norms(norm: str, final_norm: Optional[str], bn_eps: float, bn_momentum: float) -> Tuple[NormCtor, NormCtor]:
+def _norms(
+    norm: str, final_norm: Optional[str], bn_eps: float, bn_momentum: float
+) -> Tuple[NormCtor, NormCtor]:
     kw = dict(eps=bn_eps, momentum=bn_momentum)
     final = default_final_norm(norm) if final_norm is None else final_norm
     return get_norm_layer(norm, 2, **kw), get_norm_layer(final, 2, **kw)
@@ -136,8 +150,16 @@ class _PreActBlock(nn.Module):
     def __init__(self, cin: int, cout: int, downsample: bool, norm: NormCtor) -> None:
         super().__init__()
         stride = (1, 2) if downsample else (1, 1)
-        self.bn1, self.relu1, self.conv1 = norm(cin, affine=False), nn.ReLU(), Conv2dSame(cin, cout, 3, stride)
-        self.bn2, self.relu2, self.conv2 = norm(cout, affine=False), nn.ReLU(), Conv2dSame(cout, cout, 3)
+        self.bn1, self.relu1, self.conv1 = (
+            norm(cin, affine=False),
+            nn.ReLU(),
+            Conv2dSame(cin, cout, 3, stride),
+        )
+        self.bn2, self.relu2, self.conv2 = (
+            norm(cout, affine=False),
+            nn.ReLU(),
+            Conv2dSame(cout, cout, 3),
+        )
         self.pool = AvgPool2dSame(3, (1, 2)) if downsample else None
         self.extra_channels = cout - cin
 
@@ -145,7 +167,9 @@ class _PreActBlock(nn.Module):
         out = self.conv2(self.relu2(self.bn2(self.conv1(self.relu1(self.bn1(x))))))
         short = x if self.pool is None else self.pool(x)
         if self.extra_channels:
-            short = F.pad(short, (0, 0, 0, 0, 0, self.extra_channels))  # concat([s, zeros]) on channels
+            short = F.pad(
+                short, (0, 0, 0, 0, 0, self.extra_channels)
+            )  # concat([s, zeros]) on channels
         return out + short
 
 
@@ -153,15 +177,24 @@ class _ResNetPath(nn.Module):
     """One frequency path: input BN (affine), Conv3x3 stride (1, 2) without ReLU, then 4 stages x
     2 pre-activation blocks of widths ``w, 2w, 4w, 8w``; time-only downsampling."""
 
-    def __init__(self, in_channels: int, width: int, norm: NormCtor, blocks_per_stage: int = 2) -> None:
+    def __init__(
+        self, in_channels: int, width: int, norm: NormCtor, blocks_per_stage: int = 2
+    ) -> None:
         super().__init__()
         self.bn_in = norm(in_channels, affine=True)
         self.conv_in = Conv2dSame(in_channels, width, 3, (1, 2))
         stages: List[nn.Module] = []
         c = width
         for i in range(4):
-            w = width * 2 ** i
-            stages.append(nn.Sequential(*[_PreActBlock(c if j == 0 else w, w, i > 0 and j == 0, norm) for j in range(blocks_per_stage)]))
+            w = width * 2**i
+            stages.append(
+                nn.Sequential(
+                    *[
+                        _PreActBlock(c if j == 0 else w, w, i > 0 and j == 0, norm)
+                        for j in range(blocks_per_stage)
+                    ]
+                )
+            )
             c = w
         self.stage1, self.stage2, self.stage3, self.stage4 = stages
         self.out_channels = c
@@ -180,13 +213,28 @@ class DCASEResNet(nn.Module):
     average pooling. All BNs except the two input BNs are non-affine.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, norm: str = "bn", width: int = 48,
-                 final_norm: Optional[str] = None, bn_eps: float = KERAS_BN_EPS, bn_momentum: float = KERAS_BN_MOMENTUM) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        norm: str = "bn",
+        width: int = 48,
+        final_norm: Optional[str] = None,
+        bn_eps: float = KERAS_BN_EPS,
+        bn_momentum: float = KERAS_BN_MOMENTUM,
+    ) -> None:
         super().__init__()
         nl, fl = _norms(norm, final_norm, bn_eps, bn_momentum)
-        self.path1, self.path2 = _ResNetPath(in_channels, width, nl), _ResNetPath(in_channels, width, nl)
+        self.path1, self.path2 = (
+            _ResNetPath(in_channels, width, nl),
+            _ResNetPath(in_channels, width, nl),
+        )
         c = self.path1.out_channels
-        self.bn1, self.relu1, self.conv1 = nl(c, affine=False), nn.ReLU(), nn.Conv2d(c, 4 * c, 1, bias=False)
+        self.bn1, self.relu1, self.conv1 = (
+            nl(c, affine=False),
+            nn.ReLU(),
+            nn.Conv2d(c, 4 * c, 1, bias=False),
+        )
         self.bn2, self.conv2 = nl(4 * c, affine=False), nn.Conv2d(4 * c, num_classes, 1, bias=False)
         self.final_bn = fl(num_classes, affine=False)
         self.embedding = _Tap()
@@ -210,15 +258,21 @@ class DCASEResNet(nn.Module):
 # --------------------------------------------------------------------------------- FCNN family
 
 
-def _cbr(cin: int, cout: int, kernel: _Pair, stride: _Pair, norm: NormCtor, padding: Optional[int] = None) -> List[nn.Module]:
+def _cbr(
+    cin: int, cout: int, kernel: _Pair, stride: _Pair, norm: NormCtor, padding: Optional[int] = None
+) -> List[nn.Module]:
     """Conv (bias-free) - BN(affine) - ReLU; ``padding=None``: Keras "same", else symmetric zero
     padding (``ZeroPadding2D(p)`` then a "valid" conv)."""
-    conv = Conv2dSame(cin, cout, kernel, stride) if padding is None else nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
+    conv = (
+        Conv2dSame(cin, cout, kernel, stride)
+        if padding is None
+        else nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
+    )
     return [conv, norm(cout, affine=True), nn.ReLU()]
 
 
 class _AttentionHead(nn.Module):
-    """``Conv1x1(-> classes)`` - BN(no affine) - ReLU - final BN(no affine) - channel attention - GAP."""
+    """``Conv1x1(-> classes)`` - BN - ReLU - final BN (both non-affine) - attention - GAP."""
 
     def __init__(self, cin: int, num_classes: int, norm: NormCtor, final: NormCtor) -> None:
         super().__init__()
@@ -255,20 +309,33 @@ class DCASEFCNN(_FCNNBase):
     """Hu et al.'s FCNN with channel attention (``fcnn_att.model_fcnn``, ``num_filters=[48, 96,
     192]``; widths are ``num_filters * in_channels`` = 144, 288, 576 as in the Keras code).
 
-    Input BN; ``ZeroPad(2)-Conv5x5 s2``, ``ZeroPad(1)-Conv3x3``, max-pool 2 (block 1); two 3x3 convs,
+    Input BN; ``ZeroPad(2)-Conv5x5 s2``, ``ZeroPad(1)-Conv3x3``, max-pool 2 (block 1); two 3x3
+    convs,
     max-pool 2 (block 2); four 3x3 convs with element-wise dropout 0.3 after the first three,
     max-pool 2 (block 3); then the attention head. BNs after convolutions are affine.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, norm: str = "bn",
-                 num_filters: Sequence[int] = (48, 96, 192), dropout: float = 0.3, final_norm: Optional[str] = None,
-                 bn_eps: float = KERAS_BN_EPS, bn_momentum: float = KERAS_BN_MOMENTUM) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        norm: str = "bn",
+        num_filters: Sequence[int] = (48, 96, 192),
+        dropout: float = 0.3,
+        final_norm: Optional[str] = None,
+        bn_eps: float = KERAS_BN_EPS,
+        bn_momentum: float = KERAS_BN_MOMENTUM,
+    ) -> None:
         super().__init__()
         nl, fl = _norms(norm, final_norm, bn_eps, bn_momentum)
         w1, w2, w3 = (f * in_channels for f in num_filters)
         self.bn_in = nl(in_channels, affine=True)
-        self.block1 = nn.Sequential(*_cbr(in_channels, w1, 5, 2, nl, 2), *_cbr(w1, w1, 3, 1, nl, 1), nn.MaxPool2d(2))
-        self.block2 = nn.Sequential(*_cbr(w1, w2, 3, 1, nl, 1), *_cbr(w2, w2, 3, 1, nl, 1), nn.MaxPool2d(2))
+        self.block1 = nn.Sequential(
+            *_cbr(in_channels, w1, 5, 2, nl, 2), *_cbr(w1, w1, 3, 1, nl, 1), nn.MaxPool2d(2)
+        )
+        self.block2 = nn.Sequential(
+            *_cbr(w1, w2, 3, 1, nl, 1), *_cbr(w2, w2, 3, 1, nl, 1), nn.MaxPool2d(2)
+        )
         layers: List[nn.Module] = []
         for i in range(4):
             layers += _cbr(w2 if i == 0 else w3, w3, 3, 1, nl, 1)
@@ -283,27 +350,52 @@ class DCASEFCNN(_FCNNBase):
 
 
 class DCASEFsFCNN(_FCNNBase):
-    """Hu et al.'s "fsFCNN" with channel attention (``fsfcnn_att.model_fcnn``, ``num_filters=[48, 96,
+    """Hu et al.'s "fsFCNN" with channel attention (``fsfcnn_att.model_fcnn``,
+    ``num_filters=[48, 96,
     512, 768]``; fixed widths). Despite the name it has one path over all 128 bins.
 
-    Input BN; ``Conv5x5 s(1,2)``, ``Conv3x3``, max-pool 3x3 s2 (block 1); two 3x3 convs, max-pool 3x3
+    Input BN; ``Conv5x5 s(1,2)``, ``Conv3x3``, max-pool 3x3 s2 (block 1); two 3x3 convs, max-pool
+    3x3
     s2 (block 2); two 3x3 convs, max-pool 3x3 s(1,2), two 3x3 convs, max-pool 3x3 s(1,2) (block 3);
     two 3x3 convs each followed by element-wise dropout 0.5 (block 4); then the attention head.
     Convolutions and pools use Keras "same" padding.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, norm: str = "bn",
-                 num_filters: Sequence[int] = (48, 96, 512, 768), dropout: float = 0.5, final_norm: Optional[str] = None,
-                 bn_eps: float = KERAS_BN_EPS, bn_momentum: float = KERAS_BN_MOMENTUM) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        norm: str = "bn",
+        num_filters: Sequence[int] = (48, 96, 512, 768),
+        dropout: float = 0.5,
+        final_norm: Optional[str] = None,
+        bn_eps: float = KERAS_BN_EPS,
+        bn_momentum: float = KERAS_BN_MOMENTUM,
+    ) -> None:
         super().__init__()
         nl, fl = _norms(norm, final_norm, bn_eps, bn_momentum)
         w1, w2, w3, w4 = num_filters
         self.bn_in = nl(in_channels, affine=True)
-        self.block1 = nn.Sequential(*_cbr(in_channels, w1, 5, (1, 2), nl), *_cbr(w1, w1, 3, 1, nl), MaxPool2dSame(3, 2))
-        self.block2 = nn.Sequential(*_cbr(w1, w2, 3, 1, nl), *_cbr(w2, w2, 3, 1, nl), MaxPool2dSame(3, 2))
-        self.block3 = nn.Sequential(*_cbr(w2, w3, 3, 1, nl), *_cbr(w3, w3, 3, 1, nl), MaxPool2dSame(3, (1, 2)),
-                                    *_cbr(w3, w3, 3, 1, nl), *_cbr(w3, w3, 3, 1, nl), MaxPool2dSame(3, (1, 2)))
-        self.block4 = nn.Sequential(*_cbr(w3, w4, 3, 1, nl), nn.Dropout(dropout), *_cbr(w4, w4, 3, 1, nl), nn.Dropout(dropout))
+        self.block1 = nn.Sequential(
+            *_cbr(in_channels, w1, 5, (1, 2), nl), *_cbr(w1, w1, 3, 1, nl), MaxPool2dSame(3, 2)
+        )
+        self.block2 = nn.Sequential(
+            *_cbr(w1, w2, 3, 1, nl), *_cbr(w2, w2, 3, 1, nl), MaxPool2dSame(3, 2)
+        )
+        self.block3 = nn.Sequential(
+            *_cbr(w2, w3, 3, 1, nl),
+            *_cbr(w3, w3, 3, 1, nl),
+            MaxPool2dSame(3, (1, 2)),
+            *_cbr(w3, w3, 3, 1, nl),
+            *_cbr(w3, w3, 3, 1, nl),
+            MaxPool2dSame(3, (1, 2)),
+        )
+        self.block4 = nn.Sequential(
+            *_cbr(w3, w4, 3, 1, nl),
+            nn.Dropout(dropout),
+            *_cbr(w4, w4, 3, 1, nl),
+            nn.Dropout(dropout),
+        )
         self.head = _AttentionHead(w4, num_classes, nl, fl)
         _keras_init(self)
 
@@ -312,16 +404,21 @@ class DCASEFsFCNN(_FCNNBase):
 
 
 @register_model("dcase-resnet")
-def dcase_resnet(num_classes: int = 10, in_channels: int = 3, norm: str = "bn", **kw: Any) -> nn.Module:
+def dcase_resnet(
+    num_classes: int = 10, in_channels: int = 3, norm: str = "bn", **kw: Any
+) -> nn.Module:
     """Hu et al.'s two-path frequency-split ResNet, as in the L2BN authors' code (12.97 M params).
 
-    Keyword arguments: ``width`` (48), ``final_norm`` (BN), ``bn_eps`` (1e-3), ``bn_momentum`` (0.01).
+    Keyword arguments: ``width`` (48), ``final_norm`` (BN), ``bn_eps`` (1e-3), ``bn_momentum``
+    (0.01).
     """
     return DCASEResNet(num_classes, in_channels, norm, **kw)
 
 
 @register_model("dcase-fcnn")
-def dcase_fcnn(num_classes: int = 10, in_channels: int = 3, norm: str = "bn", **kw: Any) -> nn.Module:
+def dcase_fcnn(
+    num_classes: int = 10, in_channels: int = 3, norm: str = "bn", **kw: Any
+) -> nn.Module:
     """Hu et al.'s FCNN with channel attention, as in the L2BN authors' code (11.78 M params).
 
     Keyword arguments: ``num_filters`` ((48, 96, 192), times ``in_channels``), ``dropout`` (0.3),
@@ -331,7 +428,9 @@ def dcase_fcnn(num_classes: int = 10, in_channels: int = 3, norm: str = "bn", **
 
 
 @register_model("dcase-fsfcnn")
-def dcase_fsfcnn(num_classes: int = 10, in_channels: int = 3, norm: str = "bn", **kw: Any) -> nn.Module:
+def dcase_fsfcnn(
+    num_classes: int = 10, in_channels: int = 3, norm: str = "bn", **kw: Any
+) -> nn.Module:
     """Hu et al.'s fsFCNN with channel attention, as in the L2BN authors' code (16.53 M params).
 
     Keyword arguments: ``num_filters`` ((48, 96, 512, 768)), ``dropout`` (0.5), ``final_norm``
@@ -351,5 +450,7 @@ def param_counts(model: nn.Module) -> Tuple[int, int]:
         True
     """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    stats = sum(b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var")))
+    stats = sum(
+        b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))
+    )
     return trainable, stats

@@ -12,8 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["KERAS_BN_EPS", "KERAS_BN_MOMENTUM", "tf_same_padding", "Conv2dSame", "MaxPool2dSame", "AvgPool2dSame",
-           "ChannelAttention", "keras_he_normal_"]
+__all__ = [
+    "KERAS_BN_EPS",
+    "KERAS_BN_MOMENTUM",
+    "tf_same_padding",
+    "Conv2dSame",
+    "MaxPool2dSame",
+    "AvgPool2dSame",
+    "ChannelAttention",
+    "keras_he_normal_",
+]
 
 KERAS_BN_EPS = 1e-3
 
@@ -40,7 +48,9 @@ def tf_same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _same_pads(x: Tensor, kernel: Tuple[int, int], stride: Tuple[int, int]) -> Tuple[int, int, int, int]:
+def _same_pads(
+    x: Tensor, kernel: Tuple[int, int], stride: Tuple[int, int]
+) -> Tuple[int, int, int, int]:
     top, bottom = tf_same_padding(x.shape[-2], kernel[0], stride[0])
     left, right = tf_same_padding(x.shape[-1], kernel[1], stride[1])
     return (left, right, top, bottom)  # F.pad order: last dim first
@@ -54,10 +64,24 @@ class Conv2dSame(nn.Conv2d):
     validation). Bias-free by default, as every convolution of the reference networks.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _Pair, stride: _Pair = 1, bias: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _Pair,
+        stride: _Pair = 1,
+        bias: bool = False,
+    ) -> None:
         k, s = _pair(kernel_size), _pair(stride)
         static = s == (1, 1) and k[0] % 2 == 1 and k[1] % 2 == 1
-        super().__init__(in_channels, out_channels, k, s, padding=(k[0] // 2, k[1] // 2) if static else 0, bias=bias)
+        super().__init__(
+            in_channels,
+            out_channels,
+            k,
+            s,
+            padding=(k[0] // 2, k[1] // 2) if static else 0,
+            bias=bias,
+        )
         self._dynamic = not static
 
     def forward(self, input: Tensor) -> Tensor:
@@ -82,7 +106,7 @@ class MaxPool2dSame(nn.Module):
 
 
 class AvgPool2dSame(nn.Module):
-    """Keras ``AveragePooling2D(padding="same")``: the mean over the *valid* cells of each window."""
+    """Keras ``AveragePooling2D(padding="same")``: the mean over each window's *valid* cells."""
 
     def __init__(self, kernel_size: _Pair, stride: _Pair) -> None:
         super().__init__()
@@ -101,7 +125,8 @@ class AvgPool2dSame(nn.Module):
 
 class ChannelAttention(nn.Module):
     """CBAM's channel branch as in Hu et al.'s ``attention_layer.channel_attention``: one pair
-    of Dense layers (``C -> C // ratio``, ReLU, ``-> C``, with biases) *shared* by the global-average
+    of Dense layers (``C -> C // ratio``, ReLU, ``-> C``, with biases) *shared* by the
+    global-average
     and the global-max branch; ``x * sigmoid(avg_branch + max_branch)``."""
 
     def __init__(self, channels: int, ratio: int = 2) -> None:

@@ -13,7 +13,13 @@ from .registry import register_model
 
 
 class MLP(nn.Module):
-    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (256, 256), norm: str = "bn") -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: Sequence[int] = (256, 256),
+        norm: str = "bn",
+    ) -> None:
         super().__init__()
         norm_layer = get_norm_layer(norm, 1)
         layers = []
@@ -32,8 +38,13 @@ class MLP(nn.Module):
 
 
 @register_model("mlp")
-def mlp(num_classes: int = 10, in_channels: int = 1, norm: str = "bn", in_features: int = 0,
-        hidden: Sequence[int] = (256, 256)) -> nn.Module:
+def mlp(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    norm: str = "bn",
+    in_features: int = 0,
+    hidden: Sequence[int] = (256, 256),
+) -> nn.Module:
     """MLP; ``in_features`` is the flattened input size (set by the engine from the dataset)."""
     if in_features <= 0:
         raise BadInput("mlp needs in_features (the flattened input size)")

@@ -42,8 +42,17 @@ def create_model(
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, norm=norm, **kwargs)
 
 
-def build_model(name: str, norm: str, *, num_classes: int, input_shape: Sequence[int], width: int = 1,
-                sync: bool = False, bn_eps: Optional[float] = None, bn_momentum: Optional[float] = None) -> nn.Module:
+def build_model(
+    name: str,
+    norm: str,
+    *,
+    num_classes: int,
+    input_shape: Sequence[int],
+    width: int = 1,
+    sync: bool = False,
+    bn_eps: Optional[float] = None,
+    bn_momentum: Optional[float] = None,
+) -> nn.Module:
     """Build model ``name`` for a dataset with ``num_classes`` classes and inputs of
     ``input_shape`` (``(C, H, W)`` or ``(F,)``); ``sync`` asks the factory for the synchronised
     twin of ``norm`` (``l2bn`` → ``sync-l2bn``).
@@ -60,7 +69,10 @@ def build_model(name: str, norm: str, *, num_classes: int, input_shape: Sequence
         kw["in_features"] = int(math.prod(input_shape))
     if width != 1:
         if not name.startswith("resnet"):
-            raise BadInput(f"width={width} is only supported by the CIFAR ResNets (resnet8 ... resnet110), not {name!r}")
+            raise BadInput(
+                f"width={width} is only supported by the CIFAR ResNets (resnet8 ... resnet110), "
+                f"not {name!r}"
+            )
         kw["width"] = width
     for key, val in (("bn_eps", bn_eps), ("bn_momentum", bn_momentum)):
         if val is not None:

@@ -27,7 +27,9 @@ def _make(tv_name: str):
         if key == "none":
             raise BadInput(f"tv_{tv_name} needs a norm layer; got {norm!r}")
         builder = getattr(torchvision.models, tv_name)
-        if "norm_layer" in inspect.signature(builder).parameters or tv_name.startswith(("resnet", "mobilenet")):
+        if "norm_layer" in inspect.signature(builder).parameters or tv_name.startswith(
+            ("resnet", "mobilenet")
+        ):
             return builder(weights=None, num_classes=num_classes, norm_layer=get_norm_layer(key, 2))
         model = builder(weights=None, num_classes=num_classes)
         if key == "bn":

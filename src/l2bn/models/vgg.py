@@ -17,7 +17,9 @@ _CFG = {
 
 
 class VGG(nn.Module):
-    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3, norm: str = "bn") -> None:
+    def __init__(
+        self, depth: int, num_classes: int = 10, in_channels: int = 3, norm: str = "bn"
+    ) -> None:
         super().__init__()
         norm_layer = get_norm_layer(norm, 2)
         layers: List[nn.Module] = []
@@ -27,7 +29,11 @@ class VGG(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
-                layers += [nn.Conv2d(cin, int(v), 3, padding=1, bias=False), norm_layer(int(v)), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(cin, int(v), 3, padding=1, bias=False),
+                    norm_layer(int(v)),
+                    nn.ReLU(inplace=True),
+                ]
                 cin = int(v)
         self.body = nn.Sequential(*layers)
         self.fc = nn.Linear(512, num_classes)

@@ -13,7 +13,9 @@ from .registry import register_model
 
 
 class WideBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module], drop: float) -> None:
+    def __init__(
+        self, cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module], drop: float
+    ) -> None:
         super().__init__()
         self.bn1 = norm(cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -21,7 +23,9 @@ class WideBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.relu = nn.ReLU()
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+        self.shortcut = (
+            nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         o = self.relu(self.bn1(x))
@@ -31,8 +35,15 @@ class WideBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    def __init__(self, depth: int, k: int, num_classes: int = 10, in_channels: int = 3,
-                 norm: str = "bn", drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        depth: int,
+        k: int,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        norm: str = "bn",
+        drop: float = 0.0,
+    ) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0:
             raise BadInput(f"WRN depth must be 6n+4, got {depth}")

@@ -45,6 +45,7 @@ def resolve_recipe(name_or_path: str) -> Path:
     if p.parent == Path(".") and shipped.is_file():
         return shipped
     raise MissingFile(
-        f"config file not found: {name_or_path} (expected a YAML file or one of the shipped recipes: "
+        f"config file not found: {name_or_path} (expected a YAML file or one of the shipped "
+        f"recipes: "
         f"{', '.join(list_recipes())})"
     )

@@ -17,7 +17,14 @@ def _by_norm(analyses: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
     from .runs import NORM_ORDER, model_order
 
     out: Dict[str, List[Dict[str, Any]]] = {}
-    for a in sorted(analyses, key=lambda a: (model_order(a["model"]), NORM_ORDER.get(a["norm"], len(NORM_ORDER)), a["norm"])):
+    for a in sorted(
+        analyses,
+        key=lambda a: (
+            model_order(a["model"]),
+            NORM_ORDER.get(a["norm"], len(NORM_ORDER)),
+            a["norm"],
+        ),
+    ):
         out.setdefault(f"{a['model']}/{a['norm']}", []).append(a)
     return out
 
@@ -59,7 +66,9 @@ def norm_histograms(analyses: List[Dict[str, Any]], path: Path) -> Path:
     models = _models(groups)
     rows = []
     for m in models:
-        layers = list(next(runs for runs in groups.values() if runs[0]["model"] == m)[0]["norm_spread"])
+        layers = list(
+            next(runs for runs in groups.values() if runs[0]["model"] == m)[0]["norm_spread"]
+        )
         rows.append((m, layers, sorted({0, len(layers) // 2, len(layers) - 1})))
     ncols = max(len(picks) for _, _, picks in rows)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(4 * ncols, 3.2 * len(rows)), squeeze=False)
@@ -74,9 +83,11 @@ def norm_histograms(analyses: List[Dict[str, Any]], path: Path) -> Path:
                 h = np.array(s["hist_log10"])
                 edges = np.linspace(lo, hi, len(h) + 1)
                 ax.stairs(h / max(h.sum(), 1), edges, color=COLORS.get(r["norm"]), label=key)
-            ax.set_title(f"{m + ', ' if len(models) > 1 else ''}layer {li}: {layers[li]}", fontsize=9)
+            ax.set_title(
+                f"{m + ', ' if len(models) > 1 else ''}layer {li}: {layers[li]}", fontsize=9
+            )
             ax.set_xlabel("log10 ‖x_n‖ (sample norm at the layer input)")
-        for ax in row[len(picks):]:
+        for ax in row[len(picks) :]:
             ax.set_visible(False)
         row[0].set_ylabel("fraction of samples")
         row[0].legend(fontsize=8)
@@ -86,12 +97,14 @@ def norm_histograms(analyses: List[Dict[str, Any]], path: Path) -> Path:
     return path
 
 
-METRICS = [("compactness", "intra-class compactness (cos to centroid)"),
-           ("intra_class_angle_deg", "mean intra-class angle (deg)"),
-           ("discrepancy_mean_deg", "mean angle between class centroids (deg)"),
-           ("discrepancy_min_deg", "min angle between class centroids (deg)"),
-           ("fisher_ratio", "Fisher ratio tr(Sb)/tr(Sw)"),
-           ("knn_accuracy", "k-NN accuracy on features (%)")]
+METRICS = [
+    ("compactness", "intra-class compactness (cos to centroid)"),
+    ("intra_class_angle_deg", "mean intra-class angle (deg)"),
+    ("discrepancy_mean_deg", "mean angle between class centroids (deg)"),
+    ("discrepancy_min_deg", "min angle between class centroids (deg)"),
+    ("fisher_ratio", "Fisher ratio tr(Sb)/tr(Sw)"),
+    ("knn_accuracy", "k-NN accuracy on features (%)"),
+]
 
 
 def metric_bars(analyses: List[Dict[str, Any]], path: Path) -> Path:
@@ -103,12 +116,22 @@ def metric_bars(analyses: List[Dict[str, Any]], path: Path) -> Path:
     for ax, (key, title) in zip(axes, mets):
         for i, runs in enumerate(groups.values()):
             vals = np.array([r[key] for r in runs])
-            ax.bar(i, vals.mean(), yerr=vals.std(ddof=1) if len(vals) > 1 else 0, color=COLORS.get(runs[0]["norm"]), capsize=4)
+            ax.bar(
+                i,
+                vals.mean(),
+                yerr=vals.std(ddof=1) if len(vals) > 1 else 0,
+                color=COLORS.get(runs[0]["norm"]),
+                capsize=4,
+            )
             ax.scatter(np.full(len(vals), i), vals, color="k", s=8, zorder=3)
         ax.set_xticks(range(len(groups)))
         several = len(_models(groups)) > 1
-        ax.set_xticklabels([g if several else g.split("/")[-1] for g in groups], fontsize=8,
-                           rotation=60 if several else 0, ha="right" if several else "center")
+        ax.set_xticklabels(
+            [g if several else g.split("/")[-1] for g in groups],
+            fontsize=8,
+            rotation=60 if several else 0,
+            ha="right" if several else "center",
+        )
         ax.set_title(title, fontsize=8)
         lo = min(r[key] for r in analyses)
         hi = max(r[key] for r in analyses)
@@ -127,7 +150,9 @@ def pca_views(analyses: List[Dict[str, Any]], path: Path) -> Path:
     groups = _by_norm(analyses)
     models = _models(groups)
     norms = list(dict.fromkeys(runs[0]["norm"] for runs in groups.values()))
-    fig, axes = plt.subplots(len(models), len(norms), figsize=(4.2 * len(norms), 4 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(models), len(norms), figsize=(4.2 * len(norms), 4 * len(models)), squeeze=False
+    )
     sc = None
     for ax in axes.flat:
         ax.set_visible(False)

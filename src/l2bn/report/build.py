@@ -30,11 +30,31 @@ from .runs import NORM_ORDER, ReportError, load_runs, summarize_runs
 __all__ = ["build_report", "to_html", "ReportError"]
 
 FIGURES = {
-    "curves.png": ("Learning curves", "Look for: whether L2BN (red) reaches higher test accuracy than BN (blue), and whether it gets there in fewer epochs."),
-    "norm_cv.png": ("Spread of sample norms per layer", "Look for: how unequal the sample norms entering each normalization layer are (coefficient of variation). L2BN removes this spread before its statistics; BN mixes it into them."),
-    "norm_hist.png": ("Sample-norm histograms", "Look for: the width of each histogram — the range of magnitudes that BN's batch statistics average over."),
-    "metrics.png": ("Feature geometry", "Look for: higher compactness, smaller intra-class angle, larger centroid angles and Fisher ratio with L2BN — the paper's mechanism. Dots are seeds."),
-    "pca.png": ("Penultimate features (PCA)", "Look for: tighter, better separated class clusters."),
+    "curves.png": (
+        "Learning curves",
+        "Look for: whether L2BN (red) reaches higher test accuracy than BN (blue), and whether it "
+        "gets there in fewer epochs.",
+    ),
+    "norm_cv.png": (
+        "Spread of sample norms per layer",
+        "Look for: how unequal the sample norms entering each normalization layer are "
+        "(coefficient of variation). L2BN removes this spread before its statistics; "
+        "BN mixes it into them.",
+    ),
+    "norm_hist.png": (
+        "Sample-norm histograms",
+        "Look for: the width of each histogram — the range of magnitudes that BN's batch "
+        "statistics average over.",
+    ),
+    "metrics.png": (
+        "Feature geometry",
+        "Look for: higher compactness, smaller intra-class angle, larger centroid angles and "
+        "Fisher ratio with L2BN — the paper's mechanism. Dots are seeds.",
+    ),
+    "pca.png": (
+        "Penultimate features (PCA)",
+        "Look for: tighter, better separated class clusters.",
+    ),
 }
 
 
@@ -47,8 +67,13 @@ def _train_time(r: Dict[str, Any]) -> float:
     return float(sum(epochs)) if epochs else float(r["wall_time_s"])
 
 
-def build_report(run_dirs: Sequence[str], out_dir: str, title: str = "", note: str = "",
-                 extra: Optional[Dict[str, Any]] = None) -> Dict[str, Path]:
+def build_report(
+    run_dirs: Sequence[str],
+    out_dir: str,
+    title: str = "",
+    note: str = "",
+    extra: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Path]:
     """Write ``report.md``, ``report.html``, ``summary.json`` and the figures into ``out_dir``.
 
     Raises:
@@ -75,7 +100,11 @@ def build_report(run_dirs: Sequence[str], out_dir: str, title: str = "", note: s
         figs += ["norm_cv.png", "norm_hist.png", "metrics.png", "pca.png"]
     axis_figs = []
     paired = any(d["n"] for d in summary["differences"].values())
-    plot_axes = (list(summary["axes"]) + (["model"] if len(summary["models"]) > 1 else [])) if paired else []
+    plot_axes = (
+        (list(summary["axes"]) + (["model"] if len(summary["models"]) > 1 else []))
+        if paired
+        else []
+    )
     for axis in plot_axes:
         name = f"axis_{re.sub(r'[^A-Za-z0-9_]+', '_', axis)}.png"
         axis_plot(summary, axis, out / name)
@@ -84,10 +113,16 @@ def build_report(run_dirs: Sequence[str], out_dir: str, title: str = "", note: s
     from ..train.config import TrainConfig
 
     cfg0 = TrainConfig.from_record(runs[0]["config"])
-    recipe = {k: v for k, v in cfg0.recipe_summary().items() if k not in ("seed", "norm", "model", *summary["axes"])
-              and all(repr(r["recipe"].get(k)) == repr(v) for r in runs)}  # "every run": only what they share
-    if recipe.get("train_subset") and all(r.get("train_examples") is not None and r["train_examples"] < recipe["train_subset"]
-                                     for r in runs):
+    recipe = {
+        k: v
+        for k, v in cfg0.recipe_summary().items()
+        if k not in ("seed", "norm", "model", *summary["axes"])
+        and all(repr(r["recipe"].get(k)) == repr(v) for r in runs)
+    }  # "every run": only what they share
+    if recipe.get("train_subset") and all(
+        r.get("train_examples") is not None and r["train_examples"] < recipe["train_subset"]
+        for r in runs
+    ):
         del recipe["train_subset"]  # larger than the training set: it had no effect
     datasets = sorted({r["config"]["dataset"] for r in runs})
     norms = sorted({r["norm"] for r in runs}, key=lambda n: NORM_ORDER.get(n, len(NORM_ORDER)))
@@ -97,38 +132,81 @@ def build_report(run_dirs: Sequence[str], out_dir: str, title: str = "", note: s
     md: List[str] = [f"# {title}", ""]
     if note:
         md += [note, ""]
-    md += [f"Recipe (every run): {', '.join(f'{k}={v}' for k, v in recipe.items())}."
-           + (f" Grid axes: {', '.join(summary['axes'])}." if summary["axes"] else ""),
-           f"{len(runs)} runs, {sum(walls):.0f} s of training in total on {', '.join(devices)}"
-           + (f"; this compare call {extra['compare_wall_time_s']:.0f} s." if extra and "compare_wall_time_s" in extra else "."), "",
-           "## Test accuracy (%) per seed (last epoch)", "", *accuracy_table(summary), ""]
+    md += [
+        f"Recipe (every run): {', '.join(f'{k}={v}' for k, v in recipe.items())}."
+        + (f" Grid axes: {', '.join(summary['axes'])}." if summary["axes"] else ""),
+        f"{len(runs)} runs, {sum(walls):.0f} s of training in total on {', '.join(devices)}"
+        + (
+            f"; this compare call {extra['compare_wall_time_s']:.0f} s."
+            if extra and "compare_wall_time_s" in extra
+            else "."
+        ),
+        "",
+        "## Test accuracy (%) per seed (last epoch)",
+        "",
+        *accuracy_table(summary),
+        "",
+    ]
     pg = per_group_table(summary)
     if pg:
         md += ["## Accuracy per group (mean over seeds)", "", *pg, ""]
     if paired:
-        md += ["## Paired difference against BN (same seed: same initialisation and data order)", "",
-               *difference_table(summary), "", *verdict(summary), "", *pooled_lines(summary)]
+        md += [
+            "## Paired difference against BN (same seed: same initialisation and data order)",
+            "",
+            *difference_table(summary),
+            "",
+            *verdict(summary),
+            "",
+            *pooled_lines(summary),
+        ]
     else:
-        why = ("there is no BN run among them" if "bn" not in norms else
-               "no other run has a BN run with the same model, recipe and seed (different epochs, grid values or seeds?)")
+        why = (
+            "there is no BN run among them"
+            if "bn" not in norms
+            else "no other run has a BN run with the same model, recipe and seed (different "
+            "epochs, grid values or seeds?)"
+        )
         md += ["## Paired difference against BN", "", f"*No paired comparison: {why}.*", ""]
     if axis_figs:
-        md += ["## Grid axes" if summary["axes"] else "## Across models", "", *axis_tables(summary, plot_axes)]
+        md += [
+            "## Grid axes" if summary["axes"] else "## Across models",
+            "",
+            *axis_tables(summary, plot_axes),
+        ]
         for axis, name in axis_figs:
-            md += [f"![{axis}]({name})", "", f"*Paired difference against BN (mean and 95% CI over seeds) as `{axis}` varies. "
-                   "Look for: whether the interval leaves 0 anywhere, and a trend along the axis.*", ""]
+            md += [
+                f"![{axis}]({name})",
+                "",
+                f"*Paired difference against BN (mean and 95% CI over seeds) as `{axis}` varies. "
+                "Look for: whether the interval leaves 0 anywhere, and a trend along the axis.*",
+                "",
+            ]
     t, c = FIGURES["curves.png"]
     md += [f"## {t}", "", "![curves](curves.png)", "", f"*{c}*", ""]
     if analyses:
-        md += ["## Mechanism: what the paper claims, measured on the test split", "",
-               "Norm spread is measured at the *input* of every normalization layer (before the l2 step), "
-               "features at the classifier's input. Definitions: `l2bn.analysis.metrics`. Differences are paired by seed.", "",
-               *mechanism_table(summary), "", *mechanism_claims(summary), ""]
+        md += [
+            "## Mechanism: what the paper claims, measured on the test split",
+            "",
+            "Norm spread is measured at the *input* of every normalization layer (before the l2 "
+            "step), "
+            "features at the classifier's input. Definitions: `l2bn.analysis.metrics`. "
+            "Differences are paired by seed.",
+            "",
+            *mechanism_table(summary),
+            "",
+            *mechanism_claims(summary),
+            "",
+        ]
         for f in figs[1:]:
             t, c = FIGURES[f]
             md += [f"## {t}", "", f"![{t}]({f})", "", f"*{c}*", ""]
     else:
-        md += ["*(No analysis.json in these runs: run `l2bn analyze RUN_DIR...` to add the mechanism section.)*", ""]
+        md += [
+            "*(No analysis.json in these runs: run `l2bn analyze RUN_DIR...` to add the mechanism "
+            "section.)*",
+            "",
+        ]
     md_text = "\n".join(md) + "\n"
     (out / "report.md").write_text(md_text)
     (out / "report.html").write_text(to_html(md_text, out, title))
@@ -150,9 +228,16 @@ def to_html(md_text: str, fig_dir: Path, title: str) -> str:
         return m.group(0)
 
     body = re.sub(r'(<img[^>]*src=")([^"]+)"', embed, body)
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "td:first-child{white-space:nowrap;text-align:left}"
-             "th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}em{color:#555}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>"
-            f"<body>{body}</body></html>")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;"
+        "padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:14px}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child{white-space:nowrap;text-align:left}"
+        "th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}em{color:#555}"
+    )
+    return (
+        f"<!doctype html><html><head><meta "
+        f"charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>"
+        f"<body>{body}</body></html>"
+    )

@@ -33,7 +33,9 @@ def learning_curves(runs: List[Dict[str, Any]], path: Path) -> Path:
         c = COLORS.get(r["norm"])
         ls = "-" if r["config"]["model"] == models[0] else "--"
         axes[0].plot(ep, acc, color=c, ls=ls, alpha=0.8, label=label)
-        axes[1].plot([h["epoch"] for h in hist], [h["train_loss"] for h in hist], color=c, ls=ls, alpha=0.8)
+        axes[1].plot(
+            [h["epoch"] for h in hist], [h["train_loss"] for h in hist], color=c, ls=ls, alpha=0.8
+        )
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("test accuracy (%)")
     axes[1].set_xlabel("epoch")
@@ -78,7 +80,9 @@ def axis_plot(summary: Dict[str, Any], axis: str, path: Path) -> Path:
             return model_order(v)
         return (0, v) if isinstance(v, (int, float)) else (1, str(v))
 
-    seen = {repr(axis_value(d, axis)): axis_value(d, axis) for ds in lines.values() for d in ds}  # values may be lists
+    seen = {
+        repr(axis_value(d, axis)): axis_value(d, axis) for ds in lines.values() for d in ds
+    }  # values may be lists
     xs_all = sorted(seen.values(), key=lambda v: order({"model": v, "axes": {axis: v}}))
     pos = {repr(v): j for j, v in enumerate(xs_all)}
     for i, (label, ds) in enumerate(sorted(lines.items())):
@@ -87,8 +91,16 @@ def axis_plot(summary: Dict[str, Any], axis: str, path: Path) -> Path:
         lo = [y - d["ci_low"] if d["ci_low"] is not None else 0 for y, d in zip(ys, ds)]
         hi = [d["ci_high"] - y if d["ci_high"] is not None else 0 for y, d in zip(ys, ds)]
         norm = ds[0]["norm"]
-        ax.errorbar([pos[repr(axis_value(d, axis))] + 0.08 * i for d in ds], ys, yerr=[lo, hi], marker="o", capsize=3,
-                    color=COLORS.get(norm), label=label, alpha=0.9)
+        ax.errorbar(
+            [pos[repr(axis_value(d, axis))] + 0.08 * i for d in ds],
+            ys,
+            yerr=[lo, hi],
+            marker="o",
+            capsize=3,
+            color=COLORS.get(norm),
+            label=label,
+            alpha=0.9,
+        )
     ax.set_xticks(range(len(xs_all)), [str(v) for v in xs_all])
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xlabel(axis)

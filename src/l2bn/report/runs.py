@@ -19,7 +19,15 @@ from ..factory import canonical_norm
 from ..io import JSONFileError, UsageError, read_json
 from .stats import holm, mean_std, paired_difference
 
-__all__ = ["ReportError", "load_runs", "summarize_runs", "grid_axes", "model_order", "MECHANISM_METRICS", "BASELINE"]
+__all__ = [
+    "ReportError",
+    "load_runs",
+    "summarize_runs",
+    "grid_axes",
+    "model_order",
+    "MECHANISM_METRICS",
+    "BASELINE",
+]
 
 BASELINE = "bn"
 #: (key in the summary, label, how to read it from analysis.json)
@@ -36,7 +44,7 @@ NORM_ORDER = {BASELINE: 0, "l2bn": 1, "l2bn-rms": 2}
 
 
 class ReportError(UsageError, ValueError):
-    """A run directory cannot be reported on (missing or corrupt result.json, unfinished run, ...)."""
+    """A run directory cannot be reported on (missing/corrupt result.json, unfinished run, ...)."""
 
 
 def load_runs(run_dirs: Sequence[str]) -> List[Dict[str, Any]]:
@@ -47,7 +55,9 @@ def load_runs(run_dirs: Sequence[str]) -> List[Dict[str, Any]]:
     for d in run_dirs:
         p = Path(d) / "result.json"
         if not p.is_file():
-            raise ReportError(f"{d}: no result.json (is this a finished `l2bn train` run directory?)")
+            raise ReportError(
+                f"{d}: no result.json (is this a finished `l2bn train` run directory?)"
+            )
         try:
             r = read_json(p, "run result")
             a = Path(d) / "analysis.json"
@@ -55,11 +65,16 @@ def load_runs(run_dirs: Sequence[str]) -> List[Dict[str, Any]]:
         except JSONFileError as e:
             raise ReportError(str(e)) from None
         if not isinstance(r, dict) or r.get("status") != "complete":
-            raise ReportError(f"{d}: run is not complete (status {r.get('status') if isinstance(r, dict) else None!r})")
+            raise ReportError(
+                f"{d}: run is not complete (status "
+                f"{r.get('status') if isinstance(r, dict) else None!r})"
+            )
         if not isinstance(r.get("config"), dict) or "test_acc" not in r:
             raise ReportError(f"{p}: not an l2bn result (no 'config'/'test_acc')")
         if not isinstance(r["test_acc"], (int, float)) or not r.get("history"):
-            raise ReportError(f"{d}: the run trained no epoch (no test accuracy): nothing to report")
+            raise ReportError(
+                f"{d}: the run trained no epoch (no test accuracy): nothing to report"
+            )
         cfg = TrainConfig.from_record(r["config"])
         r["recipe"] = cfg.recipe()
         r["norm"] = canonical_norm(cfg.norm)
@@ -112,10 +127,14 @@ def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> 
     axes = grid_axes(runs)
     models = sorted(dict.fromkeys(r["config"]["model"] for r in runs), key=model_order)
     norms = list(dict.fromkeys(r["norm"] for r in runs))
-    norms = sorted(norms, key=lambda n: NORM_ORDER.get(n, len(NORM_ORDER)))  # stable: others keep their order
+    norms = sorted(
+        norms, key=lambda n: NORM_ORDER.get(n, len(NORM_ORDER))
+    )  # stable: others keep their order
     seeds = sorted({r["config"]["seed"] for r in runs})
-    points = sorted({tuple(r["recipe"].get(k) for k in axes) for r in runs},
-                    key=lambda pt: [_value_key(v) for v in pt])
+    points = sorted(
+        {tuple(r["recipe"].get(k) for k in axes) for r in runs},
+        key=lambda pt: [_value_key(v) for v in pt],
+    )
 
     def where(d: str) -> str:
         return os.path.relpath(d, rel_to) if rel_to else d
@@ -125,19 +144,47 @@ def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> 
         for pt in points:
             ax = dict(zip(axes, pt))
             for n in norms:
-                rs = sorted((r for r in runs if r["config"]["model"] == m and r["norm"] == n
-                             and all(r["recipe"].get(k) == v for k, v in ax.items())), key=lambda r: r["config"]["seed"])
+                rs = sorted(
+                    (
+                        r
+                        for r in runs
+                        if r["config"]["model"] == m
+                        and r["norm"] == n
+                        and all(r["recipe"].get(k) == v for k, v in ax.items())
+                    ),
+                    key=lambda r: r["config"]["seed"],
+                )
                 if not rs:
                     continue
                 fm, fs = mean_std([r["test_acc"] for r in rs])
                 bm, bs = mean_std([r["best_test_acc"] for r in rs])
                 cells[_cell_key(m, n, ax)] = {
-                    "model": m, "norm": n, "axes": ax, "n": len(rs), "final_mean": fm, "final_std": fs,
-                    "best_mean": bm, "best_std": bs,
-                    "runs": [{"seed": r["config"]["seed"], "test_acc": r["test_acc"], "best_test_acc": r["best_test_acc"],
-                              "wall_time_s": r["wall_time_s"], "dir": where(r["dir"]),
-                              **({"best_per_group_acc": r["best_per_group_acc"], "per_group_acc": r["per_group_acc"]}
-                                 if "per_group_acc" in r else {})} for r in rs],
+                    "model": m,
+                    "norm": n,
+                    "axes": ax,
+                    "n": len(rs),
+                    "final_mean": fm,
+                    "final_std": fs,
+                    "best_mean": bm,
+                    "best_std": bs,
+                    "runs": [
+                        {
+                            "seed": r["config"]["seed"],
+                            "test_acc": r["test_acc"],
+                            "best_test_acc": r["best_test_acc"],
+                            "wall_time_s": r["wall_time_s"],
+                            "dir": where(r["dir"]),
+                            **(
+                                {
+                                    "best_per_group_acc": r["best_per_group_acc"],
+                                    "per_group_acc": r["per_group_acc"],
+                                }
+                                if "per_group_acc" in r
+                                else {}
+                            ),
+                        }
+                        for r in rs
+                    ],
                     "_runs": rs,
                 }
     diffs: Dict[str, Any] = {}
@@ -152,17 +199,28 @@ def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> 
         b = {r["config"]["seed"]: r for r in base["_runs"]}
         common = sorted(set(a) & set(b))
         dkey = f"{key}-{BASELINE}"
-        diffs[dkey] = {"model": cell["model"], "norm": cell["norm"], "axes": cell["axes"], "seeds": common,
-                       **paired_difference([a[s]["test_acc"] for s in common], [b[s]["test_acc"] for s in common])}
+        diffs[dkey] = {
+            "model": cell["model"],
+            "norm": cell["norm"],
+            "axes": cell["axes"],
+            "seeds": common,
+            **paired_difference(
+                [a[s]["test_acc"] for s in common], [b[s]["test_acc"] for s in common]
+            ),
+        }
         both = [s for s in common if a[s]["analysis"] and b[s]["analysis"]]
         if both:
             mech[dkey] = {}
             for metric, _ in MECHANISM_METRICS:
                 if all(metric in a[s]["analysis"] and metric in b[s]["analysis"] for s in both):
                     mech[dkey][metric] = {
-                        "seeds": both, "l2": mean_std([a[s]["analysis"][metric] for s in both])[0],
+                        "seeds": both,
+                        "l2": mean_std([a[s]["analysis"][metric] for s in both])[0],
                         "bn": mean_std([b[s]["analysis"][metric] for s in both])[0],
-                        **paired_difference([a[s]["analysis"][metric] for s in both], [b[s]["analysis"][metric] for s in both]),
+                        **paired_difference(
+                            [a[s]["analysis"][metric] for s in both],
+                            [b[s]["analysis"][metric] for s in both],
+                        ),
                     }
     for cell in cells.values():
         cell.pop("_runs")
@@ -171,8 +229,16 @@ def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> 
     # rows of its mechanism table (every metric of every comparison)
     _adjust(list(diffs.values()))
     _adjust([d for metrics in mech.values() for d in metrics.values()])
-    return {"cells": cells, "differences": diffs, "pooled": pooled, "mechanism": mech, "axes": axes,
-            "models": models, "norms": norms, "seeds": seeds}
+    return {
+        "cells": cells,
+        "differences": diffs,
+        "pooled": pooled,
+        "mechanism": mech,
+        "axes": axes,
+        "models": models,
+        "norms": norms,
+        "seeds": seeds,
+    }
 
 
 def _pool(diffs: Dict[str, Any]) -> Dict[str, Any]:
@@ -205,7 +271,10 @@ def _pool(diffs: Dict[str, Any]) -> Dict[str, Any]:
             if len(values) > 1:
                 over[k] = values
         out[f"{norm}-{BASELINE}"] = {
-            "norm": norm, "cells": len(ds), "over": over, "seeds": used,
+            "norm": norm,
+            "cells": len(ds),
+            "over": over,
+            "seeds": used,
             "not_in_every_cell": sorted(set().union(*(set(p) for p in per_seed)) - every),
             "not_finite": [s for s in means if s not in used],
             **paired_difference([means[s] for s in used], [0.0] * len(used)),

@@ -25,7 +25,9 @@ def t_quantile(p: float, df: int) -> float:
     return float(t.ppf(p, df))
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Dict[str, object]:
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], confidence: float = 0.95
+) -> Dict[str, object]:
     """Mean of ``a[i] - b[i]`` with a two-sided t confidence interval over the pairs.
 
     With fewer than 2 pairs there is no interval; the result says so in ``note``.
@@ -39,13 +41,23 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     m, s = mean_std(d)
     out: Dict[str, object] = {"n": n, "mean": m, "std": s, "diffs": d, "confidence": confidence}
     if n < 2 or s is None:
-        out.update(ci_low=None, ci_high=None, p_value=None, note=f"only {n} paired seed(s): no confidence interval")
+        out.update(
+            ci_low=None,
+            ci_high=None,
+            p_value=None,
+            note=f"only {n} paired seed(s): no confidence interval",
+        )
         return out
     if s <= 1e-9 * max(1.0, max(abs(x) for x in d)):
         # every seed gave the same difference (to rounding): a t-interval and p-value would be
         # artefacts of the rounding (e.g. p = 1e-14), not evidence
-        out.update(std=0.0, ci_low=None, ci_high=None, p_value=None,
-                   note=f"no spread: all {n} paired differences are equal, so no test is possible")
+        out.update(
+            std=0.0,
+            ci_low=None,
+            ci_high=None,
+            p_value=None,
+            note=f"no spread: all {n} paired differences are equal, so no test is possible",
+        )
         return out
     half = t_quantile(0.5 + confidence / 2, n - 1) * s / math.sqrt(n)
     out.update(ci_low=m - half, ci_high=m + half, p_value=paired_t_pvalue(m, s, n))
@@ -109,10 +121,14 @@ def min_detectable_effect(std: float, n: int, target: float = 0.8, alpha: float 
 
     if n < 2:
         return math.inf
-    return float(brentq(lambda e: power(e, std, n, alpha) - target, 1e-9 * std, 50 * std, xtol=1e-9 * std))
+    return float(
+        brentq(lambda e: power(e, std, n, alpha) - target, 1e-9 * std, 50 * std, xtol=1e-9 * std)
+    )
 
 
-def seeds_needed(effect: float, std: float, target: float = 0.8, alpha: float = 0.05, limit: int = 10_000) -> int:
+def seeds_needed(
+    effect: float, std: float, target: float = 0.8, alpha: float = 0.05, limit: int = 10_000
+) -> int:
     """Fewest paired seeds with which a true difference ``effect`` is detected with probability
     ``target`` (two-sided, level ``alpha``), for differences of standard deviation ``std``.
 

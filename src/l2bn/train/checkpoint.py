@@ -22,7 +22,7 @@ __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_model_
 
 
 class CheckpointError(UsageError, RuntimeError):
-    """A checkpoint is missing, corrupt, unsafe or belongs to another model; the message names the file."""
+    """A checkpoint is missing, corrupt, unsafe or of another model; the message names the file."""
 
 
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
@@ -35,12 +35,26 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
     try:
         atomic_write_bytes(Path(path), lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as e:  # torch.save reports a short write as RuntimeError
-        if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "write" not in str(e).lower():
+        if (
+            isinstance(e, RuntimeError)
+            and "inline_container" not in str(e)
+            and "write" not in str(e).lower()
+        ):
             raise
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed; is the disk full?"
-        kept = f"the previous {path.name} is intact" if Path(path).is_file() else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write {path} ({reason}); {kept} (checkpoints are written atomically). "
-                              "Free space and continue with --resume.") from e
+        reason = (
+            e.strerror
+            if isinstance(e, OSError) and e.strerror
+            else "the write failed; is the disk full?"
+        )
+        kept = (
+            f"the previous {path.name} is intact"
+            if Path(path).is_file()
+            else "no earlier checkpoint exists"
+        )
+        raise CheckpointError(
+            f"could not write {path} ({reason}); {kept} (checkpoints are written atomically). "
+            "Free space and continue with --resume."
+        ) from e
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
@@ -57,17 +71,26 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        unsafe = next((ln for ln in lines if "GLOBAL" in ln or "global" in ln.split(":")[0].lower()), None)
+        unsafe = next(
+            (ln for ln in lines if "GLOBAL" in ln or "global" in ln.split(":")[0].lower()), None
+        )
         if unsafe is not None:
             raise CheckpointError(
-                f"{path}: refused — the file contains Python objects that only unsafe unpickling could load "
-                f"(it could run code); l2bn checkpoints hold only tensors, numbers, strings, lists and dicts "
+                f"{path}: refused — the file contains Python objects that only unsafe unpickling "
+                f"could load "
+                f"(it could run code); l2bn checkpoints hold only tensors, numbers, strings, "
+                f"lists and dicts "
                 f"({unsafe[:160]})"
             ) from None
-        why = next((ln for ln in lines if ln.startswith(("Unsupported", "Could not", "invalid"))), lines[-1] if lines else "")
+        why = next(
+            (ln for ln in lines if ln.startswith(("Unsupported", "Could not", "invalid"))),
+            lines[-1] if lines else "",
+        )
         raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({why[:200]})") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        raise CheckpointError(
+            f"{path}: corrupt or unreadable checkpoint ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not an l2bn checkpoint (no 'model'/'config' entries)")
     return state
@@ -79,8 +102,9 @@ def _first(names: Any, k: int = 3) -> str:
     return ", ".join(names[:k]) + more
 
 
-def load_model_state(model: torch.nn.Module, state: Dict[str, Any], path: Path,
-                     want: Optional[Dict[str, Any]] = None) -> None:
+def load_model_state(
+    model: torch.nn.Module, state: Dict[str, Any], path: Path, want: Optional[Dict[str, Any]] = None
+) -> None:
     """Load ``state['model']`` strictly. A mismatch raises one short :class:`CheckpointError`:
     the model/norm the checkpoint was saved for, the one asked for (``want``), and counts of
     missing/unexpected/mis-shaped keys with the first few names."""
@@ -88,11 +112,19 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, Any], path: Path,
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shape = [k for k in own if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
+    shape = [
+        k
+        for k in own
+        if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shape:
         cfg = state.get("config", {})
         saved = f"model {cfg.get('model')!r} norm {cfg.get('norm')!r}"
-        asked = f"; this run asks for model {want.get('model')!r} norm {want.get('norm')!r}" if want else ""
+        asked = (
+            f"; this run asks for model {want.get('model')!r} norm {want.get('norm')!r}"
+            if want
+            else ""
+        )
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing keys ({_first(missing)})")
@@ -100,8 +132,13 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, Any], path: Path,
             parts.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
         if shape:
             parts.append(f"{len(shape)} keys of another shape ({_first(shape)})")
-        raise CheckpointError(f"{path}: checkpoint (saved for {saved}{asked}) does not fit the model: {'; '.join(parts)}")
+        raise CheckpointError(
+            f"{path}: checkpoint (saved for {saved}{asked}) does not fit the model: "
+            f"{'; '.join(parts)}"
+        )
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: checkpoint does not fit the model ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(
+            f"{path}: checkpoint does not fit the model ({str(e).splitlines()[0][:200]})"
+        ) from None

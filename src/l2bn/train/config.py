@@ -24,8 +24,16 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..io import UsageError
 
 
-def _f(default: Any, help: str, *, choices: Any = None, ge: Any = None, gt: Any = None, le: Any = None,
-       shown: Optional[str] = None) -> Any:
+def _f(
+    default: Any,
+    help: str,
+    *,
+    choices: Any = None,
+    ge: Any = None,
+    gt: Any = None,
+    le: Any = None,
+    shown: Optional[str] = None,
+) -> Any:
     """A recipe field: its default, what it does (the ``--help`` text and the docs), and what
     values it accepts (``choices``: a tuple, or a callable returning one, for registries;
     ``shown``: the choices in words where they are too many to list)."""
@@ -59,11 +67,17 @@ class TrainConfig:
     its metadata says what it does and which values it takes (:func:`check_values`)."""
 
     dataset: str = _f("fashion-mnist", "dataset name", choices=_datasets)
-    data_dir: Optional[str] = _f(None, "directory of the dataset's files (None: the dataset's usual place)")
+    data_dir: Optional[str] = _f(
+        None, "directory of the dataset's files (None: the dataset's usual place)"
+    )
     verify_data: bool = _f(True, "check the official checksums of CIFAR / Fashion-MNIST files")
     model: str = _f("resnet8", "model name", choices=_models)
-    norm: str = _f("l2bn", "normalization layer", choices=_norms,
-                   shown="one of bn, l2bn, l2bn-rms, syncbn, sync-l2bn, sync-l2bn-rms, none (any case)")
+    norm: str = _f(
+        "l2bn",
+        "normalization layer",
+        choices=_norms,
+        shown="one of bn, l2bn, l2bn-rms, syncbn, sync-l2bn, sync-l2bn-rms, none (any case)",
+    )
     epochs: int = _f(10, "training epochs", ge=1)
     batch_size: int = _f(128, "batch size per process", ge=1)
     seed: int = _f(0, "random seed (data order, initialisation, augmentation)", ge=0)
@@ -73,25 +87,47 @@ class TrainConfig:
     # optimisation
     optimizer: str = _f("sgd", "optimizer", choices=("sgd", "adamw"))
     lr: float = _f(0.1, "peak learning rate", gt=0)
-    lr_ref_batch: int = _f(0, "linear scaling rule: the lr used is lr * batch_size / lr_ref_batch (0: off)", ge=0)
+    lr_ref_batch: int = _f(
+        0, "linear scaling rule: the lr used is lr * batch_size / lr_ref_batch (0: off)", ge=0
+    )
     momentum: float = _f(0.9, "SGD momentum", ge=0, le=1)
     nesterov: bool = _f(True, "Nesterov momentum (SGD)")
-    weight_decay: float = _f(5e-4, "weight decay (on weights of rank >= 2 unless --wd-on-norm-and-bias)", ge=0)
+    weight_decay: float = _f(
+        5e-4, "weight decay (on weights of rank >= 2 unless --wd-on-norm-and-bias)", ge=0
+    )
     wd_on_norm_and_bias: bool = _f(False, "also decay norm scales and biases")
-    schedule: str = _f("cosine", "learning-rate schedule", choices=("cosine", "step", "onecycle", "sgdr", "constant"))
-    sgdr_t0: float = _f(2.0, "sgdr: first cycle length in epochs (then x sgdr_mult each restart)", gt=0)
+    schedule: str = _f(
+        "cosine",
+        "learning-rate schedule",
+        choices=("cosine", "step", "onecycle", "sgdr", "constant"),
+    )
+    sgdr_t0: float = _f(
+        2.0, "sgdr: first cycle length in epochs (then x sgdr_mult each restart)", gt=0
+    )
     sgdr_mult: int = _f(2, "sgdr: cycle length multiplier", ge=1)
-    lr_decay: float = _f(0.0, "Keras-style inverse-time decay per step: lr / (1 + lr_decay * step)", ge=0)
+    lr_decay: float = _f(
+        0.0, "Keras-style inverse-time decay per step: lr / (1 + lr_decay * step)", ge=0
+    )
     warmup_epochs: float = _f(0.0, "linear warm-up epochs", ge=0)
-    milestones: List[float] = _f([0.5, 0.75], "step schedule: milestones as fractions of the run (< 1) or epochs", ge=0)
+    milestones: List[float] = _f(
+        [0.5, 0.75], "step schedule: milestones as fractions of the run (< 1) or epochs", ge=0
+    )
     gamma: float = _f(0.1, "step schedule: lr factor at each milestone", gt=0)
     min_lr: float = _f(0.0, "lowest learning rate of the cosine/sgdr schedules", ge=0)
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy", ge=0, le=1)
     mixup: float = _f(0.0, "mixup alpha of Beta(alpha, alpha) (0: off)", ge=0)
-    mixup_mode: str = _f("batch", "mixup partners: batch (one lambda per batch) or pairs (Hu et al.)", choices=("batch", "pairs"))
-    augment: str = _f("", "training augmentation, l2bn.data.augment names joined by '+' (default: the dataset's)")
+    mixup_mode: str = _f(
+        "batch",
+        "mixup partners: batch (one lambda per batch) or pairs (Hu et al.)",
+        choices=("batch", "pairs"),
+    )
+    augment: str = _f(
+        "", "training augmentation, l2bn.data.augment names joined by '+' (default: the dataset's)"
+    )
     bn_eps: Optional[float] = _f(None, "norm-layer eps for the models that take it (dcase-*)", gt=0)
-    bn_momentum: Optional[float] = _f(None, "norm-layer momentum for the models that take it (dcase-*)", ge=0, le=1)
+    bn_momentum: Optional[float] = _f(
+        None, "norm-layer momentum for the models that take it (dcase-*)", ge=0, le=1
+    )
     # numerics / speed
     amp: str = _f("none", "mixed precision", choices=("none", "bf16", "fp16"))
     channels_last: bool = _f(False, "channels_last memory format")
@@ -110,17 +146,21 @@ class TrainConfig:
     sync_bn: bool = _f(False, "synchronised norm layers across processes (under torchrun)")
     # run control
     resume: bool = _f(False, "continue the run in --out from its last checkpoint")
-    test_only: bool = _f(False, "evaluate the run in --out (best.pt, else last.pt) without training")
+    test_only: bool = _f(
+        False, "evaluate the run in --out (best.pt, else last.pt) without training"
+    )
     eval_every: int = _f(1, "evaluate on the test set every N epochs (and after the last)", ge=1)
     progress: bool = _f(True, "progress bar")
     tensorboard: bool = _f(True, "TensorBoard logs in OUT/tb")
-    max_steps_per_epoch: int = _f(0, "cap on steps per epoch, for smoke tests (0: full epochs)", ge=0)
+    max_steps_per_epoch: int = _f(
+        0, "cap on steps per epoch, for smoke tests (0: full epochs)", ge=0
+    )
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     def effective_lr(self) -> float:
-        """The peak learning rate: ``lr``, scaled by ``batch_size / lr_ref_batch`` if that is set."""
+        """The peak learning rate: ``lr``, times ``batch_size / lr_ref_batch`` if that is set."""
         return self.lr * self.batch_size / self.lr_ref_batch if self.lr_ref_batch > 0 else self.lr
 
     @classmethod
@@ -130,7 +170,7 @@ class TrainConfig:
         it does not record take their defaults.
 
         Example:
-            >>> TrainConfig.from_record({"norm": "bn", "epochs": 3, "a_key_from_elsewhere": 1}).epochs
+            >>> TrainConfig.from_record({"norm": "bn", "epochs": 3, "key_from_elsewhere": 1}).epochs
             3
         """
         return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})
@@ -181,18 +221,41 @@ class TrainConfig:
 
         if self.dataset not in AUDIO_DATASETS:
             return {}
-        return {k: v for k, v in dict(sample_rate=self.sample_rate, seconds=self.clip_seconds, n_fft=self.n_fft,
-                                      hop_length=self.hop_length, n_mels=self.n_mels).items() if v}
+        return {
+            k: v
+            for k, v in dict(
+                sample_rate=self.sample_rate,
+                seconds=self.clip_seconds,
+                n_fft=self.n_fft,
+                hop_length=self.hop_length,
+                n_mels=self.n_mels,
+            ).items()
+            if v
+        }
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 #: Fields that control how a run executes, not what it computes. Everything else is the recipe.
-RUN_CONTROL = frozenset({
-    "out", "data_dir", "verify_data", "resume", "test_only", "progress", "tensorboard", "threads", "device",
-    "workers", "compile", "channels_last", "deterministic", "eval_every",
-})
+RUN_CONTROL = frozenset(
+    {
+        "out",
+        "data_dir",
+        "verify_data",
+        "resume",
+        "test_only",
+        "progress",
+        "tensorboard",
+        "threads",
+        "device",
+        "workers",
+        "compile",
+        "channels_last",
+        "deterministic",
+        "eval_every",
+    }
+)
 #: Recipe keys that may change when a run is resumed (extending the number of epochs).
 RESUMABLE = frozenset({"epochs"})
 AUDIO_KEYS = ("sample_rate", "clip_seconds", "n_fft", "hop_length", "n_mels")
@@ -226,11 +289,24 @@ def expected(key: str) -> str:
         return meta["shown"]
     if choices:
         return "one of " + ", ".join(choices)
-    what = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            list: "a list of numbers"}[base]
-    bounds = [f"{op} {meta[k]:g}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<=")) if meta.get(k) is not None]
+    what = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list of numbers",
+    }[base]
+    bounds = [
+        f"{op} {meta[k]:g}"
+        for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="))
+        if meta.get(k) is not None
+    ]
     if bounds:
-        what += (" (each " if base is list else " ") + " and ".join(bounds) + (")" if base is list else "")
+        what += (
+            (" (each " if base is list else " ")
+            + " and ".join(bounds)
+            + (")" if base is list else "")
+        )
     return what + (" or null" if optional else "")
 
 
@@ -277,13 +353,21 @@ def check_value(key: str, value: Any, where: str) -> Any:
     else:
         vals = []
     for v in vals:
-        ok = ok and (meta.get("ge") is None or v >= meta["ge"]) and (meta.get("gt") is None or v > meta["gt"])
+        ok = (
+            ok
+            and (meta.get("ge") is None or v >= meta["ge"])
+            and (meta.get("gt") is None or v > meta["gt"])
+        )
         ok = ok and (meta.get("le") is None or v <= meta["le"])
     choices = field_choices(key)
     if ok and choices and out not in choices and not (key == "norm" and out.lower() in choices):
         ok = False
     if not ok:
-        what = f"--{key.replace('_', '-')} {value!r}" if where == "arguments" else f"{where}: {key} = {value!r}"
+        what = (
+            f"--{key.replace('_', '-')} {value!r}"
+            if where == "arguments"
+            else f"{where}: {key} = {value!r}"
+        )
         raise ConfigError(f"{what}: expected {expected(key)}")
     return out
 
@@ -291,7 +375,9 @@ def check_value(key: str, value: Any, where: str) -> Any:
 def check_values(values: Dict[str, Any], where: str) -> Dict[str, Any]:
     """Every given field checked (:func:`check_value`) and coerced; unknown keys refused."""
     check_keys(values, where)
-    return {k.replace("-", "_"): check_value(k.replace("-", "_"), v, where) for k, v in values.items()}
+    return {
+        k.replace("-", "_"): check_value(k.replace("-", "_"), v, where) for k, v in values.items()
+    }
 
 
 def check_config(cfg: TrainConfig, where: str = "config") -> TrainConfig:
@@ -336,8 +422,10 @@ def _norm_value(v: Any) -> Any:
 
 def conflict_message(out: str, conflicts: List[Tuple[str, Any, Any]]) -> str:
     items = "; ".join(f"{k}: saved {a!r}, given {b!r}" for k, a, b in conflicts)
-    return (f"{out} holds a run with another recipe ({items}). A run directory keeps one recipe: "
-            f"drop these flags to continue/evaluate the saved run, or use a new --out for a new run.")
+    return (
+        f"{out} holds a run with another recipe ({items}). A run directory keeps one recipe: "
+        f"drop these flags to continue/evaluate the saved run, or use a new --out for a new run."
+    )
 
 
 def check_keys(d: Dict[str, Any], where: str) -> None:

@@ -70,9 +70,15 @@ class RunDirBusy(UsageError, RuntimeError):
     def __init__(self, out: Path, owner: Dict[str, Any]):
         self.out, self.owner = out, owner
         since = owner.get("started")
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
-        super().__init__(f"{out} is being trained by another process (pid {owner.get('pid', '?')} on "
-                         f"{owner.get('host', '?')}, since {when}): wait for it to finish, or stop that process")
+        when = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+            if isinstance(since, (int, float))
+            else "?"
+        )
+        super().__init__(
+            f"{out} is being trained by another process (pid {owner.get('pid', '?')} on "
+            f"{owner.get('host', '?')}, since {when}): wait for it to finish, or stop that process"
+        )
 
 
 def _key(out: Path) -> Optional[Tuple[int, int]]:
@@ -140,8 +146,11 @@ def _acquire(out: Path, path: Path, wait: bool) -> Optional[int]:
             got = _flock(fd, wait)
             if got is None:
                 os.close(fd)
-                warnings.warn(f"{path}: this file system does not support flock; {out} is not protected "
-                              f"against a second process training it", stacklevel=4)
+                warnings.warn(
+                    f"{path}: this file system does not support flock; {out} is not protected "
+                    f"against a second process training it",
+                    stacklevel=4,
+                )
                 return None
             if got:
                 try:
@@ -150,7 +159,9 @@ def _acquire(out: Path, path: Path, wait: bool) -> Optional[int]:
                     same = False
                 if same:
                     return fd
-                os.close(fd)  # locked a lock file its owner removed (with its empty directory): again
+                os.close(
+                    fd
+                )  # locked a lock file its owner removed (with its empty directory): again
                 out.mkdir(parents=True, exist_ok=True)
                 continue
         except BaseException:
@@ -177,8 +188,11 @@ def run_lock(out: str | os.PathLike[str], wait: bool = False) -> Iterator[None]:
         yield
         return
     if fcntl is None:  # pragma: no cover - Windows
-        warnings.warn(f"no fcntl on this platform: {out} is not protected against a second process training it",
-                      stacklevel=3)
+        warnings.warn(
+            f"no fcntl on this platform: {out} is not protected against a second process training "
+            f"it",
+            stacklevel=3,
+        )
         yield
         return
     created = not out.exists()
@@ -216,7 +230,9 @@ def run_lock(out: str | os.PathLike[str], wait: bool = False) -> Iterator[None]:
 def check_out_dir(out: Path) -> None:
     """Refuse, before any work, an ``out`` that is a file or cannot be created/written."""
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: is a file; expected a run directory (new, or holding a run)")
+        raise ConfigError(
+            f"--out {out}: is a file; expected a run directory (new, or holding a run)"
+        )
     parent = out
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

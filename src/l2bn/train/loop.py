@@ -36,8 +36,14 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, cfg: TrainConfig, device: torch.device, env: DistEnv,
-             groups: Optional[List[str]] = None) -> Tuple[float, float, Dict[str, float]]:
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    cfg: TrainConfig,
+    device: torch.device,
+    env: DistEnv,
+    groups: Optional[List[str]] = None,
+) -> Tuple[float, float, Dict[str, float]]:
     """(loss, accuracy %, accuracy % per group) on the test split; rank r evaluates every
     world_size-th batch. ``groups`` names a group (e.g. a recording device) per test example."""
     model.eval()
@@ -70,8 +76,18 @@ def evaluate(model: nn.Module, loader: Any, cfg: TrainConfig, device: torch.devi
     return float(tot[0] / tot[2]), float(100.0 * tot[1] / tot[2]), per_group
 
 
-def train_one_epoch(net: nn.Module, loader: Any, opt: torch.optim.Optimizer, sched: Any, scaler: Any,
-                    cfg: TrainConfig, device: torch.device, env: DistEnv, epoch: int, step0: int) -> Dict[str, float]:
+def train_one_epoch(
+    net: nn.Module,
+    loader: Any,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    scaler: Any,
+    cfg: TrainConfig,
+    device: torch.device,
+    env: DistEnv,
+    epoch: int,
+    step0: int,
+) -> Dict[str, float]:
     """One pass over the training batches of ``epoch``; returns loss, accuracy and throughput.
 
     Raises:
@@ -86,7 +102,9 @@ def train_one_epoch(net: nn.Module, loader: Any, opt: torch.optim.Optimizer, sch
     bar = _progress(cfg, env, len(loader), f"epoch {epoch + 1}/{cfg.epochs}")
     pairs = cfg.mixup > 0 and cfg.mixup_mode == "pairs"
     for step, (x, y) in enumerate(loader.batches(epoch)):
-        if pairs:  # Hu et al.: 2B clips -> B mixes, one lambda per sample, partners from the second B
+        if (
+            pairs
+        ):  # Hu et al.: 2B clips -> B mixes, one lambda per sample, partners from the second B
             x, y, y2, lam_n = aug.mixup_pairs(x, y, cfg.mixup, mix_gen)
         elif cfg.mixup > 0:  # mixup (Zhang et al. 2018): one lambda, partners from the same batch
             lam = float(mix_rng.beta(cfg.mixup, cfg.mixup))
@@ -95,15 +113,21 @@ def train_one_epoch(net: nn.Module, loader: Any, opt: torch.optim.Optimizer, sch
         with _autocast(cfg, device):
             logits = net(x)
             if pairs:
-                loss = aug.mixup_cross_entropy(logits.float(), y, y2, lam_n.float(), cfg.label_smoothing)
+                loss = aug.mixup_cross_entropy(
+                    logits.float(), y, y2, lam_n.float(), cfg.label_smoothing
+                )
             else:
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             if cfg.mixup > 0 and not pairs:
-                loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y[perm], label_smoothing=cfg.label_smoothing)
+                loss = lam * loss + (1 - lam) * F.cross_entropy(
+                    logits.float(), y[perm], label_smoothing=cfg.label_smoothing
+                )
         if not torch.isfinite(loss.detach()).item():
             if bar is not None:
                 bar.close()
-            raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: training diverged.")
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: training diverged."
+            )
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         with inverse_time_decay(opt, cfg.lr_decay, step0 + step):
@@ -112,7 +136,9 @@ def train_one_epoch(net: nn.Module, loader: Any, opt: torch.optim.Optimizer, sch
         sched.step()
         tot[0] += loss.detach() * len(y)
         pred = logits.detach().argmax(1)
-        tot[1] += (lam_n * (pred == y) + (1 - lam_n) * (pred == y2)).sum() if pairs else (pred == y).sum()
+        tot[1] += (
+            (lam_n * (pred == y) + (1 - lam_n) * (pred == y2)).sum() if pairs else (pred == y).sum()
+        )
         tot[2] += len(y)
         if bar is not None:
             bar.update(1)
@@ -122,16 +148,22 @@ def train_one_epoch(net: nn.Module, loader: Any, opt: torch.optim.Optimizer, sch
         bar.close()
     all_reduce_sum(tot, env)
     dt = time.time() - t0
-    return {"train_loss": float(tot[0] / tot[2]), "train_acc": float(100 * tot[1] / tot[2]),
-            "epoch_time_s": dt, "throughput": float(tot[2]) / max(dt, 1e-9)}
+    return {
+        "train_loss": float(tot[0] / tot[2]),
+        "train_acc": float(100 * tot[1] / tot[2]),
+        "epoch_time_s": dt,
+        "throughput": float(tot[2]) / max(dt, 1e-9),
+    }
 
 
 def _progress(cfg: TrainConfig, env: DistEnv, total: int, desc: str) -> Any:
-    """A tqdm bar on an interactive terminal only (``disable=None``): logs and CI output stay clean."""
+    """A tqdm bar on an interactive terminal only (``disable=None``): logs and CI stay clean."""
     if not (cfg.progress and env.is_main):
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, disable=None)
+    return tqdm(
+        total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, disable=None
+    )

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule, built from ``torch.optim`` and ``torch.optim.lr_scheduler``.
+"""Optimizer and learning-rate schedule, from ``torch.optim`` and ``torch.optim.lr_scheduler``.
 
 The schedule is stepped once per optimisation step (not per epoch). ``warmup_epochs`` prepends a
 ``LinearLR`` warm-up (factor ``(s + 1) / W`` at step ``s``) through ``SequentialLR``; then
@@ -35,19 +35,31 @@ from torch.optim import lr_scheduler as S
 from ..io import BadInput
 from .config import TrainConfig
 
-__all__ = ["param_groups", "make_optimizer", "make_scheduler", "fast_forward", "inverse_time_decay", "SCHEDULES"]
+__all__ = [
+    "param_groups",
+    "make_optimizer",
+    "make_scheduler",
+    "fast_forward",
+    "inverse_time_decay",
+    "SCHEDULES",
+]
 
 SCHEDULES = ("cosine", "step", "onecycle", "sgdr", "constant")
 
 
-def param_groups(model: nn.Module, weight_decay: float, on_norm_and_bias: bool) -> List[Dict[str, Any]]:
+def param_groups(
+    model: nn.Module, weight_decay: float, on_norm_and_bias: bool
+) -> List[Dict[str, Any]]:
     """Weight decay on weights of rank >= 2 only (norm scales and biases excluded by default)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
         (decay if (p.ndim >= 2 or on_norm_and_bias) else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -57,13 +69,17 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if lr <= 0:
         raise BadInput(f"lr must be positive, got {lr}")
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+        )
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     raise BadInput(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
 
 
-def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int) -> S.LRScheduler:
+def make_scheduler(
+    cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int
+) -> S.LRScheduler:
     """The per-step schedule of ``cfg`` (see the module docstring) for a fresh optimizer.
 
     Example:
@@ -71,7 +87,8 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch
         >>> from l2bn.train.config import TrainConfig
         >>> p = torch.nn.Parameter(torch.zeros(1))
         >>> opt = torch.optim.SGD([p], lr=0.1)
-        >>> s = make_scheduler(TrainConfig(schedule="sgdr", sgdr_t0=2, epochs=6, min_lr=0.0), opt, 10)
+        >>> cfg = TrainConfig(schedule="sgdr", sgdr_t0=2, epochs=6, min_lr=0.0)
+        >>> s = make_scheduler(cfg, opt, 10)
         >>> lrs = []
         >>> for _ in range(60):
         ...     lrs.append(opt.param_groups[0]["lr"]); opt.step(); s.step()
@@ -88,20 +105,34 @@ def make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch
     eta_min = cfg.min_lr
     if cfg.schedule == "onecycle":
         pct = warm / total if warm > 0 else 0.3
-        return S.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=max(pct, 1e-6), cycle_momentum=False,
-                            anneal_strategy="cos", div_factor=25.0,
-                            final_div_factor=(lr / 25.0) / eta_min if eta_min > 0 else 1e4)
+        return S.OneCycleLR(
+            opt,
+            max_lr=lr,
+            total_steps=total,
+            pct_start=max(pct, 1e-6),
+            cycle_momentum=False,
+            anneal_strategy="cos",
+            div_factor=25.0,
+            final_div_factor=(lr / 25.0) / eta_min if eta_min > 0 else 1e4,
+        )
     rest = total - warm
     if cfg.schedule == "cosine":
         main: S.LRScheduler = S.CosineAnnealingLR(opt, T_max=max(1, rest), eta_min=eta_min)
     elif cfg.schedule == "step":
-        marks = sorted({int(round((m * cfg.epochs if m < 1 else m) * steps_per_epoch)) - warm for m in cfg.milestones})
+        marks = sorted(
+            {
+                int(round((m * cfg.epochs if m < 1 else m) * steps_per_epoch)) - warm
+                for m in cfg.milestones
+            }
+        )
         main = S.MultiStepLR(opt, milestones=[m for m in marks if m > 0], gamma=cfg.gamma)
     elif cfg.schedule == "sgdr":
         t0 = max(1, int(round(cfg.sgdr_t0 * steps_per_epoch)))
         if cfg.sgdr_mult < 1:
             raise BadInput(f"sgdr_mult must be an integer >= 1, got {cfg.sgdr_mult}")
-        main = S.CosineAnnealingWarmRestarts(opt, T_0=t0, T_mult=int(cfg.sgdr_mult), eta_min=eta_min)
+        main = S.CosineAnnealingWarmRestarts(
+            opt, T_0=t0, T_mult=int(cfg.sgdr_mult), eta_min=eta_min
+        )
     else:
         main = S.ConstantLR(opt, factor=1.0, total_iters=0)
     if warm <= 1:

@@ -5,6 +5,9 @@ restores a checkpoint, then alternates :func:`l2bn.train.loop.train_one_epoch` a
 All randomness of epoch ``e`` is derived from ``(seed, e)``, so a run killed after any epoch
 and resumed from ``last.pt`` ends with exactly the metrics of an uninterrupted run. Under
 ``torchrun`` every process trains on its shard with DDP and only rank 0 writes.
+
+Why one file: :func:`fit` is the training loop a reader follows top to bottom (data, model,
+optimizer, resume, epochs, checkpoints, result); its helpers are used nowhere else.
 """
 
 from __future__ import annotations
@@ -55,12 +58,20 @@ def resolve_device(name: str) -> torch.device:
 
 def model_for_config(cfg: TrainConfig, data: DataBundle, sync: bool = False) -> nn.Module:
     """The model of ``cfg`` for ``data`` (norm layers from the factory; ``sync`` for DDP)."""
-    return build_model(cfg.model, cfg.norm, num_classes=data.num_classes, input_shape=data.input_shape,
-                       width=cfg.width, sync=sync, bn_eps=cfg.bn_eps, bn_momentum=cfg.bn_momentum)
+    return build_model(
+        cfg.model,
+        cfg.norm,
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
+        width=cfg.width,
+        sync=sync,
+        bn_eps=cfg.bn_eps,
+        bn_momentum=cfg.bn_momentum,
+    )
 
 
 def norm_census(model: nn.Module) -> Dict[str, int]:
-    """How many layers of each normalization class ``model`` has (e.g. ``{'SyncL2BatchNorm': 7}``)."""
+    """How many layers of each normalization class ``model`` has (``{'SyncL2BatchNorm': 7}``)."""
     from torch.nn.modules.batchnorm import _NormBase
 
     return dict(Counter(type(m).__name__ for m in model.modules() if isinstance(m, _NormBase)))
@@ -87,22 +98,37 @@ def _check_run_dir(cfg: TrainConfig) -> None:
         raise RunConfigError(conflict_message(cfg.out, conflicts))
 
 
-def _restore(path: Path, cfg: TrainConfig, model: nn.Module, opt: Any, scaler: Any, resume: bool) -> _State:
+def _restore(
+    path: Path, cfg: TrainConfig, model: nn.Module, opt: Any, scaler: Any, resume: bool
+) -> _State:
     state = load_checkpoint(path)
     saved = state["config"]
-    if canonical_norm(saved.get("norm", "")) != canonical_norm(cfg.norm) or saved.get("model") != cfg.model:
-        raise CheckpointError(f"{path}: checkpoint is for model {saved.get('model')!r} norm {saved.get('norm')!r}, "
-                              f"this run asks for model {cfg.model!r} norm {cfg.norm!r}")
+    if (
+        canonical_norm(saved.get("norm", "")) != canonical_norm(cfg.norm)
+        or saved.get("model") != cfg.model
+    ):
+        raise CheckpointError(
+            f"{path}: checkpoint is for model {saved.get('model')!r} norm {saved.get('norm')!r}, "
+            f"this run asks for model {cfg.model!r} norm {cfg.norm!r}"
+        )
     load_model_state(model, state, path, want={"model": cfg.model, "norm": cfg.norm})
     st = _State()
     if resume:
         if state["epoch"] + 1 > cfg.epochs:
-            raise RunConfigError(f"{path}: {state['epoch'] + 1} epochs are done; --epochs {cfg.epochs} would not extend the run")
+            raise RunConfigError(
+                f"{path}: {state['epoch'] + 1} epochs are done; --epochs {cfg.epochs} would not "
+                f"extend the run"
+            )
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"].cpu())
-        st = _State(state["epoch"] + 1, state["best_acc"], state["best_epoch"], state.get("best_per_group", {}),
-                    state["history"])
+        st = _State(
+            state["epoch"] + 1,
+            state["best_acc"],
+            state["best_epoch"],
+            state.get("best_per_group", {}),
+            state["history"],
+        )
     return st
 
 
@@ -142,7 +168,9 @@ def _takes_lock(cfg: TrainConfig) -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
 
 
-def _fit(cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_start: float) -> Tuple[nn.Module, Dict[str, Any]]:
+def _fit(
+    cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_start: float
+) -> Tuple[nn.Module, Dict[str, Any]]:
     if device.type == "cuda" and env.enabled:
         device = torch.device("cuda", env.local_rank)
     if cfg.deterministic:
@@ -151,7 +179,9 @@ def _fit(cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_star
     torch.manual_seed(cfg.seed)
 
     # data, model, loaders
-    data = load_dataset(cfg.dataset, cfg.data_dir, verify_data=cfg.verify_data, **cfg.dataset_options())
+    data = load_dataset(
+        cfg.dataset, cfg.data_dir, verify_data=cfg.verify_data, **cfg.dataset_options()
+    )
     if cfg.train_subset:
         data = data.subset_train(cfg.train_subset, seed=0)
     if cfg.augment:
@@ -162,14 +192,25 @@ def _fit(cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_star
         raise BadInput("mixup_mode 'pairs' needs mixup > 0 (the Beta(alpha, alpha) parameter)")
     sync = cfg.sync_bn and env.enabled
     if sync and canonical_norm(cfg.norm) == "bn" and device.type != "cuda":
-        raise BadInput("--sync-bn with --norm bn needs CUDA (nn.SyncBatchNorm refuses CPU tensors); "
-                           "use --norm l2bn (SyncL2BatchNorm works on CPU) or drop --sync-bn")
+        raise BadInput(
+            "--sync-bn with --norm bn needs CUDA (nn.SyncBatchNorm refuses CPU tensors); "
+            "use --norm l2bn (SyncL2BatchNorm works on CPU) or drop --sync-bn"
+        )
     model = model_for_config(cfg, data, sync=sync).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train_b, test_b = make_loaders(data, device, cfg.batch_size, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                                   workers=cfg.workers, channels_last=cfg.channels_last, max_steps=cfg.max_steps_per_epoch,
-                                   pairs=cfg.mixup > 0 and cfg.mixup_mode == "pairs")
+    train_b, test_b = make_loaders(
+        data,
+        device,
+        cfg.batch_size,
+        seed=cfg.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        workers=cfg.workers,
+        channels_last=cfg.channels_last,
+        max_steps=cfg.max_steps_per_epoch,
+        pairs=cfg.mixup > 0 and cfg.mixup_mode == "pairs",
+    )
 
     # optimizer, schedule, resume
     opt = make_optimizer(cfg, model)
@@ -180,12 +221,25 @@ def _fit(cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_star
     if cfg.test_only:
         path = best_path if best_path.is_file() else last_path
         if not path.is_file():
-            raise CheckpointError(f"--test-only: no checkpoint in {out} (expected {best_path} or {last_path})")
+            raise CheckpointError(
+                f"--test-only: no checkpoint in {out} (expected {best_path} or {last_path})"
+            )
         _restore(path, cfg, model, opt, scaler, resume=False)
         loss, acc, per_group = evaluate(model, test_b, cfg, device, env, data.test_groups)
-        res = {"status": "test-only", "checkpoint": path.name, "test_loss": loss, "test_acc": acc,
-               "per_group_acc": per_group, "dataset": data.name, "config": cfg.to_dict()}
-        _log(f"test loss {loss:.4f}  test acc {acc:.2f}% ({path.name})" + (f"  per group {per_group}" if per_group else ""), env)
+        res = {
+            "status": "test-only",
+            "checkpoint": path.name,
+            "test_loss": loss,
+            "test_acc": acc,
+            "per_group_acc": per_group,
+            "dataset": data.name,
+            "config": cfg.to_dict(),
+        }
+        _log(
+            f"test loss {loss:.4f}  test acc {acc:.2f}% ({path.name})"
+            + (f"  per group {per_group}" if per_group else ""),
+            env,
+        )
         if env.is_main:
             write_json(res, out / "test_result.json")
         return model, res
@@ -201,50 +255,104 @@ def _fit(cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_star
 
     net: nn.Module = model
     if env.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if cfg.compile:
         net = torch.compile(net)
     writer = None
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(cfg.to_dict(), out / "config.json")  # the run's truth, also after --resume --epochs N
+        write_json(
+            cfg.to_dict(), out / "config.json"
+        )  # the run's truth, also after --resume --epochs N
         if st.epoch == 0:
             (out / "metrics.jsonl").unlink(missing_ok=True)
         writer = _tensorboard(cfg, out)
-    _log(f"{cfg.model}/{cfg.norm} on {data.name} ({train_b.num_examples} train examples, {steps_per_epoch} steps/epoch "
-         f"x {cfg.epochs} epochs, batch {cfg.batch_size} x {env.world_size} process(es), {device})", env)
+    _log(
+        f"{cfg.model}/{cfg.norm} on {data.name} ({train_b.num_examples} train examples, "
+        f"{steps_per_epoch} steps/epoch "
+        f"x {cfg.epochs} epochs, batch {cfg.batch_size} x {env.world_size} process(es), {device})",
+        env,
+    )
 
     for epoch in range(st.epoch, cfg.epochs):
         try:
-            rec: Dict[str, Any] = {"epoch": epoch + 1, **train_one_epoch(net, train_b, opt, sched, scaler, cfg, device, env,
-                                                                         epoch, epoch * steps_per_epoch)}
+            rec: Dict[str, Any] = {
+                "epoch": epoch + 1,
+                **train_one_epoch(
+                    net,
+                    train_b,
+                    opt,
+                    sched,
+                    scaler,
+                    cfg,
+                    device,
+                    env,
+                    epoch,
+                    epoch * steps_per_epoch,
+                ),
+            }
         except TrainingDiverged as e:
-            msg = (f"{e} The last good checkpoint ({last_path if last_path.exists() else 'none yet'}) is kept; "
-                   f"lower --lr, add --warmup-epochs, or check the data.")
+            msg = (
+                f"{e} The last good checkpoint "
+                f"({last_path if last_path.exists() else 'none yet'}) is kept; "
+                f"lower --lr, add --warmup-epochs, or check the data."
+            )
             if env.is_main:
-                write_json({"status": "diverged", "message": msg, "config": cfg.to_dict(), "epochs_done": epoch}, out / "result.json")
+                write_json(
+                    {
+                        "status": "diverged",
+                        "message": msg,
+                        "config": cfg.to_dict(),
+                        "epochs_done": epoch,
+                    },
+                    out / "result.json",
+                )
             raise TrainingDiverged(msg) from None
         rec["lr"] = opt.param_groups[0]["lr"]
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            rec["test_loss"], rec["test_acc"], per_group = evaluate(model, test_b, cfg, device, env, data.test_groups)
+            rec["test_loss"], rec["test_acc"], per_group = evaluate(
+                model, test_b, cfg, device, env, data.test_groups
+            )
             if per_group:
                 rec["per_group_acc"] = per_group
             if rec["test_acc"] > st.best_acc:
-                st.best_acc, st.best_epoch, st.best_per_group = rec["test_acc"], epoch + 1, per_group
+                st.best_acc, st.best_epoch, st.best_per_group = (
+                    rec["test_acc"],
+                    epoch + 1,
+                    per_group,
+                )
         st.history.append(rec)
         st.epoch = epoch + 1
-        _log(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {rec['train_loss']:.4f}  train {rec['train_acc']:6.2f}%  "
-             f"test {rec.get('test_acc', float('nan')):6.2f}%  lr {rec['lr']:.4g}  {rec['throughput']:.0f} img/s", env)
+        _log(
+            f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {rec['train_loss']:.4f}  train "
+            f"{rec['train_acc']:6.2f}%  "
+            f"test {rec.get('test_acc', float('nan')):6.2f}%  lr {rec['lr']:.4g}  "
+            f"{rec['throughput']:.0f} img/s",
+            env,
+        )
         if env.is_main:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if writer is not None:
                 _log_scalars(writer, rec, epoch + 1)
             state = {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "best_acc": st.best_acc, "best_epoch": st.best_epoch, "best_per_group": st.best_per_group,
-                "history": st.history, "config": cfg.to_dict(), "rng": {"torch": torch.get_rng_state()},
-                "dataset": {"name": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape)},
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "best_acc": st.best_acc,
+                "best_epoch": st.best_epoch,
+                "best_per_group": st.best_per_group,
+                "history": st.history,
+                "config": cfg.to_dict(),
+                "rng": {"torch": torch.get_rng_state()},
+                "dataset": {
+                    "name": data.name,
+                    "num_classes": data.num_classes,
+                    "input_shape": list(data.input_shape),
+                },
             }
             save_checkpoint(state, last_path)
             if st.best_epoch == epoch + 1:
@@ -252,15 +360,28 @@ def _fit(cfg: TrainConfig, device: torch.device, env: DistEnv, out: Path, t_star
 
     final = st.history[-1] if st.history else {}
     result = {
-        **({"per_group_acc": final["per_group_acc"], "best_per_group_acc": st.best_per_group} if "per_group_acc" in final else {}),
-        "status": "complete", "test_acc": final.get("test_acc"), "best_test_acc": st.best_acc, "best_epoch": st.best_epoch,
-        "final_train_loss": final.get("train_loss"), "epochs": cfg.epochs, "wall_time_s": time.time() - t_start,
+        **(
+            {"per_group_acc": final["per_group_acc"], "best_per_group_acc": st.best_per_group}
+            if "per_group_acc" in final
+            else {}
+        ),
+        "status": "complete",
+        "test_acc": final.get("test_acc"),
+        "best_test_acc": st.best_acc,
+        "best_epoch": st.best_epoch,
+        "final_train_loss": final.get("train_loss"),
+        "epochs": cfg.epochs,
+        "wall_time_s": time.time() - t_start,
         # training time of the whole run: the epochs of every process that worked on it (a resumed
         # run's wall_time_s covers only the last one)
         "train_time_s": sum(float(h.get("epoch_time_s", 0.0)) for h in st.history),
-        "world_size": env.world_size, "device": str(device), "torch": torch.__version__,
-        "train_examples": train_b.num_examples, "norm_layers": norm_census(model),
-        "config": cfg.to_dict(), "history": st.history,
+        "world_size": env.world_size,
+        "device": str(device),
+        "torch": torch.__version__,
+        "train_examples": train_b.num_examples,
+        "norm_layers": norm_census(model),
+        "config": cfg.to_dict(),
+        "history": st.history,
     }
     if env.is_main:
         write_json(result, out / "result.json")
@@ -300,6 +421,9 @@ def _tensorboard(cfg: TrainConfig, out: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        print("note: tensorboard not installed; skipping TensorBoard logs (pip install tensorboard)", file=sys.stderr)
+        print(
+            "note: tensorboard not installed; skipping TensorBoard logs (pip install tensorboard)",
+            file=sys.stderr,
+        )
         return None
     return SummaryWriter(str(out / "tb"))

@@ -7,4 +7,13 @@ are in :mod:`l2bn.models.dcase` and :mod:`l2bn.models.audio_cnn`.
 from .datasets import AUDIO_DATASETS
 from .features import AudioError, FrontEnd, deltas, load_audio, logmel, logmel_librosa, stack_deltas
 
-__all__ = ["AUDIO_DATASETS", "AudioError", "FrontEnd", "deltas", "load_audio", "logmel", "logmel_librosa", "stack_deltas"]
+__all__ = [
+    "AUDIO_DATASETS",
+    "AudioError",
+    "FrontEnd",
+    "deltas",
+    "load_audio",
+    "logmel",
+    "logmel_librosa",
+    "stack_deltas",
+]

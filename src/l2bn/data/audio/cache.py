@@ -27,9 +27,16 @@ def cache_key(files: Sequence[Path], fe: FrontEnd) -> str:
     return h.hexdigest()[:20]
 
 
-def extract(files: Sequence[Path], fe: FrontEnd, cache_dir: Path, batch: int = 32, device: str = "cpu",
-            progress: bool = True) -> Tensor:
-    """(N, 1, n_mels, frames) log-mel of ``files`` in ``fe.cache_dtype`` (float32 by default: float16
+def extract(
+    files: Sequence[Path],
+    fe: FrontEnd,
+    cache_dir: Path,
+    batch: int = 32,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Tensor:
+    """(N, 1, n_mels, frames) log-mel of ``files`` in ``fe.cache_dtype`` (float32 by default:
+    float16
     would quantize the delta-deltas), from the cache when it is valid."""
     from ...io import atomic_write_bytes
 
@@ -49,19 +56,32 @@ def extract(files: Sequence[Path], fe: FrontEnd, cache_dir: Path, batch: int = 3
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(files), desc=f"log-mel features -> {path.name}", file=sys.stderr, leave=False,
-                       disable=None)  # a bar on a terminal only
+            bar = tqdm(
+                total=len(files),
+                desc=f"log-mel features -> {path.name}",
+                file=sys.stderr,
+                leave=False,
+                disable=None,
+            )  # a bar on a terminal only
         except ImportError:
             pass
     dev = torch.device(device)
     for i in range(0, len(files), batch):
-        waves = np.stack([load_audio(f, fe) for f in files[i:i + batch]])
-        out.append(logmel(torch.from_numpy(waves).to(dev), fe)[:, None].to(getattr(torch, fe.cache_dtype)).cpu())
+        waves = np.stack([load_audio(f, fe) for f in files[i : i + batch]])
+        out.append(
+            logmel(torch.from_numpy(waves).to(dev), fe)[:, None]
+            .to(getattr(torch, fe.cache_dtype))
+            .cpu()
+        )
         if bar is not None:
             bar.update(len(waves))
     if bar is not None:
         bar.close()
-    feats = torch.cat(out) if out else torch.empty(0, 1, fe.n_mels, fe.n_frames, dtype=getattr(torch, fe.cache_dtype))
+    feats = (
+        torch.cat(out)
+        if out
+        else torch.empty(0, 1, fe.n_mels, fe.n_frames, dtype=getattr(torch, fe.cache_dtype))
+    )
     cache_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, lambda f: torch.save(feats, f))
     return feats

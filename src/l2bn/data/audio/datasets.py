@@ -1,7 +1,8 @@
 """Audio datasets: ``dcase2020-1a`` (TAU Urban Acoustic Scenes 2020 Mobile, development set),
 ``audio-folder`` (WAVs + ``labels.csv``) and ``spoken-digits`` (synthetic, generated offline).
 
-Features: cached log-mel (:mod:`l2bn.data.audio.cache`), held in memory as (N, 1, mels, frames); deltas
+Features: cached log-mel (:mod:`l2bn.data.audio.cache`), held in memory as (N, 1, mels, frames);
+deltas
 are stacked to 3 channels on the training device (``transform="deltas"``: 431 -> 423 frames for
 DCASE) and training uses random temporal crops (:mod:`l2bn.data.augment`): for
 ``dcase2020-1a`` an independent 400-frame window per clip (``tcrop400-each``, as Hu et al.);
@@ -41,14 +42,18 @@ def _read_rows(path: Path, delimiter: str) -> List[Dict[str, str]]:
     return rows
 
 
-def _features(root: Path, names: List[str], fe, label_file: Path, progress: bool = True) -> torch.Tensor:
+def _features(
+    root: Path, names: List[str], fe, label_file: Path, progress: bool = True
+) -> torch.Tensor:
     from .cache import extract
 
     files = []
     for i, n in enumerate(names):
         p = root / n
         if not p.is_file():
-            raise DataNotFoundError(f"{label_file}: row {i + 2} names {n!r}, but {p} does not exist")
+            raise DataNotFoundError(
+                f"{label_file}: row {i + 2} names {n!r}, but {p} does not exist"
+            )
         files.append(p)
     return extract(files, fe, root / ".l2bn-cache", progress=progress)
 
@@ -68,14 +73,23 @@ def load_dcase2020_1a(data_dir: Optional[str] = None, **options) -> DataBundle:
     from .features import FrontEnd
 
     if not data_dir:
-        raise DataNotFoundError("dcase2020-1a needs --data-dir pointing at TAU-urban-acoustic-scenes-2020-mobile-development/")
+        raise DataNotFoundError(
+            "dcase2020-1a needs --data-dir pointing at "
+            "TAU-urban-acoustic-scenes-2020-mobile-development/"
+        )
     root = Path(data_dir)
     setup = root / "evaluation_setup"
     train_rows = _read_rows(setup / "fold1_train.csv", "\t")
     test_rows = _read_rows(setup / "fold1_evaluate.csv", "\t")
-    for rows, p in ((train_rows, setup / "fold1_train.csv"), (test_rows, setup / "fold1_evaluate.csv")):
+    for rows, p in (
+        (train_rows, setup / "fold1_train.csv"),
+        (test_rows, setup / "fold1_evaluate.csv"),
+    ):
         if "filename" not in rows[0] or "scene_label" not in rows[0]:
-            raise DataNotFoundError(f"{p}: expected tab-separated columns 'filename' and 'scene_label', got {list(rows[0])}")
+            raise DataNotFoundError(
+                f"{p}: expected tab-separated columns 'filename' and 'scene_label', got "
+                f"{list(rows[0])}"
+            )
     classes = sorted({r["scene_label"] for r in train_rows})
     cidx = {c: i for i, c in enumerate(classes)}
     fe = _fe(FrontEnd(), options)
@@ -83,23 +97,40 @@ def load_dcase2020_1a(data_dir: Optional[str] = None, **options) -> DataBundle:
     xte = _features(root, [r["filename"] for r in test_rows], fe, setup / "fold1_evaluate.csv")
     unknown = sorted({r["scene_label"] for r in test_rows} - set(classes))
     if unknown:
-        raise DataNotFoundError(f"{setup / 'fold1_evaluate.csv'}: scene labels {unknown} not in the training split")
+        raise DataNotFoundError(
+            f"{setup / 'fold1_evaluate.csv'}: scene labels {unknown} not in the training split"
+        )
     return DataBundle(
-        name="dcase2020-1a", num_classes=len(classes), input_shape=(3, fe.n_mels, fe.n_frames - 8),
-        train_x=xtr, train_y=torch.tensor([cidx[r["scene_label"]] for r in train_rows]),
-        test_x=xte, test_y=torch.tensor([cidx[r["scene_label"]] for r in test_rows]),
-        mean=(0.0,), std=(1.0,), augment="tcrop400-each", transform="deltas", classes=classes, source=str(root),
+        name="dcase2020-1a",
+        num_classes=len(classes),
+        input_shape=(3, fe.n_mels, fe.n_frames - 8),
+        train_x=xtr,
+        train_y=torch.tensor([cidx[r["scene_label"]] for r in train_rows]),
+        test_x=xte,
+        test_y=torch.tensor([cidx[r["scene_label"]] for r in test_rows]),
+        mean=(0.0,),
+        std=(1.0,),
+        augment="tcrop400-each",
+        transform="deltas",
+        classes=classes,
+        source=str(root),
         test_groups=[device_of(r["filename"]) for r in test_rows],
     )
 
 
 def _load_folder(root: Path, fe, name: str, seed: int = 0) -> DataBundle:
-    label_file = next((root / f for f in ("labels.csv", "metadata.csv") if (root / f).is_file()), None)
+    label_file = next(
+        (root / f for f in ("labels.csv", "metadata.csv") if (root / f).is_file()), None
+    )
     if label_file is None:
-        raise DataNotFoundError(f"{root}: no labels.csv (expected a CSV with columns filename,label[,split])")
+        raise DataNotFoundError(
+            f"{root}: no labels.csv (expected a CSV with columns filename,label[,split])"
+        )
     rows = _read_rows(label_file, ",")
     if "filename" not in rows[0] or "label" not in rows[0]:
-        raise DataNotFoundError(f"{label_file}: expected columns 'filename' and 'label', got {list(rows[0])}")
+        raise DataNotFoundError(
+            f"{label_file}: expected columns 'filename' and 'label', got {list(rows[0])}"
+        )
     classes = sorted({r["label"] for r in rows})
     cidx = {c: i for i, c in enumerate(classes)}
     if "split" in rows[0]:
@@ -121,9 +152,19 @@ def _load_folder(root: Path, fe, name: str, seed: int = 0) -> DataBundle:
     if test.all() or not test.any():
         raise DataNotFoundError(f"{label_file}: need both training and test clips")
     return DataBundle(
-        name=name, num_classes=len(classes), input_shape=(3, fe.n_mels, fe.n_frames - 8),
-        train_x=feats[~test], train_y=y[~test], test_x=feats[test], test_y=y[test],
-        mean=(0.0,), std=(1.0,), augment="none", transform="deltas", classes=classes, source=str(root),
+        name=name,
+        num_classes=len(classes),
+        input_shape=(3, fe.n_mels, fe.n_frames - 8),
+        train_x=feats[~test],
+        train_y=y[~test],
+        test_x=feats[test],
+        test_y=y[test],
+        mean=(0.0,),
+        std=(1.0,),
+        augment="none",
+        transform="deltas",
+        classes=classes,
+        source=str(root),
     )
 
 
@@ -134,12 +175,16 @@ def load_audio_folder(data_dir: Optional[str] = None, **options) -> DataBundle:
     from .features import FrontEnd
 
     if not data_dir:
-        raise DataNotFoundError("audio-folder needs --data-dir (a folder with labels.csv and the WAV files)")
+        raise DataNotFoundError(
+            "audio-folder needs --data-dir (a folder with labels.csv and the WAV files)"
+        )
     return _load_folder(Path(data_dir), _fe(FrontEnd(), options), "audio-folder")
 
 
 # The demo keeps the zero edge padding its published numbers were made with (DCASE uses reflect).
-SPOKEN_DIGITS_FE = dict(sample_rate=16000, seconds=1.0, n_fft=512, hop_length=128, n_mels=64, pad_mode="constant")
+SPOKEN_DIGITS_FE = dict(
+    sample_rate=16000, seconds=1.0, n_fft=512, hop_length=128, n_mels=64, pad_mode="constant"
+)
 
 
 @register_dataset("spoken-digits")
@@ -152,4 +197,3 @@ def load_spoken_digits(data_dir: Optional[str] = None, **options) -> DataBundle:
     root = ensure(data_dir)
     b = _load_folder(root, _fe(FrontEnd(**SPOKEN_DIGITS_FE), options), "spoken-digits")
     return dataclasses.replace(b, augment="tcrop100")
-

@@ -57,16 +57,24 @@ class FrontEnd:
     fmin: float = 0.0
     fmax: Optional[float] = None  # None: sample_rate / 2
     log_offset: float = 1e-8
-    pad_mode: str = "reflect"  # STFT edge padding with center=True: reflect (librosa < 0.10) | constant
-    cache_dtype: str = "float32"  # dtype of cached features: float32 | float16 (quantizes the deltas)
+    pad_mode: str = (
+        "reflect"  # STFT edge padding with center=True: reflect (librosa < 0.10) | constant
+    )
+    cache_dtype: str = (
+        "float32"  # dtype of cached features: float32 | float16 (quantizes the deltas)
+    )
     stereo: str = "mean"  # mean | error
     resample: bool = False
 
     def __post_init__(self) -> None:
         if self.pad_mode not in ("reflect", "constant"):
-            raise BadInput(f"FrontEnd.pad_mode must be 'reflect' or 'constant', got {self.pad_mode!r}")
+            raise BadInput(
+                f"FrontEnd.pad_mode must be 'reflect' or 'constant', got {self.pad_mode!r}"
+            )
         if self.cache_dtype not in ("float32", "float16"):
-            raise BadInput(f"FrontEnd.cache_dtype must be 'float32' or 'float16', got {self.cache_dtype!r}")
+            raise BadInput(
+                f"FrontEnd.cache_dtype must be 'float32' or 'float16', got {self.cache_dtype!r}"
+            )
 
     @property
     def n_samples(self) -> int:
@@ -97,7 +105,10 @@ def _check_wav_complete(path: Path) -> None:
             cid, csize = struct.unpack(end + "4sI", f.read(8))
             if cid == b"data":
                 if pos + 8 + csize > size:
-                    raise AudioError(f"{path}: truncated WAV (data chunk says {csize} bytes, file has {size - pos - 8})")
+                    raise AudioError(
+                        f"{path}: truncated WAV (data chunk says {csize} bytes, file has "
+                        f"{size - pos - 8})"
+                    )
                 return
             pos += 8 + csize + (csize & 1)
 
@@ -117,17 +128,25 @@ def load_audio(path: Path, fe: FrontEnd) -> np.ndarray:
     except Exception as e:
         raise AudioError(f"{path}: unreadable audio file ({type(e).__name__}: {e})") from e
     if info.frames > 0 and len(data) < info.frames:
-        raise AudioError(f"{path}: truncated audio file (header says {info.frames} frames, read {len(data)})")
+        raise AudioError(
+            f"{path}: truncated audio file (header says {info.frames} frames, read {len(data)})"
+        )
     if len(data) == 0:
         raise AudioError(f"{path}: empty audio file")
     if data.shape[1] > 1:
         if fe.stereo == "error":
-            raise AudioError(f"{path}: {data.shape[1]} channels, expected mono (use stereo='mean' to average them)")
+            raise AudioError(
+                f"{path}: {data.shape[1]} channels, expected mono (use stereo='mean' to average "
+                f"them)"
+            )
         data = data.mean(axis=1, keepdims=True)
     y = data[:, 0]
     if sr != fe.sample_rate:
         if not fe.resample:
-            raise AudioError(f"{path}: sample rate {sr} Hz, expected {fe.sample_rate} Hz (convert the file, or enable resampling)")
+            raise AudioError(
+                f"{path}: sample rate {sr} Hz, expected {fe.sample_rate} Hz (convert the file, or "
+                f"enable resampling)"
+            )
         import librosa
 
         y = librosa.resample(y, orig_sr=sr, target_sr=fe.sample_rate)
@@ -147,8 +166,15 @@ def mel_filterbank(fe: FrontEnd, device: torch.device) -> Tensor:
     if key not in _FB_CACHE:
         import librosa
 
-        fb = librosa.filters.mel(sr=fe.sample_rate, n_fft=fe.n_fft, n_mels=fe.n_mels, fmin=fe.fmin,
-                                 fmax=fe.fmax if fe.fmax is not None else fe.sample_rate / 2, htk=True, norm=None)
+        fb = librosa.filters.mel(
+            sr=fe.sample_rate,
+            n_fft=fe.n_fft,
+            n_mels=fe.n_mels,
+            fmin=fe.fmin,
+            fmax=fe.fmax if fe.fmax is not None else fe.sample_rate / 2,
+            htk=True,
+            norm=None,
+        )
         _FB_CACHE[key] = torch.from_numpy(fb).float().to(device)
     return _FB_CACHE[key]
 
@@ -162,7 +188,15 @@ def logmel(wave: Tensor, fe: FrontEnd) -> Tensor:
     if wave.dim() == 1:
         wave = wave[None]
     window = torch.hann_window(fe.n_fft, periodic=True, device=wave.device, dtype=torch.float32)
-    spec = torch.stft(wave.float(), fe.n_fft, fe.hop_length, window=window, center=True, pad_mode=fe.pad_mode, return_complex=True)
+    spec = torch.stft(
+        wave.float(),
+        fe.n_fft,
+        fe.hop_length,
+        window=window,
+        center=True,
+        pad_mode=fe.pad_mode,
+        return_complex=True,
+    )
     power = spec.real.square() + spec.imag.square()  # (B, F, T)
     mel = torch.matmul(mel_filterbank(fe, wave.device), power)
     lm = torch.log(mel + fe.log_offset)
@@ -175,9 +209,20 @@ def logmel_librosa(y: np.ndarray, fe: FrontEnd) -> np.ndarray:
     """The same features computed directly by librosa (reference for tests)."""
     import librosa
 
-    mel = librosa.feature.melspectrogram(y=y, sr=fe.sample_rate, n_fft=fe.n_fft, hop_length=fe.hop_length, n_mels=fe.n_mels,
-                                         fmin=fe.fmin, fmax=fe.fmax if fe.fmax is not None else fe.sample_rate / 2,
-                                         htk=True, norm=None, center=True, pad_mode=fe.pad_mode, power=2.0)
+    mel = librosa.feature.melspectrogram(
+        y=y,
+        sr=fe.sample_rate,
+        n_fft=fe.n_fft,
+        hop_length=fe.hop_length,
+        n_mels=fe.n_mels,
+        fmin=fe.fmin,
+        fmax=fe.fmax if fe.fmax is not None else fe.sample_rate / 2,
+        htk=True,
+        norm=None,
+        center=True,
+        pad_mode=fe.pad_mode,
+        power=2.0,
+    )
     lm = np.log(mel + fe.log_offset)
     return (lm - lm.min()) / max(lm.max() - lm.min(), 1e-12)
 

@@ -24,8 +24,24 @@ import numpy as np
 from ...io import UsageError
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-VOICES = ["en", "en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-us-nyc",
-          "en+f2", "en+f3", "en+m3", "en+m7", "en-us+f4", "en-gb+m2", "en+klatt", "en-us+croak"]
+VOICES = [
+    "en",
+    "en-us",
+    "en-gb",
+    "en-gb-scotland",
+    "en-gb-x-rp",
+    "en-029",
+    "en-gb-x-gbclan",
+    "en-us-nyc",
+    "en+f2",
+    "en+f3",
+    "en+m3",
+    "en+m7",
+    "en-us+f4",
+    "en-gb+m2",
+    "en+klatt",
+    "en-us+croak",
+]
 SR = 16000
 
 
@@ -37,7 +53,20 @@ def _say(word: str, voice: str, pitch: int, speed: int, gap: int, tmp: Path) -> 
     import soundfile as sf
 
     wav = tmp / f"{abs(hash((word, voice, pitch, speed, gap)))}.wav"
-    cmd = ["espeak-ng", "-v", voice, "-p", str(pitch), "-s", str(speed), "-g", str(gap), "-w", str(wav), word]
+    cmd = [
+        "espeak-ng",
+        "-v",
+        voice,
+        "-p",
+        str(pitch),
+        "-s",
+        str(speed),
+        "-g",
+        str(gap),
+        "-w",
+        str(wav),
+        word,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0 or not wav.is_file():
         raise GeneratorError(f"espeak-ng failed for {cmd}: {r.stderr.strip()}")
@@ -56,24 +85,38 @@ def _clip(i: int, seed: int, snr_db: float, tmp: Path) -> tuple:
     rng = np.random.default_rng([seed, i])
     label = i % 10
     voice = VOICES[rng.integers(len(VOICES))]
-    y = _say(WORDS[label], voice, int(rng.integers(15, 86)), int(rng.integers(110, 230)), int(rng.integers(0, 8)), tmp)
+    y = _say(
+        WORDS[label],
+        voice,
+        int(rng.integers(15, 86)),
+        int(rng.integers(110, 230)),
+        int(rng.integers(0, 8)),
+        tmp,
+    )
     y = y[np.abs(y) > 1e-4].copy() if np.any(np.abs(y) > 1e-4) else y
     y = y[:SR]
     out = np.zeros(SR, dtype=np.float32)
     start = int(rng.integers(0, SR - len(y) + 1))
-    out[start:start + len(y)] = y * float(rng.uniform(0.3, 1.0))
-    sig_p = float(np.mean(out[start:start + len(y)] ** 2)) + 1e-12
+    out[start : start + len(y)] = y * float(rng.uniform(0.3, 1.0))
+    sig_p = float(np.mean(out[start : start + len(y)] ** 2)) + 1e-12
     snr = snr_db + float(rng.uniform(-3, 3))
     noise = rng.standard_normal(SR).astype(np.float32)
     if rng.random() < 0.5:  # pink-ish: integrate white noise a little
         noise = np.cumsum(noise) * 0.05 + noise
         noise -= noise.mean()
-    noise *= np.sqrt(sig_p / (10 ** (snr / 10)) / (np.mean(noise ** 2) + 1e-12))
+    noise *= np.sqrt(sig_p / (10 ** (snr / 10)) / (np.mean(noise**2) + 1e-12))
     return label, voice, np.clip(out + noise, -1, 1).astype(np.float32)
 
 
-def generate(out_dir: str, clips: int = 3000, snr_db: float = 0.0, seed: int = 0, test_fraction: float = 0.2,
-             workers: int = 2, progress: bool = True) -> Path:
+def generate(
+    out_dir: str,
+    clips: int = 3000,
+    snr_db: float = 0.0,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    workers: int = 2,
+    progress: bool = True,
+) -> Path:
     """Write ``clips`` WAVs and ``labels.csv`` (filename,label,split) into ``out_dir``.
 
     Every ``1/test_fraction``-th group of ten consecutive clips (one per digit) is test, so both
@@ -82,7 +125,9 @@ def generate(out_dir: str, clips: int = 3000, snr_db: float = 0.0, seed: int = 0
     import soundfile as sf
 
     if shutil.which("espeak-ng") is None:
-        raise GeneratorError("espeak-ng not found: install it (Debian/Ubuntu: sudo apt-get install espeak-ng)")
+        raise GeneratorError(
+            "espeak-ng not found: install it (Debian/Ubuntu: sudo apt-get install espeak-ng)"
+        )
     out = Path(out_dir)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -96,7 +141,9 @@ def generate(out_dir: str, clips: int = 3000, snr_db: float = 0.0, seed: int = 0
             pass
     every = max(2, int(round(1 / test_fraction)))
     with tempfile.TemporaryDirectory() as td, ThreadPoolExecutor(workers) as pool:
-        for i, (label, _voice, y) in enumerate(pool.map(lambda k: _clip(k, seed, snr_db, Path(td)), range(clips))):
+        for i, (label, _voice, y) in enumerate(
+            pool.map(lambda k: _clip(k, seed, snr_db, Path(td)), range(clips))
+        ):
             name = f"audio/{i:05d}-{WORDS[label]}.wav"
             sf.write(str(out / name), y, SR, subtype="PCM_16")
             # clip i has label i % 10: take whole groups of ten so every class is in both splits
@@ -123,6 +170,10 @@ def default_dir() -> Path:
 def ensure(data_dir: Optional[str], clips: int = 3000) -> Path:
     d = Path(data_dir) if data_dir else default_dir()
     if not (d / "labels.csv").is_file():
-        print(f"generating the synthetic spoken-digits set ({clips} clips) in {d} ...", file=sys.stderr, flush=True)
+        print(
+            f"generating the synthetic spoken-digits set ({clips} clips) in {d} ...",
+            file=sys.stderr,
+            flush=True,
+        )
         generate(str(d), clips=clips)
     return d
