@@ -3,6 +3,12 @@ import os
 import pytest
 import torch
 
+# Under pytest-xdist (the README's test command runs ``-n auto``) each worker gets its share of
+# the cores for torch's intra-op threads, so that the workers do not oversubscribe the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -335,8 +335,8 @@ TRITON = textwrap.dedent(
         y = tk.triton_l2_batch_norm(xx, w, b, *stats, 1e-5, 1e-12, False)[0]
         gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         y.backward(gy.to(y.dtype))
-        return {"y": y.detach(), "dx": xx.grad, "dw": w.grad, "db": b.grad, "mean": None, "var":
-        None}
+        return {"y": y.detach(), "dx": xx.grad, "dw": w.grad, "db": b.grad,
+                "mean": None, "var": None}
 
     worst = {}
     for fam in FAMILIES:
@@ -346,8 +346,8 @@ TRITON = textwrap.dedent(
                 mine = errors("triton", x, training, runner)
                 comp = errors("reference", x, training)
                 for k in mine:
-                    worst[fam] = max(worst.get(fam, 0.0), (mine[k] - FLOOR[x.dtype]) / max(comp[k],
-                    1e-300))
+                    ratio = (mine[k] - FLOOR[x.dtype]) / max(comp[k], 1e-300)
+                    worst[fam] = max(worst.get(fam, 0.0), ratio)
     # the launch helper refuses grids CUDA would refuse; the apply passes use axis 0 only
     try:
         tk.launch("affine", (1, 70000))
@@ -361,8 +361,8 @@ TRITON = textwrap.dedent(
     tk._affine_apply(x, torch.ones(2, 3), torch.zeros(3), x.dtype)
     tk._grad_apply(x, x, torch.ones(2, 3), torch.ones(2, 3), torch.zeros(2, 3), x.dtype)
     tk.launch = real
-    worst["grids"] = 0.0 if all(len(g) == 1 and g[0] < 2**31 for _, g in grids) and len(grids) == 2
-    else 1e9
+    flat = all(len(g) == 1 and g[0] < 2**31 for _, g in grids) and len(grids) == 2
+    worst["grids"] = 0.0 if flat else 1e9
     print(json.dumps(worst))
     """
 )

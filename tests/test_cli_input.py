@@ -161,6 +161,9 @@ def test_ctrl_c_says_how_to_continue(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a background job or a test worker may have inherited SIGINT as ignored: give the child
+        # the terminal's default, as a user's Ctrl-C meets it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 300
     while time.time() < deadline and not (

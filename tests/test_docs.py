@@ -58,7 +58,8 @@ def test_readme_is_a_short_front_door():
     assert len(first) == 2, "the README starts with exactly two set-up commands"
     assert first[0].startswith("bash scripts/install.sh && .venv/bin/l2bn compare")
     assert (
-        first[1].split("#")[0].strip() == "bash scripts/install.sh && .venv/bin/python -m pytest -q"
+        first[1].split("#")[0].strip()
+        == "bash scripts/install.sh && .venv/bin/python -m pytest -q -n auto --dist worksteal"
     )
     ci = (ROOT / ".ci" / "run").read_text()
     assert first[1].split("#")[0].strip() in ci, ".ci/run must run the README's test command"
@@ -145,8 +146,8 @@ for code in blocks:
     err = io.StringIO()
     with warnings.catch_warnings(record=True) as w, contextlib.redirect_stderr(err):
         exec(compile(code, "<block>", "exec"), ns)
-    out.append({"warnings": [f"{x.category.__name__}: {x.message}" for x in w], "stderr":
-    err.getvalue()})
+    said = [f"{x.category.__name__}: {x.message}" for x in w]
+    out.append({"warnings": said, "stderr": err.getvalue()})
 print("RESULT" + json.dumps(out))
 """
 
@@ -192,7 +193,10 @@ def _l2bn_commands():
             joined = block.replace("\\\n", " ")
             for line in joined.splitlines():
                 line = line.split(" #")[0].strip()
-                m = re.search(r"(?:^|\s|/)l2bn (train|compare|analyze|report|bench)\b(.*)", line)
+                m = re.search(
+                    r"(?:^|\s|/)l2bn (train|compare|analyze|report|bench|eps-trap)(?=\s|$)(.*)",
+                    line,
+                )
                 if m:
                     cmds.append(
                         pytest.param(m.group(1) + m.group(2), id=f"{page.name}:{m.group(1)}")

@@ -415,8 +415,8 @@ _IMPORT_PROBE = """
 import importlib, importlib.util, json, os, sys
 out = {}
 import l2bn
-out["keras_modules_after_import_l2bn"] = sorted(m for m in sys.modules if m.split(".")[0] ==
-"keras")
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "keras")
+out["keras_modules_after_import_l2bn"] = loaded
 
 def message():
     mod = importlib.import_module("l2bn.keras")

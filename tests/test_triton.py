@@ -19,12 +19,12 @@ CHECK = textwrap.dedent(
     from l2bn.kernels.reference import l2_batch_norm_reference
 
     def rel(a, b):
-        return float((a.double() - b.double()).abs().max() /
-        b.double().abs().max().clamp_min(1e-30))
+        scale = b.double().abs().max().clamp_min(1e-30)
+        return float((a.double() - b.double()).abs().max() / scale)
 
     out = {}
-    cases = [((4, 3, 5), None), ((3, 2, 4, 4), None), ((5, 6), None), ((3, 4, 3, 2), "cl"), ((2, 3,
-    40, 41), None)]
+    cases = [((4, 3, 5), None), ((3, 2, 4, 4), None), ((5, 6), None), ((3, 4, 3, 2), "cl"),
+             ((2, 3, 40, 41), None)]
     for dtype in (torch.float64, torch.float32):
         for shape, fmt in cases:
             g = torch.Generator().manual_seed(len(shape))
@@ -35,23 +35,23 @@ CHECK = textwrap.dedent(
             w = torch.linspace(0.5, 1.5, c, dtype=dtype).requires_grad_()
             b = torch.linspace(-0.3, 0.3, c, dtype=dtype).requires_grad_()
             gy = torch.randn(shape, generator=g, dtype=dtype)
-            rm, rv = torch.linspace(-0.2, 0.2, c, dtype=dtype), torch.linspace(0.5, 1.5, c,
-            dtype=dtype)
+            rm = torch.linspace(-0.2, 0.2, c, dtype=dtype)
+            rv = torch.linspace(0.5, 1.5, c, dtype=dtype)
             key = f"{dtype}-{shape}-{fmt}"
             for mode, stats in (("train", (None, None)), ("eval", (rm, rv))):
                 xt = x.detach().clone().requires_grad_()
                 y = tk.triton_l2_batch_norm(xt, w, b, *stats, 1e-5, 1e-12, False)[0]
                 gt = torch.autograd.grad(y, (xt, w, b), gy)
                 xr = x.detach().clone().requires_grad_()
-                ref = l2_batch_norm_reference(xr, stats[0], stats[1], w, b, mode == "train", 0.0,
-                1e-5)
+                ref = l2_batch_norm_reference(xr, stats[0], stats[1], w, b, mode == "train",
+                                              0.0, 1e-5)
                 gr = torch.autograd.grad(ref, (xr, w, b), gy)
                 out[f"{key}-{mode}-y"] = rel(y, ref)
                 for name, a, e in zip(("dx", "dw", "db"), gt, gr):
                     out[f"{key}-{mode}-{name}"] = rel(a, e)
                 if fmt == "cl":
-                    out[f"{key}-{mode}-layout"] = 0.0 if
-                    y.is_contiguous(memory_format=torch.channels_last) else 1.0
+                    nhwc = y.is_contiguous(memory_format=torch.channels_last)
+                    out[f"{key}-{mode}-layout"] = 0.0 if nhwc else 1.0
     # unit-RMS variant, and the bulk passes one by one against the ATen ones
     x = torch.randn(4, 3, 6, dtype=torch.float64)
     y = tk.triton_l2_batch_norm(x, None, None, None, None, 1e-5, 1e-12, True)[0]
@@ -60,7 +60,7 @@ CHECK = textwrap.dedent(
     m2, v2 = ATEN.kernels.row_stats(x, (2,), 6, torch.float64)
     out["row_stats"] = max(rel(m1, m2), rel(v1, v2))
     out["sample_norm"] = rel(tk.TRITON_KERNELS.sample_norm(x, torch.float64),
-    ATEN.kernels.sample_norm(x, torch.float64))
+                             ATEN.kernels.sample_norm(x, torch.float64))
     print(json.dumps(out))
     """
 )

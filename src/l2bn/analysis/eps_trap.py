@@ -36,9 +36,9 @@ def measure_norm_layers(model: nn.Module, x: Tensor) -> List[Dict[str, Any]]:
 
     Example:
         >>> import torch, l2bn
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), l2bn.L2BatchNorm2d(8, eps=1e-3))
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), l2bn.L2BatchNorm2d(8, eps=1e-2))
         >>> row = measure_norm_layers(net, torch.randn(4, 3, 10, 10))[0]
-        >>> row["D"], row["eps_share"] > 0.5   # D = 8 * 8 * 8 entries: var_c ~ 1/512 < eps
+        >>> row["D"], row["eps_share"] > 0.5   # D = 8 * 8 * 8 entries: var_c <= 1/512 < eps
         (512, True)
     """
     saved = {k: v.clone() for k, v in model.state_dict().items()}
