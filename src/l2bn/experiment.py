@@ -54,6 +54,18 @@ __all__ = [
 #: recipe fields that ``compare`` sets itself (axes, directories) or that mean nothing there
 COMPARE_SKIP = ("model", "norm", "seed", "out", "dataset", "data_dir", "resume", "test_only")
 
+#: The main job's recipe (ResNet-8 on 20,000 Fashion-MNIST images, 5 epochs), shared by the
+#: presets that vary one axis of it (batch size, depth).
+MAIN_JOB_RECIPE: Dict[str, Any] = dict(
+    epochs=5,
+    batch_size=128,
+    train_subset=20000,
+    lr=0.1,
+    weight_decay=5e-4,
+    schedule="cosine",
+    warmup_epochs=0.5,
+)
+
 # The main job: Fashion-MNIST, a small CIFAR-style ResNet, 3 seeds per norm, < 10 min on 2 CPU
 # cores.
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -65,16 +77,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         grid={},
         note="Preset 'quick': chosen so that the default comparison fits in 10 minutes on 2 CPU "
         "cores.",
-        train=dict(
-            epochs=5,
-            batch_size=128,
-            train_subset=20000,
-            lr=0.1,
-            weight_decay=5e-4,
-            schedule="cosine",
-            warmup_epochs=0.5,
-            width=1,
-        ),
+        train={**MAIN_JOB_RECIPE, "width": 1},
     ),
     "paper": dict(
         dataset="fashion-mnist",
@@ -97,16 +100,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         note="Preset 'batch-size': the main job's ResNet-8 setting at batch 16-128, learning rate "
         "scaled linearly "
         "from 0.1 at batch 128 (lr_ref_batch=128).",
-        train=dict(
-            epochs=5,
-            batch_size=128,
-            train_subset=20000,
-            lr=0.1,
-            lr_ref_batch=128,
-            weight_decay=5e-4,
-            schedule="cosine",
-            warmup_epochs=0.5,
-        ),
+        train={**MAIN_JOB_RECIPE, "lr_ref_batch": 128},
     ),
     "depth": dict(
         dataset="fashion-mnist",
@@ -115,15 +109,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         seeds=[0, 1, 2, 3, 4],
         grid={},
         note="Preset 'depth': ResNet-8/20/56 at the main job's budget, three norms.",
-        train=dict(
-            epochs=5,
-            batch_size=128,
-            train_subset=20000,
-            lr=0.1,
-            weight_decay=5e-4,
-            schedule="cosine",
-            warmup_epochs=0.5,
-        ),
+        train=dict(MAIN_JOB_RECIPE),
     ),
 }
 
