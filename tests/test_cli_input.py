@@ -274,3 +274,31 @@ def test_deliberate_input_errors_are_usage_errors(tmp_path, capsys):
     code = l2bn_cli.main(["analyze", str(tmp_path / "missing-run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "missing-run" in err[0], err
+
+
+def test_a_missing_optional_package_is_one_line_but_a_missing_l2bn_module_is_not(
+    tmp_path, monkeypatch, capsys
+):
+    """ModuleNotFoundError of a third-party package: one line naming it, exit 2; of l2bn's own
+    modules (a broken install): the traceback."""
+    import l2bn.train.trainer as trainer
+
+    args = ["train", "--dataset", "digits", "--epochs", "1", "--no-progress", "--out"]
+    monkeypatch.setattr(
+        trainer, "train_one_epoch", _raise(ModuleNotFoundError("no yaml", name="yaml"))
+    )
+    code = l2bn_cli.main([*args, str(tmp_path / "R")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "optional package 'yaml'" in err[0], err
+    monkeypatch.setattr(
+        trainer, "train_one_epoch", _raise(ModuleNotFoundError("x", name="l2bn.gone"))
+    )
+    with pytest.raises(ModuleNotFoundError, match="x"):
+        l2bn_cli.main([*args, str(tmp_path / "S")])
+
+
+def _raise(exc):
+    def fn(*a, **k):
+        raise exc
+
+    return fn

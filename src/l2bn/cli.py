@@ -97,7 +97,7 @@ def _environment_error(e: OSError) -> bool:
 def _fail(cmd: str, e: BaseException) -> int:
     from .train import TrainingDiverged
 
-    if isinstance(e, ModuleNotFoundError) and not isinstance(e, _errors()[0]):
+    if isinstance(e, ModuleNotFoundError):  # a missing optional package, or a broken install
         if (e.name or "").split(".")[0] in ("l2bn", ""):
             raise e  # our own module missing: a broken install, keep the traceback
         print(
