@@ -58,10 +58,11 @@ def _add_config_flags(
             p.add_argument(flag, type=base, default=argparse.SUPPRESS, help=helptext)
 
 
-def _overrides(args: argparse.Namespace, skip: tuple = ()) -> Dict[str, Any]:
+def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    """The recipe fields given as flags (unset flags are absent: argparse.SUPPRESS)."""
     from .train.config import FIELDS
 
-    return {k: v for k, v in vars(args).items() if k in FIELDS and k not in skip}
+    return {k: v for k, v in vars(args).items() if k in FIELDS}
 
 
 def _errors() -> tuple:
@@ -167,13 +168,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .experiment import COMPARE_SKIP, compare, plan_compare
+    from .experiment import compare, plan_compare
 
     try:
         plan = plan_compare(
             args.preset,
             args.config,
-            _overrides(args, skip=COMPARE_SKIP),
+            _overrides(args),
             args.grid or [],
             models=args.models,
             norms=args.norms,
