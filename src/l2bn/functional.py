@@ -191,6 +191,36 @@ def l2_batch_norm(
         >>> y.shape, rm.abs().sum() > 0
         (torch.Size([8, 4, 5, 5]), tensor(True))
     """
+    if (
+        backend is None
+        and process_group is None
+        and type(input) is Tensor
+        and type(eps) is float
+        and type(l2_eps) is float
+        and type(momentum) is float
+        and (training or (running_mean is not None and running_var is not None))
+        and not native.python_layer_needed()
+    ):
+        op = native.layer_op()  # one C++ call (csrc/layer.h); None back: the checks below decide
+        if op is not None:
+            out = op(
+                input,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                None,
+                training,
+                True,
+                momentum,
+                eps,
+                l2_eps,
+                bool(unit_rms),
+                (),
+                -1,
+            )
+            if out is not None:
+                return out
     _check(input, running_mean, running_var, weight, bias, training, momentum, eps, l2_eps)
     if training:
         if process_group is None:

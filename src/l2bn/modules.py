@@ -23,6 +23,8 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from .functional import l2_batch_norm
+from .kernels.native import layer_op as _layer_op
+from .kernels.native import python_layer_needed as _python_layer_needed
 from .running import check_eps_share, running_factor
 from .running import correct_traced_update as _correct_traced_update
 from .running import tracing as _tracing
@@ -80,6 +82,7 @@ class _L2NormBase(_NormBase):
 
     _expected_dims: tuple = ()
     _stats_warmup: bool = True  # class default: modules pickled before the flag existed
+    _single_call: bool = True  # forward tries the one-operator CPU path first (not when synced)
 
     def __init__(
         self,
@@ -130,6 +133,34 @@ class _L2NormBase(_NormBase):
         self._stats_warmup = True  # the loaded count decides at the next training step
 
     def forward(self, input: Tensor) -> Tensor:
+        # One C++ call on the CPU (csrc/layer.h): checks, kernel, running statistics and autograd
+        # node; it returns None, having changed nothing, for whatever the Python path handles
+        if self._single_call and type(input) is Tensor and not _python_layer_needed():
+            op = _layer_op()
+            if op is not None:
+                out = op(
+                    input,
+                    self.weight,
+                    self.bias,
+                    self.running_mean,
+                    self.running_var,
+                    self.num_batches_tracked,
+                    self.training,
+                    self.track_running_stats,
+                    self.momentum,
+                    self.eps,
+                    self.l2_eps,
+                    self.unit_rms,
+                    self._expected_dims,
+                    self.num_features,
+                )
+                if out is not None:
+                    return out
+        return self._python_forward(input)
+
+    def _python_forward(self, input: Tensor) -> Tensor:
+        """The layer in Python: :func:`l2bn.functional.l2_batch_norm` with BN's step count and
+        the running-statistics factor of :func:`l2bn.running.running_factor`."""
         input = self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
         step = 0  # the tracked batch this call is, when read on the host (0: not read)

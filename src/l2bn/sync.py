@@ -90,6 +90,7 @@ class SyncL2BatchNorm(_L2NormBase):
         self.process_group = process_group
 
     _expected_dims = (2, 3, 4, 5)
+    _single_call = False  # the Python layer combines the statistics across the group
 
     def _process_group(self) -> Any:
         # As nn.SyncBatchNorm: only training synchronises. In evaluation without running

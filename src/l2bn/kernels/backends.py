@@ -30,7 +30,15 @@ from torch import Tensor
 from .autograd import l2_batch_norm_fast
 from .reference import reference_backend
 
-__all__ = ["Backend", "BackendFn", "register", "available_backends", "select", "get"]
+__all__ = [
+    "Backend",
+    "BackendFn",
+    "register",
+    "available_backends",
+    "select",
+    "get",
+    "tried_first",
+]
 
 #: ``fn(input, running_mean, running_var, weight, bias, training, momentum, eps, l2_eps,
 #: unit_rms, process_group) -> output``
@@ -93,6 +101,18 @@ def get(name: str) -> BackendFn:
         'l2_batch_norm_fast'
     """
     return _REGISTRY[name].fn
+
+
+def tried_first(name: str, unavailable: Callable[[Tensor], Optional[str]]) -> bool:
+    """Whether automatic selection tries backend ``name`` first, with ``unavailable`` as its
+    check: the single-call layer (:func:`l2bn.kernels.native.layer_op`) stands for the native
+    backend only while nobody has registered a backend before it or replaced its entry.
+
+    Example:
+        >>> tried_first("fused", _always)
+        False
+    """
+    return _AUTO_ORDER[0] == name and _REGISTRY[name].unavailable is unavailable
 
 
 def select(requested: Optional[str], x: Tensor) -> str:

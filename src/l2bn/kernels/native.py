@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
 from . import backends
@@ -53,8 +54,17 @@ from .autograd import fused_l2_batch_norm, l2_batch_norm_fast
 from .engine import ATEN_KERNELS, Engine
 from .reference import accumulate_dtype
 
-__all__ = ["ENGINE", "build", "load", "native_l2_batch_norm", "unavailable_reason"]
+__all__ = [
+    "ENGINE",
+    "build",
+    "layer_op",
+    "load",
+    "native_l2_batch_norm",
+    "python_layer_needed",
+    "unavailable_reason",
+]
 
+_functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
 _SRC = Path(__file__).with_name("csrc") / "l2bn_cpu.cpp"
 _NAME = "l2bn_cpu_" + re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -104,7 +114,8 @@ def build(verbose: bool = False) -> Path:
         except ImportError:
             pass
     path = _library_path()
-    fresh = not path.exists() or path.stat().st_mtime < _SRC.stat().st_mtime
+    newest = max(f.stat().st_mtime for f in _SRC.parent.iterdir())  # the .cpp and its headers
+    fresh = not path.exists() or path.stat().st_mtime < newest
     if fresh:
         print(
             f"l2bn: building the native CPU kernel for this machine (once, ~1 min) in "
@@ -156,6 +167,46 @@ def unavailable_reason() -> Optional[str]:
             reason = f"the C++ kernel could not be built ({type(e).__name__}: {first})"
     _decided.append(reason)
     return reason
+
+
+_LAYER: list = []  # [the l2bn::layer operator or None] once decided
+
+
+def layer_op() -> Any:
+    """``torch.ops.l2bn.layer.default``, the single-call layer of ``csrc/layer.h``, when the
+    kernel is loaded (built on first call; decided once per process) and automatic selection
+    would choose the native backend first, else ``None``. Nothing is built while
+    ``L2BN_BACKEND`` names another backend (which the operator also reads per call).
+
+    Example:
+        >>> op = layer_op()
+        >>> op is None or op.name() == "l2bn::layer"
+        True
+    """
+    if not _LAYER:
+        if (os.environ.get("L2BN_BACKEND") or "auto") not in ("auto", "native"):
+            return None
+        _LAYER.append(torch.ops.l2bn.layer.default if unavailable_reason() is None else None)
+    return _LAYER[0] if backends.tried_first("native", _unavailable) else None
+
+
+def python_layer_needed() -> bool:
+    """Whether something is active that only the Python layer handles: ``torch.compile`` or
+    ``torch.export`` tracing (fake kernels), a TorchScript trace (ONNX's legacy exporter), a
+    ``torch.func`` transform, forward-mode AD, or a ``TorchDispatchMode`` (which must see the
+    layer's ATen ops).
+
+    Example:
+        >>> python_layer_needed()
+        False
+    """
+    return (
+        torch.compiler.is_compiling()
+        or _fwad._current_level >= 0
+        or torch._C._get_tracing_state() is not None
+        or torch._C._len_torch_dispatch_stack() > 0
+        or (_functorch_level is not None and _functorch_level() is not None)
+    )
 
 
 def load() -> None:
