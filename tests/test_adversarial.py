@@ -4,7 +4,8 @@ Adversarial inputs (tests/adversarial.py: large offsets, a zero/negated/outlying
 Cauchy tails, mixed tiny and normal samples, huge norms, post-ReLU features) in (N, C),
 (N, C, L), (N, C, H, W) and channels_last, float32/float16/bfloat16, training and evaluation:
 each backend's error against float64 (outputs, input/weight/bias gradients, running statistics)
-is at most 5x the float32 composite's plus a floor. Then the CPU backends' determinism over
+is at most 5x the float32 composite's plus a floor. "layer" is the layers' single C++ call
+(csrc/layer.h, reached without a backend argument). Then the CPU backends' determinism over
 thread counts, and the findings of the kernel review, each pinned by a test.
 """
 
@@ -49,7 +50,7 @@ def cases(draw):
     return fam, layout, dname, x, draw(st.booleans())
 
 
-@pytest.mark.parametrize("backend", ["fused", "native"])
+@pytest.mark.parametrize("backend", ["fused", "native", "layer"])
 @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(case=cases())
 def test_fast_paths_are_as_accurate_as_the_composite(backend, case):
@@ -60,7 +61,7 @@ def test_fast_paths_are_as_accurate_as_the_composite(backend, case):
     )
 
 
-@pytest.mark.parametrize("backend", ["fused", "native"])
+@pytest.mark.parametrize("backend", ["fused", "native", "layer"])
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_one_entry_per_sample(backend, fam):
     """(N, 1): u = x / max(|x|, l2_eps) is sign(x) for every sample above l2_eps. The composite
@@ -84,7 +85,7 @@ def test_compiled_backend_on_adversarial_inputs(fam, layout):
         assert not judge("compiled", x, training)
 
 
-@pytest.mark.parametrize("backend", ["fused", "native"])
+@pytest.mark.parametrize("backend", ["fused", "native", "layer"])
 @pytest.mark.parametrize(
     "fam,shape",
     [
@@ -103,7 +104,7 @@ def test_the_cases_the_review_found(backend, fam, shape):
         assert not judge(backend, x, training)
 
 
-@pytest.mark.parametrize("backend", ["fused", "native"])
+@pytest.mark.parametrize("backend", ["fused", "native", "layer"])
 @pytest.mark.parametrize("shape", [(4, 3, 5, 5), (4, 3)])
 def test_all_zero_sample_with_a_tiny_l2_eps_has_the_reference_gradients(backend, shape):
     """k = s / l2_eps = 1e20: k^2 overflowed in the input-gradient coefficient and an all-zero
@@ -117,7 +118,7 @@ def test_all_zero_sample_with_a_tiny_l2_eps_has_the_reference_gradients(backend,
     for be, xx in ((backend, x.clone()), ("reference", x.double())):
         xx.requires_grad_()
         fn = l2_batch_norm_reference if be == "reference" else l2_batch_norm
-        kw = {} if be == "reference" else {"backend": be}
+        kw = {} if be in ("reference", "layer") else {"backend": be}
         y = fn(xx, None, None, w.to(xx.dtype), b.to(xx.dtype), True, l2_eps=1e-20, **kw)
         y.backward(gy.to(y.dtype))
         out[be] = (y.detach(), xx.grad)
@@ -133,13 +134,14 @@ def _one_call(x, backend, threads):
     w = torch.linspace(0.5, 1.5, c).requires_grad_()
     b = torch.linspace(-0.2, 0.2, c).requires_grad_()
     rm, rv = torch.zeros(c), torch.ones(c)
-    y = l2_batch_norm(xx, rm, rv, w, b, True, backend=backend)
+    be = None if backend == "layer" else backend  # "layer": the single C++ call
+    y = l2_batch_norm(xx, rm, rv, w, b, True, backend=be)
     y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
-    y_eval = l2_batch_norm(x, rm, rv, w, b, False, backend=backend)
+    y_eval = l2_batch_norm(x, rm, rv, w, b, False, backend=be)
     return [y, xx.grad, w.grad, b.grad, rm, rv, y_eval]
 
 
-@pytest.mark.parametrize("backend", ["native", "fused"])
+@pytest.mark.parametrize("backend", ["native", "fused", "layer"])
 def test_cpu_results_do_not_depend_on_the_thread_count(backend):
     """Fixed reduction trees: the same bits for 1, 2 and 4 threads and for repeated calls, on
     every layout, batch-1 evaluation of a large sample included (split over the threads)."""

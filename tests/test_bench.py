@@ -176,6 +176,49 @@ def test_bench_model_rows(fused):
     assert "eval" not in bench.bench_model("resnet8", 1, 28, batch=2, reps=1, rounds=1, warmup=0)
 
 
+def test_main_job_rows_run_the_trainers_loop(monkeypatch):
+    """The main-job rows time l2bn train's own train_one_epoch and evaluate (counted here) on
+    Fashion-MNIST with the main job's recipe, BN and L2BN in every round."""
+    from l2bn.train import loop
+
+    calls = {"train": [], "eval": 0}
+    real_train, real_eval = loop.train_one_epoch, loop.evaluate
+
+    def train(net, loader, opt, *a):
+        calls["train"].append((len(loader), type(opt).__name__))
+        return real_train(net, loader, opt, *a)
+
+    def evaluate(*a, **k):
+        calls["eval"] += 1
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(loop, "train_one_epoch", train)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    r = bench.bench_main_job(rounds=2, steps=2, eval_batches=1)
+    assert calls["train"] == [(2, "SGD")] * 6 and calls["eval"] == 6  # warm-up round + 2, x2
+    for phase in ("train", "eval"):
+        assert len(r[phase]["rounds_s"]["bn"]) == len(r[phase]["rounds_s"]["l2bn"]) == 2
+        assert 0 < r[phase]["ratio_q25"] <= r[phase]["ratio_median"] <= r[phase]["ratio_q75"]
+
+
+def test_bench_says_when_the_main_job_rows_are_missing(monkeypatch, tmp_path):
+    from l2bn.io import MissingFile
+
+    def missing(*a, **k):
+        raise MissingFile("Fashion-MNIST not found in /nowhere (apt-get install ...)")
+
+    fake = {
+        k: {"bn_s": 1.0, "l2bn_s": 1.0, "ratio_median": 1.0, "ratio_q25": 1.0, "ratio_q75": 1.0}
+        for k in ("train", "eval")
+    }
+    monkeypatch.setattr(bench, "bench_main_job", missing)
+    monkeypatch.setattr(bench, "bench_model", lambda *a, **k: fake)
+    monkeypatch.setattr(bench, "bench_layers", lambda *a, **k: [])
+    monkeypatch.setattr(bench, "format_table", lambda rows, title: title)
+    text = bench.run(quick=True, reps=1, rounds=1, compile=False)
+    assert "Main job rows not measured: Fashion-MNIST not found in /nowhere" in text
+
+
 def test_cli_bench_json(tmp_path, capsys, fused):
     out = tmp_path / "out.json"
     md = tmp_path / "out.md"

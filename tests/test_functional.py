@@ -6,6 +6,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from l2bn.functional import available_backends, l2_batch_norm
+from l2bn.kernels.args import NormArgs
 from l2bn.kernels.reference import l2_batch_norm_reference
 
 
@@ -242,16 +243,14 @@ def test_reference_defaults_and_messages():
     with pytest.raises(ValueError, match="batch dimension and at least one more, got 1D"):
         l2_normalize_samples(torch.randn(5))
     with pytest.raises(ValueError) as e:
-        reference_backend(
-            x, None, None, None, None, True, 0.1, 1e-5, 1e-12, False, process_group=object()
-        )
+        reference_backend(x, NormArgs(None, None, None, None, True, process_group=object()))
     assert str(e.value) == "l2_batch_norm: the 'reference' backend does not support process_group"
     assert (
         l2_normalize_samples(x.half()).dtype == torch.float32
     )  # returned in the accumulation dtype
 
 
-@pytest.mark.parametrize("backend", ["reference", "fused", "native"])
+@pytest.mark.parametrize("backend", ["reference", "fused", "native", None])
 def test_options_reach_the_backend(backend):
     """eps, l2_eps and unit_rms passed through l2_batch_norm reach every backend: the result is
     the formula written out by hand, with values that make each option visible."""
@@ -280,7 +279,7 @@ def test_reference_backend_half_layer(dtype):
     x = torch.randn(8, 3, 4, 4, generator=g).to(dtype)
     w, b = torch.rand(3, generator=g).add(0.5).to(dtype), torch.randn(3, generator=g).to(dtype)
     rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
-    y = reference_backend(x, rm, rv, w, b, True, 0.1, 1e-5, 1e-12, False)
+    y = reference_backend(x, NormArgs(rm, rv, w, b, training=True))
     assert y.dtype == dtype and rm.dtype == dtype and rv.dtype == dtype
     rm64, rv64 = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     y64 = l2_batch_norm_reference(x.double(), rm64, rv64, w.double(), b.double(), training=True)
@@ -291,7 +290,7 @@ def test_reference_backend_half_layer(dtype):
     )
     torch.testing.assert_close(rv.double(), rv64, rtol=2 * ulp, atol=0)
     # evaluation with the half running statistics
-    y = reference_backend(x, rm, rv, w, b, False, 0.1, 1e-5, 1e-12, False)
+    y = reference_backend(x, NormArgs(rm, rv, w, b, training=False))
     y64 = l2_batch_norm_reference(x.double(), rm.double(), rv.double(), w.double(), b.double())
     assert y.dtype == dtype
     torch.testing.assert_close(y.double(), y64, rtol=2 * ulp, atol=4 * ulp * float(y64.abs().max()))

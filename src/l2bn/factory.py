@@ -15,13 +15,15 @@ name                    layer
 ``sync=True`` maps each per-process name to its synchronised twin (``bn`` → ``syncbn``,
 ``l2bn`` → ``sync-l2bn``, ``l2bn-rms`` → ``sync-l2bn-rms``). This module is the only place
 that interprets norm names: models, torchvision builders, the training engine and the reports
-all go through :func:`canonical_norm` / :func:`get_norm_layer`.
+all go through :func:`canonical_norm` / :func:`get_norm_layer`, and a new name is one entry of
+:data:`NORMS` (layer, defaults, twin, aliases, plot colour).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from torch import nn
 
@@ -36,32 +38,55 @@ __all__ = [
     "is_l2_norm",
     "base_norm",
     "NORM_NAMES",
+    "NORMS",
+    "Norm",
 ]
 
-_ALIASES = {
-    "bn": "bn",
-    "batchnorm": "bn",
-    "batch_norm": "bn",
-    "l2bn": "l2bn",
-    "l2": "l2bn",
-    "l2_bn": "l2bn",
-    "l2batchnorm": "l2bn",
-    "l2bn-rms": "l2bn-rms",
-    "l2bn_rms": "l2bn-rms",
-    "syncbn": "syncbn",
-    "sync-bn": "syncbn",
-    "sync-l2bn": "sync-l2bn",
-    "syncl2bn": "sync-l2bn",
-    "sync_l2bn": "sync-l2bn",
-    "sync-l2bn-rms": "sync-l2bn-rms",
-    "sync_l2bn_rms": "sync-l2bn-rms",
-    "none": "none",
-    "identity": "none",
+
+@dataclass(frozen=True)
+class Norm:
+    """One norm name: its layer class for an input dim (1, 2, 3), default keyword arguments, the
+    synchronised twin, the other spellings accepted, and its colour in the reports' plots."""
+
+    layer: Callable[[int], Callable[..., nn.Module]]
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    sync: Optional[str] = None
+    aliases: Tuple[str, ...] = ()
+    color: str = "tab:gray"
+
+
+def _identity(num_features: int, **kwargs: Any) -> nn.Module:
+    return nn.Identity()
+
+
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_RMS = {"unit_rms": True}
+
+#: The norm names, in the order the CLI and the reports list them: the one place a norm is added.
+NORMS: Dict[str, Norm] = {
+    "bn": Norm(
+        _BN.__getitem__, sync="syncbn", aliases=("batchnorm", "batch_norm"), color="tab:blue"
+    ),
+    "l2bn": Norm(
+        l2_layer_for_dim, sync="sync-l2bn", aliases=("l2", "l2_bn", "l2batchnorm"), color="tab:red"
+    ),
+    "l2bn-rms": Norm(
+        l2_layer_for_dim, _RMS, sync="sync-l2bn-rms", aliases=("l2bn_rms",), color="tab:orange"
+    ),
+    "syncbn": Norm(lambda d: nn.SyncBatchNorm, aliases=("sync-bn",), color="tab:blue"),
+    "sync-l2bn": Norm(
+        lambda d: SyncL2BatchNorm, aliases=("syncl2bn", "sync_l2bn"), color="tab:red"
+    ),
+    "sync-l2bn-rms": Norm(
+        lambda d: SyncL2BatchNorm, _RMS, aliases=("sync_l2bn_rms",), color="tab:orange"
+    ),
+    "none": Norm(lambda d: _identity, aliases=("identity",)),
 }
-NORM_NAMES = ("bn", "l2bn", "l2bn-rms", "syncbn", "sync-l2bn", "sync-l2bn-rms", "none")
+_ALIASES = {a: name for name, n in NORMS.items() for a in (name, *n.aliases)}
+NORM_NAMES = tuple(NORMS)
 #: every accepted spelling (case-insensitive), canonical names first
 NORM_ALIASES = NORM_NAMES + tuple(a for a in _ALIASES if a not in NORM_NAMES)
-_SYNC = {"bn": "syncbn", "l2bn": "sync-l2bn", "l2bn-rms": "sync-l2bn-rms"}
+_SYNC = {name: n.sync for name, n in NORMS.items() if n.sync}
 _BASE = {v: k for k, v in _SYNC.items()}
 
 
@@ -74,7 +99,8 @@ def canonical_norm(name: str, sync: bool = False) -> str:
         >>> canonical_norm("bn", sync=True)
         'syncbn'
     """
-    key = _ALIASES.get(str(name).lower())
+    low = str(name).lower()
+    key = low if low in NORMS else _ALIASES.get(low)
     if key is None:
         raise BadInput(f"unknown norm layer {name!r}; choose one of {', '.join(NORM_NAMES)}")
     if sync:
@@ -93,10 +119,6 @@ def base_norm(name: str) -> str:
 def is_l2_norm(name: str) -> bool:
     """Whether norm ``name`` is an L2BN variant (synchronised or not)."""
     return base_norm(name).startswith("l2bn")
-
-
-def _identity(num_features: int, **kwargs: Any) -> nn.Module:
-    return nn.Identity()
 
 
 def get_norm_layer(
@@ -120,24 +142,9 @@ def get_norm_layer(
     key = canonical_norm(name, sync)
     if dim not in (1, 2, 3):
         raise ValueError(f"norm layer dim must be 1, 2 or 3, got {dim}")
-    if key == "bn":
-        cls: Callable[..., nn.Module] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[
-            dim
-        ]
-    elif key == "l2bn":
-        cls = l2_layer_for_dim(dim)
-    elif key == "l2bn-rms":
-        cls = l2_layer_for_dim(dim)
-        kwargs = {"unit_rms": True, **kwargs}
-    elif key == "syncbn":
-        cls = nn.SyncBatchNorm
-    elif key == "sync-l2bn":
-        cls = SyncL2BatchNorm
-    elif key == "sync-l2bn-rms":
-        cls = SyncL2BatchNorm
-        kwargs = {"unit_rms": True, **kwargs}
-    else:
-        cls = _identity
+    norm = NORMS[key]
+    cls = norm.layer(dim)
+    kwargs = {**norm.kwargs, **kwargs}
     return functools.partial(cls, **kwargs) if kwargs else cls
 
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import backends, compiled, native, triton_kernels  # noqa: F401  (register the "compiled", "native" and "triton" backends)
+from .kernels.args import NormArgs
 from .kernels.autograd import in_functorch_transform
 from .kernels.reference import l2_normalize_samples
 
@@ -201,7 +202,9 @@ def l2_batch_norm(
         and (training or (running_mean is not None and running_var is not None))
         and not native.python_layer_needed()
     ):
-        op = native.layer_op()  # one C++ call (csrc/layer.h); None back: the checks below decide
+        op = native.layer_op(
+            input
+        )  # one C++ call (csrc/layer.h); None back: the checks below decide
         if op is not None:
             out = op(
                 input,
@@ -233,8 +236,7 @@ def l2_batch_norm(
     name = (
         "reference" if in_functorch_transform() or exporting() else backends.select(backend, input)
     )
-    return backends.get(name)(
-        input,
+    args = NormArgs(
         running_mean,
         running_var,
         weight,
@@ -246,3 +248,4 @@ def l2_batch_norm(
         bool(unit_rms),
         process_group,
     )
+    return backends.get(name)(input, args)

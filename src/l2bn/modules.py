@@ -136,7 +136,7 @@ class _L2NormBase(_NormBase):
         # One C++ call on the CPU (csrc/layer.h): checks, kernel, running statistics and autograd
         # node; it returns None, having changed nothing, for whatever the Python path handles
         if self._single_call and type(input) is Tensor and not _python_layer_needed():
-            op = _layer_op()
+            op = _layer_op(input)
             if op is not None:
                 out = op(
                     input,

@@ -5,7 +5,9 @@ naive composite (``BN(F.normalize(x))``) and L2BN (eager modules, then all three
 ``torch.compile``), their ratios to BN, the bytes each saves for backward (measured with
 ``torch.autograd.graph.saved_tensors_hooks``), and the geometric-mean ratios on the last line;
 then whole-model rows: a ResNet-56 training step (3×32×32) and a ResNet-8 training step and
-inference forward (1×28×28, the main job's model), BN vs L2BN.
+inference forward (1×28×28, the main job's model), BN vs L2BN; and on the CPU the main job's own
+loop (:mod:`~l2bn.bench.loop`: ``l2bn train``'s training and evaluation functions on
+Fashion-MNIST, where it is installed).
 
 How it measures. The run is split into ``rounds`` independent rounds; each round visits every
 shape and times all variants *interleaved* (BN, naive, L2BN, BN, naive, L2BN, ...), ``reps``
@@ -34,7 +36,7 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
-from ..io import BadInput
+from ..io import BadInput, UsageError
 from .layers import (
     BANDWIDTH_MIN_BYTES,
     DTYPES,
@@ -50,6 +52,7 @@ from .layers import (
     bench_layers,
     make_layer,
 )
+from .loop import bench_main_job
 from .models import bench_model
 from .tables import format_bandwidth, format_models, format_table
 from .timing import interleaved_samples, quantile, ratio_summary, saved_bytes, summarize, time_call
@@ -58,6 +61,7 @@ __all__ = [
     "run",
     "bench_layers",
     "bench_model",
+    "bench_main_job",
     "format_table",
     "format_bandwidth",
     "format_models",
@@ -204,20 +208,34 @@ def run(
             )
             result["resnet56_step"] = r56["train"]
             result["resnet8"] = r8
-            out += [
-                "",
-                format_models(
-                    [
-                        ("ResNet-56 training step, 3x32x32", batch, r56["train"]),
-                        ("ResNet-8 training step, 1x28x28", batch, r8["train"]),
-                        ("ResNet-8 inference (eval, no_grad), 1x28x28", batch, r8["eval"]),
-                    ]
-                ),
-                "",
-                f"Model rows (float32): {rounds} rounds of {m_reps} interleaved step(s) per norm; "
-                f"training step = "
-                "forward, cross-entropy, backward, SGD update.",
+            model_rows = [
+                ("ResNet-56 training step, 3x32x32", batch, r56["train"]),
+                ("ResNet-8 training step, 1x28x28", batch, r8["train"]),
+                ("ResNet-8 inference (eval, no_grad), 1x28x28", batch, r8["eval"]),
             ]
+            notes = [
+                f"Model rows (float32): {rounds} rounds of {m_reps} interleaved step(s) per norm; "
+                "training step = forward, cross-entropy, backward, SGD update."
+            ]
+            if dev.type == "cpu":
+                steps, evals, loop_rounds = (2, 1, 1) if quick else (20, 10, max(rounds, 10))
+                try:
+                    job = bench_main_job(loop_rounds, steps, evals, progress=say)
+                except (UsageError, OSError) as e:  # Fashion-MNIST not installed
+                    notes.append(f"Main job rows not measured: {e}")
+                else:
+                    result["main_job"] = job
+                    model_rows += [
+                        (f"main job: l2bn train loop, {steps} steps", 128, job["train"]),
+                        (f"main job: evaluation pass, {evals * 256} images", 256, job["eval"]),
+                    ]
+                    notes.append(
+                        f"Main job rows: `l2bn train`'s own train_one_epoch (loader, "
+                        f"augmentation, loss, backward, SGD and schedule step) and evaluate, "
+                        f"Fashion-MNIST, ResNet-8, the main job's recipe; {loop_rounds} rounds, "
+                        "BN and L2BN back to back in alternating order (time ratios)."
+                    )
+            out += ["", format_models(model_rows), "", *notes]
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)

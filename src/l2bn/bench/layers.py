@@ -26,6 +26,8 @@ SHAPES: List[Shape] = [
     ("resnet50 c3", (32, 256, 28, 28)),
     ("resnet50 c4", (32, 1024, 7, 7)),
     ("audio 1-D", (32, 128, 431)),
+    ("tiny", (4, 8, 2, 2)),  # per-call overhead: the kernel is negligible
+    ("batch-1", (1, 64, 56, 56)),  # single-image inference: one sample over all threads
     ("mlp", (256, 1024)),
 ]
 

@@ -24,7 +24,7 @@ the scale decision taken in the forward; the entry points at the end are their o
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as _fwad
@@ -32,6 +32,7 @@ from torch import Tensor
 
 from . import algebra
 from .algebra import SampleNorms
+from .args import NormArgs
 from .engine import (
     ATEN,
     ATEN_KERNELS,
@@ -79,6 +80,32 @@ def in_functorch_transform() -> bool:
 
 
 # --------------------------------------------------------------------------- autograd
+
+
+class Saved(NamedTuple):
+    """What :class:`L2BatchNormFunction` saves for backward (``ctx.save_for_backward(*saved)``,
+    read back as ``Saved(*ctx.saved_tensors)``): the input and weight, the per-sample norms ``r``
+    and scales ``k``, the row statistics ``mk``/``vk`` of ``u`` (``None`` where recomputed), the
+    statistics used (``mu``, ``invstd``; ``var`` in evaluation, for double backward), the count
+    combined across a process group (``None`` when it follows from the shape), and the
+    per-sample power of two ``sigma`` of a rescaled batch (``None`` if none)."""
+
+    x: Tensor
+    weight: Optional[Tensor]
+    k: Tensor
+    r: Tensor
+    mk: Optional[Tensor]
+    vk: Optional[Tensor]
+    mu: Tensor
+    invstd: Tensor
+    count: Optional[Tensor]
+    var: Optional[Tensor]
+    sigma: Optional[Tensor]
+
+    @property
+    def norm_stats(self) -> Tuple[Any, ...]:
+        """``(k, r, mk, vk, mu, invstd)``, in the order the engines' backward takes them."""
+        return self.k, self.r, self.mk, self.vk, self.mu, self.invstd
 
 
 def _combine_across(
@@ -202,7 +229,7 @@ def _forward_core(
     synced = (
         count if isinstance(count, Tensor) else None
     )  # the static count is recomputed from x's shape
-    saved = (
+    saved = Saved(
         x,
         weight,
         k,
@@ -265,9 +292,10 @@ class L2BatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, gy: Tensor, _gmu: Any, _gvar: Any, _gcount: Any):  # type: ignore[override]
         if torch.is_grad_enabled():
             return _higher_order_backward(ctx, gy)
-        x, weight, k, r, mk, vk, mu, invstd, count, _var, sigma = ctx.saved_tensors
+        saved = Saved(*ctx.saved_tensors)
+        x, weight, sigma = saved.x, saved.weight, saved.sigma
         need_dx, need_w, need_b = ctx.needs_input_grad[:3]
-        acc = invstd.dtype
+        acc = saved.invstd.dtype
         xs, gs = _ncm(x), _ncm(gy)
         w = weight.to(acc) if weight is not None else None
         pg = ctx.process_group
@@ -276,12 +304,7 @@ class L2BatchNormFunction(torch.autograd.Function):
                 gs,
                 xs,
                 w,
-                k,
-                r,
-                mk,
-                vk,
-                mu,
-                invstd,
+                *saved.norm_stats,
                 ctx.l2_eps,
                 ctx.unit_rms,
                 ctx.batch_stats,
@@ -293,18 +316,13 @@ class L2BatchNormFunction(torch.autograd.Function):
                 gs,
                 xs,
                 w,
-                k,
-                r,
-                mk,
-                vk,
-                mu,
-                invstd,
+                *saved.norm_stats,
                 ctx.l2_eps,
                 ctx.unit_rms,
                 ctx.batch_stats,
                 need_dx,
                 kern,
-                count=count if pg is not None else None,
+                count=saved.count if pg is not None else None,
                 all_reduce=_all_reducer(pg) if pg is not None else None,
                 sigma=sigma,
             )
@@ -334,7 +352,8 @@ class L2BatchNormFunctionFwAD(L2BatchNormFunction):
                 "l2_batch_norm: forward-mode AD through synchronised batch statistics "
                 "(process_group) is not supported"
             )
-        x, weight, k, r, mk, vk, mu, invstd, _count, _var, _sigma = ctx.saved_tensors
+        saved = Saved(*ctx.saved_tensors)
+        x, weight, k, r, mk, vk, mu, invstd = saved.x, saved.weight, *saved.norm_stats
         acc = invstd.dtype
         xs = _ncm(x)
         n, c = xs.shape[0], xs.shape[1]
@@ -387,7 +406,8 @@ def _higher_order_backward(ctx: Any, gy: Tensor) -> Tuple[Optional[Tensor], ...]
             "l2_batch_norm: double backward (create_graph=True) through synchronised batch "
             "statistics (process_group) is not supported"
         )
-    x, weight, _k, _r, _mk, _vk, mu, _invstd, _count, var, _sigma = ctx.saved_tensors
+    saved = Saved(*ctx.saved_tensors)
+    x, weight, mu, var = saved.x, saved.weight, saved.mu, saved.var
     need_dx, need_w, need_b = ctx.needs_input_grad[:3]
     acc = accumulate_dtype(x.dtype)
     targets = [t for t, need in ((x, need_dx), (weight, need_w)) if need and t is not None]
@@ -452,21 +472,7 @@ def update_running_stats(
         )
 
 
-def l2_batch_norm_fast(
-    input: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    training: bool,
-    momentum: float,
-    eps: float,
-    l2_eps: float,
-    unit_rms: bool,
-    process_group: Any = None,
-    *,
-    engine: Engine = ATEN,
-) -> Tensor:
+def l2_batch_norm_fast(input: Tensor, args: NormArgs, *, engine: Engine = ATEN) -> Tensor:
     """The backend entry point of the fast backends (signature shared by every backend in
     :mod:`l2bn.kernels.backends`): :class:`L2BatchNormFunction` plus BN's running-statistics
     update.
@@ -474,21 +480,22 @@ def l2_batch_norm_fast(
     Example:
         >>> x = torch.randn(8, 4, 5, 5)
         >>> rm, rv = torch.zeros(4), torch.ones(4)
-        >>> y = l2_batch_norm_fast(x, rm, rv, None, None, True, 0.1, 1e-5, 1e-12, False)
+        >>> y = l2_batch_norm_fast(x, NormArgs(rm, rv, None, None, training=True))
         >>> ref = l2_batch_norm_reference(x, None, None, training=True)
         >>> torch.allclose(y, ref, atol=1e-5)
         True
     """
-    if not training:
-        return _apply(
-            input, weight, bias, running_mean, running_var, eps, l2_eps, unit_rms, None, engine
-        )[0]
+    a = args
+    rm, rv = a.running_mean, a.running_var
+    if not a.training:
+        return _apply(input, a.weight, a.bias, rm, rv, a.eps, a.l2_eps, a.unit_rms, None, engine)[0]
+    pg = a.process_group
     y, mean, var, count = _apply(
-        input, weight, bias, None, None, eps, l2_eps, unit_rms, process_group, engine
+        input, a.weight, a.bias, None, None, a.eps, a.l2_eps, a.unit_rms, pg, engine
     )
-    if running_mean is not None and running_var is not None:
-        static = None if process_group is not None else input.shape[0] * _numel(input.shape[2:])
-        update_running_stats(running_mean, running_var, mean, var, count, momentum, static)
+    if rm is not None and rv is not None:
+        static = None if pg is not None else input.shape[0] * _numel(input.shape[2:])
+        update_running_stats(rm, rv, mean, var, count, a.momentum, static)
     return y
 
 

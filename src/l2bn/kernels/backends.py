@@ -1,7 +1,8 @@
 """The one table of L2BN backends used by :func:`l2bn.functional.l2_batch_norm`.
 
-Every backend is a callable with one signature, that of :data:`BackendFn` — the arguments of
-:func:`l2bn.functional.l2_batch_norm` after validation; it returns the output and updates the
+Every backend is a callable with one signature, that of :data:`BackendFn`: the input and a
+:class:`~l2bn.kernels.args.NormArgs` (the other arguments of
+:func:`l2bn.functional.l2_batch_norm` after validation); it returns the output and updates the
 running statistics in place as BN does:
 
 * ``"reference"`` — the composite ``F.batch_norm(F.normalize(x))``
@@ -27,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
+from .args import NormArgs
 from .autograd import l2_batch_norm_fast
 from .reference import reference_backend
 
@@ -40,9 +42,8 @@ __all__ = [
     "tried_first",
 ]
 
-#: ``fn(input, running_mean, running_var, weight, bias, training, momentum, eps, l2_eps,
-#: unit_rms, process_group) -> output``
-BackendFn = Callable[..., Tensor]
+#: ``fn(input, args: NormArgs) -> output``
+BackendFn = Callable[[Tensor, NormArgs], Tensor]
 
 
 @dataclass(frozen=True)
@@ -103,16 +104,23 @@ def get(name: str) -> BackendFn:
     return _REGISTRY[name].fn
 
 
-def tried_first(name: str, unavailable: Callable[[Tensor], Optional[str]]) -> bool:
-    """Whether automatic selection tries backend ``name`` first, with ``unavailable`` as its
-    check: the single-call layer (:func:`l2bn.kernels.native.layer_op`) stands for the native
-    backend only while nobody has registered a backend before it or replaced its entry.
+def tried_first(name: str, unavailable: Callable[[Tensor], Optional[str]], x: Tensor) -> bool:
+    """Whether automatic selection reaches backend ``name`` first for input ``x`` (every
+    backend before it declines ``x`` by its ``prefer``), with ``unavailable`` as its check: the
+    single-call layer (:func:`l2bn.kernels.native.layer_op`) stands for the native backend
+    only while no backend registered before it wants the input and nobody replaced its entry.
 
     Example:
-        >>> tried_first("fused", _always)
+        >>> tried_first("fused", _always, torch.zeros(2, 3))
         False
     """
-    return _AUTO_ORDER[0] == name and _REGISTRY[name].unavailable is unavailable
+    for cand in _AUTO_ORDER:
+        entry = _REGISTRY[cand]
+        if cand == name:
+            return entry.unavailable is unavailable
+        if entry.prefer is None or entry.prefer(x):
+            return False
+    return False
 
 
 def select(requested: Optional[str], x: Tensor) -> str:

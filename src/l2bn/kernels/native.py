@@ -172,14 +172,14 @@ def unavailable_reason() -> Optional[str]:
 _LAYER: list = []  # [the l2bn::layer operator or None] once decided
 
 
-def layer_op() -> Any:
+def layer_op(x: Tensor) -> Any:
     """``torch.ops.l2bn.layer.default``, the single-call layer of ``csrc/layer.h``, when the
     kernel is loaded (built on first call; decided once per process) and automatic selection
-    would choose the native backend first, else ``None``. Nothing is built while
+    would choose the native backend first for ``x``, else ``None``. Nothing is built while
     ``L2BN_BACKEND`` names another backend (which the operator also reads per call).
 
     Example:
-        >>> op = layer_op()
+        >>> op = layer_op(torch.zeros(2, 3))
         >>> op is None or op.name() == "l2bn::layer"
         True
     """
@@ -187,7 +187,7 @@ def layer_op() -> Any:
         if (os.environ.get("L2BN_BACKEND") or "auto") not in ("auto", "native"):
             return None
         _LAYER.append(torch.ops.l2bn.layer.default if unavailable_reason() is None else None)
-    return _LAYER[0] if backends.tried_first("native", _unavailable) else None
+    return _LAYER[0] if backends.tried_first("native", _unavailable, x) else None
 
 
 def python_layer_needed() -> bool:

@@ -12,11 +12,13 @@ autograd mode and ``torch.func`` transform, and is what those run (see
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .args import NormArgs
 
 __all__ = [
     "l2_normalize_samples",
@@ -90,40 +92,38 @@ def l2_batch_norm_reference(
     return y.to(input.dtype)
 
 
-def reference_backend(
-    input: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    training: bool,
-    momentum: float,
-    eps: float,
-    l2_eps: float,
-    unit_rms: bool,
-    process_group: Any = None,
-) -> Tensor:
+def reference_backend(input: Tensor, args: NormArgs) -> Tensor:
     """The ``"reference"`` backend (signature of :data:`l2bn.kernels.backends.BackendFn`):
     :func:`l2_batch_norm_reference` with parameters and buffers cast to the accumulation dtype
     where needed, running statistics updated in place by ``F.batch_norm``.
 
     Example:
         >>> x = torch.randn(8, 3, 4, 4).contiguous(memory_format=torch.channels_last)
-        >>> y = reference_backend(x, None, None, None, None, True, 0.1, 1e-5, 1e-12, False)
+        >>> y = reference_backend(x, NormArgs(None, None, None, None, training=True))
         >>> y.is_contiguous(memory_format=torch.channels_last)
         True
     """
-    if process_group is not None:
+    if args.process_group is not None:
         raise ValueError("l2_batch_norm: the 'reference' backend does not support process_group")
     acc = accumulate_dtype(input.dtype)
+    running_mean, running_var = args.running_mean, args.running_var
     rm = running_mean.to(acc) if running_mean is not None else None
     rv = running_var.to(acc) if running_var is not None else None
-    w = weight.to(acc) if weight is not None else None
-    b = bias.to(acc) if bias is not None else None
+    w = args.weight.to(acc) if args.weight is not None else None
+    b = args.bias.to(acc) if args.bias is not None else None
     y = l2_batch_norm_reference(
-        input, rm, rv, w, b, training, momentum, eps, l2_eps=l2_eps, unit_rms=unit_rms
+        input,
+        rm,
+        rv,
+        w,
+        b,
+        args.training,
+        args.momentum,
+        args.eps,
+        l2_eps=args.l2_eps,
+        unit_rms=args.unit_rms,
     )
-    if training and running_mean is not None and running_var is not None and rm is not running_mean:
+    if args.training and rm is not None and rv is not None and rm is not running_mean:
         with torch.no_grad():
             running_mean.copy_(rm)
             running_var.copy_(rv)

@@ -320,7 +320,7 @@ def _unavailable(x: Tensor) -> Optional[str]:
 
 
 def _prefer(x: Tensor) -> bool:
-    return x.device.type == "cuda" and not torch.compiler.is_compiling()
+    return x.is_cuda and not torch.compiler.is_compiling()
 
 
 backends.register(

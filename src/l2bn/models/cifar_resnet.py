@@ -84,7 +84,7 @@ def _make(depth: int):
 
 
 for _d in (8, 14, 20, 32, 44, 56, 110):
-    register_model(f"resnet{_d}")(_make(_d))
+    register_model(f"resnet{_d}", takes=("width",))(_make(_d))
 
 
 class PreActBlock(nn.Module):

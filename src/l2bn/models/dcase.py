@@ -403,7 +403,7 @@ class DCASEFsFCNN(_FCNNBase):
         return self.block4(self.block3(self.block2(self.block1(self.bn_in(x)))))
 
 
-@register_model("dcase-resnet")
+@register_model("dcase-resnet", takes=("bn_eps", "bn_momentum"))
 def dcase_resnet(
     num_classes: int = 10, in_channels: int = 3, norm: str = "bn", **kw: Any
 ) -> nn.Module:
@@ -415,7 +415,7 @@ def dcase_resnet(
     return DCASEResNet(num_classes, in_channels, norm, **kw)
 
 
-@register_model("dcase-fcnn")
+@register_model("dcase-fcnn", takes=("bn_eps", "bn_momentum"))
 def dcase_fcnn(
     num_classes: int = 10, in_channels: int = 3, norm: str = "bn", **kw: Any
 ) -> nn.Module:
@@ -427,7 +427,7 @@ def dcase_fcnn(
     return DCASEFCNN(num_classes, in_channels, norm, **kw)
 
 
-@register_model("dcase-fsfcnn")
+@register_model("dcase-fsfcnn", takes=("bn_eps", "bn_momentum"))
 def dcase_fsfcnn(
     num_classes: int = 10, in_channels: int = 3, norm: str = "bn", **kw: Any
 ) -> nn.Module:

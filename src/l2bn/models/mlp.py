@@ -37,7 +37,7 @@ class MLP(nn.Module):
         return self.fc(self.features(x))
 
 
-@register_model("mlp")
+@register_model("mlp", takes=("in_features",))
 def mlp(
     num_classes: int = 10,
     in_channels: int = 1,

@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence
 
 from torch import nn
 
 from ..io import BadInput
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {}
+#: the options of :func:`build_model` each model takes (declared where it is registered)
+TAKES: Dict[str, FrozenSet[str]] = {}
+OPTIONS = ("width", "bn_eps", "bn_momentum", "in_features")
 
 
-def register_model(name: str) -> Callable:
-    """Decorator: register a builder ``f(num_classes, in_channels, norm, **kw) -> nn.Module``."""
+def register_model(name: str, takes: Iterable[str] = ()) -> Callable:
+    """Decorator: register a builder ``f(num_classes, in_channels, norm, **kw) -> nn.Module``
+    that also takes the :func:`build_model` options named in ``takes`` (of :data:`OPTIONS`:
+    ``width``, ``bn_eps``, ``bn_momentum``; ``in_features``, set from the input shape)."""
+    takes = frozenset(takes)
+    if not takes <= set(OPTIONS):
+        raise ValueError(f"model {name!r}: unknown options {sorted(takes - set(OPTIONS))}")
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in MODELS:
             raise ValueError(f"model {name!r} registered twice")
         MODELS[name] = fn
+        TAKES[name] = takes
         return fn
 
     return deco
@@ -64,19 +73,20 @@ def build_model(
     """
     from ..factory import canonical_norm
 
+    if name not in MODELS:
+        raise BadInput(f"unknown model {name!r}; available: {', '.join(list_models())}")
     kw: Dict[str, object] = {}
-    if name == "mlp":
+    if "in_features" in TAKES[name]:
         kw["in_features"] = int(math.prod(input_shape))
-    if width != 1:
-        if not name.startswith("resnet"):
-            raise BadInput(
-                f"width={width} is only supported by the CIFAR ResNets (resnet8 ... resnet110), "
-                f"not {name!r}"
-            )
-        kw["width"] = width
-    for key, val in (("bn_eps", bn_eps), ("bn_momentum", bn_momentum)):
-        if val is not None:
-            if not name.startswith("dcase-"):
-                raise BadInput(f"{key} is only taken by the dcase-* models, not {name!r}")
-            kw[key] = val
+    for key, val, default in (
+        ("width", width, 1),
+        ("bn_eps", bn_eps, None),
+        ("bn_momentum", bn_momentum, None),
+    ):
+        if val == default:
+            continue
+        if key not in TAKES[name]:
+            takers = ", ".join(m for m in list_models() if key in TAKES[m])
+            raise BadInput(f"{key} is only taken by {takers}; not by {name!r}")
+        kw[key] = val
     return create_model(name, num_classes, int(input_shape[0]), canonical_norm(norm, sync), **kw)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
-COLORS = {"bn": "tab:blue", "l2bn": "tab:red", "l2bn-rms": "tab:orange", "none": "tab:gray"}
+from ..factory import NORMS
+
+COLORS = {name: norm.color for name, norm in NORMS.items()}
 
 
 def _plt():

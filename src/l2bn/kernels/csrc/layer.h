@@ -97,7 +97,7 @@ Tensor reference_forward(const Tensor& x, const Tensor& w, const Tensor& mean, c
 
 namespace l2bn {
 
-// Named for what autograd shows (y.grad_fn.name() == "l2bn::L2BatchNormFunction").
+// Named for what autograd shows: y.grad_fn.name() is "torch::autograd::CppNode<l2bn::L2BatchNormFunction>".
 struct L2BatchNormFunction : public torch::autograd::Function<L2BatchNormFunction> {
   // weight and bias are optional: an absent one is no input of the node (an undefined tensor
   // would be), so the edge of the bias is 1 or 2
