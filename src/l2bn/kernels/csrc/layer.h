@@ -14,8 +14,9 @@
 // input the Python layer rejects with its own error (wrong dims or channels, eps, one value per
 // channel), the first tracked step (the layer's eps check, src/l2bn/running.py), a batch whose
 // sample norms are outside the range where the fast statistics are exact (the Python path
-// rescales it exactly, kernels/scaling.py), and an L2BN_BACKEND other than native. The module
-// then runs its Python path, which gives the same result or the same error.
+// rescales it exactly, kernels/scaling.py), an L2BN_BACKEND other than native, and
+// L2BN_SINGLE_CALL=0. The module then runs its Python path, which gives the same result or the
+// same error.
 //
 // A backward with create_graph=True differentiates the reference composite (F.normalize then
 // batch_norm, here in ATen ops, as kernels/reference.py), so higher derivatives are exact.
@@ -169,10 +170,13 @@ bool usable_vector(const std::optional<Tensor>& t, int64_t c) {
          (t->device().is_cpu() && t->layout() == at::kStrided && t->numel() == c && t->is_floating_point());
 }
 
-// L2BN_BACKEND names a backend other than native: the Python layer selects it.
+// L2BN_BACKEND names a backend other than native (the Python layer selects it), or
+// L2BN_SINGLE_CALL=0 asks for the Python layer (to compare, or to debug in Python).
 bool other_backend_requested() {
   const char* b = std::getenv("L2BN_BACKEND");
-  return b != nullptr && *b != '\0' && std::strcmp(b, "auto") != 0 && std::strcmp(b, "native") != 0;
+  const char* single = std::getenv("L2BN_SINGLE_CALL");
+  return (b != nullptr && *b != '\0' && std::strcmp(b, "auto") != 0 && std::strcmp(b, "native") != 0) ||
+         (single != nullptr && std::strcmp(single, "0") == 0);
 }
 
 Tensor layer(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
