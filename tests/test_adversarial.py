@@ -147,7 +147,15 @@ def test_cpu_results_do_not_depend_on_the_thread_count(backend):
     every layout, batch-1 evaluation of a large sample included (split over the threads)."""
     before = torch.get_num_threads()
     try:
-        for shape in [(4096, 64), (300, 1000), (64, 16, 33), (8, 16, 32, 32), (1, 64, 56, 56)]:
+        # (3, 16, 40, 40): one sample per thread at 1 and 2 threads, not at 4 (another path)
+        for shape in [
+            (4096, 64),
+            (300, 1000),
+            (64, 16, 33),
+            (8, 16, 32, 32),
+            (1, 64, 56, 56),
+            (3, 16, 40, 40),
+        ]:
             x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3 + 1
             runs = [_one_call(x, backend, t) for t in (1, 2, 4, 2)]
             for other in runs[1:]:

@@ -84,3 +84,27 @@ def test_eps_trap_command():
     }
     share = {k: float(v.split("|")[6].split()[0]) for k, v in rows.items()}
     assert share["l2bn"] > 0.9 and share["l2bn-rms"] < 0.05, r.stdout
+
+
+def test_eps_trap_command_with_its_default_flags():
+    """``l2bn eps-trap`` as a user first runs it: the three DCASE networks, bn, l2bn and
+    l2bn-rms, a batch of 8 scenes of 400 frames; one row per model and norm, the literal formula
+    eps-dominated in each network, unit RMS and BN not."""
+    r = subprocess.run(
+        [sys.executable, "-m", "l2bn", "eps-trap"], capture_output=True, text=True, timeout=900
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    share = {}
+    for line in r.stdout.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if (
+            len(cells) > 6
+            and cells[1].startswith("dcase-")
+            and cells[2] in ("bn", "l2bn", "l2bn-rms")
+        ):
+            share[(cells[1], cells[2])] = float(cells[6].split()[0])
+    models = ("dcase-resnet", "dcase-fcnn", "dcase-fsfcnn")
+    assert set(share) == {(m, n) for m in models for n in ("bn", "l2bn", "l2bn-rms")}, r.stdout
+    for m in models:
+        assert share[(m, "l2bn")] > 0.9 and share[(m, "l2bn-rms")] < 0.05, r.stdout
+        assert share[(m, "bn")] < 0.05, r.stdout

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import l2bn
@@ -355,3 +356,28 @@ def test_the_functional_takes_the_single_call_too():
     var = u.var((0, 2, 3), unbiased=False) * n / (n - 1)
     torch.testing.assert_close(rv, 0.9 + 0.1 * var, rtol=1e-12, atol=0)
     assert _top_level_ops(lambda: l2_batch_norm(x, rm, rv, training=True)) == ["l2bn::layer"]
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 2, 2), (6, 4, 5, 5), (16, 64), (8, 16, 8, 8)])
+def test_saves_what_bn_saves_within_five_percent(shape):
+    """Backward keeps x, the weight and O(N + C) statistics (per-sample norm and scale: 2 values
+    per sample of C * M entries); the row statistics of u (2 N C values) only where they cost
+    under 5 % of x (M >= 40), else backward recomputes them."""
+    cls = l2bn.L2BatchNorm1d if len(shape) == 2 else l2bn.L2BatchNorm2d
+    bn_cls = nn.BatchNorm1d if len(shape) == 2 else nn.BatchNorm2d
+    sizes = {}
+    for name, layer in (("bn", bn_cls(shape[1])), ("l2bn", cls(shape[1]))):
+        x = torch.randn(shape, requires_grad=True)
+        layer(x)  # past the first step
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x)
+        if name == "l2bn":
+            assert y.grad_fn.name() == NODE
+        sizes[name] = sum(saved)
+    assert sizes["l2bn"] <= 1.05 * sizes["bn"], sizes

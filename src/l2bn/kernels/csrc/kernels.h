@@ -5,7 +5,9 @@
 // computes the same quantities in the fewest memory sweeps:
 //   train forward  one sweep for the per-(n, c) mean and variance (each row or sample is reread
 //                  from cache for the centred variance), the O(N*C) algebra, one sweep y = x*A + B;
-//   eval forward   one sweep per sample: its norm, then y = x*A + B while it is still in cache;
+//   eval forward   one sweep per sample: its norm, then y = x*A + B while it is still in cache
+//                  (samples up to half the L2 cache; larger ones, and batches smaller than the
+//                  thread count, in chunks over all threads: x is then read twice);
 //   backward       one sweep for the per-(n, c) sums of g and g*x, the algebra, one sweep
 //                  dx = g*P + x*Q + R (P, Q, R formed per sample on the fly).
 // Layouts: contiguous (N, C, M) rows, and (N, M, C) for channels_last inputs and for M == 1
@@ -31,6 +33,8 @@
 #include <tuple>
 #include <vector>
 
+#include <unistd.h>
+
 namespace {
 
 using at::Tensor;
@@ -38,6 +42,15 @@ template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
 constexpr int64_t kGrain = 16384;  // elements per parallel chunk
+
+// bytes of the L2 cache of one core (512 KiB where the system does not say)
+inline int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? int64_t(v) : int64_t(512) * 1024;
+  }();
+  return bytes;
+}
 
 template <typename T>
 inline T hsum(const Vec<T>& v) {
@@ -535,9 +548,7 @@ EvalOut eval_forward_impl(const Tensor& x_in, const Tensor& w, const Tensor& bia
   // Each sample is cut into fixed chunks of whole units (channel rows of M entries, or spatial
   // positions of C entries in the (N, M, C) layout); the chunk size depends on the shape only, and
   // a sample's norm is the sum of its chunks' partial sums in order: the same bits for any thread
-  // count. A one-chunk sample is read once (its norm, then the affine map while it is in cache);
-  // a larger one is spread over the threads (batch-1 inference uses them all): partial sums, then
-  // the map over the same chunks, reread from the cache of the core that summed them.
+  // count and either path below.
   const int64_t unit = lay.nmc ? C : M, units = lay.nmc ? M : C;
   const int64_t per = std::max<int64_t>(1, kGrain / std::max<int64_t>(unit, 1));
   const int64_t nch = std::max<int64_t>(1, (units + per - 1) / per);
@@ -551,15 +562,23 @@ EvalOut eval_forward_impl(const Tensor& x_in, const Tensor& w, const Tensor& bia
       for (int64_t sp = u0; sp < u1; ++sp) affine_vec(q + sp * C, p + sp * C, arow, bvec.data(), C);
     }
   };
-  if (nch == 1) {
+  // Path (the bits do not depend on it): with at least a sample per thread and samples of at
+  // most half the L2 cache, each thread takes whole samples — the norm, then the map while the
+  // sample is in cache (x is read once from memory). Otherwise the chunks are spread over the
+  // threads (batch-1 inference uses them all): partial sums, then the map, each chunk reread
+  // from the cache of the core that summed it where it still holds it. (Summing the next
+  // sample while writing the current one was measured too: no steady gain on 16-215 KB samples.)
+  const int64_t bytes = D * int64_t(sizeof(T));
+  if (N >= at::get_num_threads() && 2 * bytes <= l2_cache_bytes()) {
     at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
       std::vector<T> arow(lay.nmc ? C : 0);
       for (int64_t i = b; i < e; ++i) {
-        const T rs = std::sqrt(centred_sumsq(xp + i * D, D, T(0)));
-        const T kk = scale_of(s, rs, l2e);
-        rp[i] = rs;
-        kp[i] = kk;
-        apply_chunk(i, 0, units, kk, arow.data());
+        T ss = 0;  // the chunks' partial sums in order, as the other path adds them
+        for (int64_t u0 = 0; u0 < units; u0 += per)
+          ss += centred_sumsq(xp + i * D + u0 * unit, (std::min(units, u0 + per) - u0) * unit, T(0));
+        rp[i] = std::sqrt(ss);
+        kp[i] = scale_of(s, rp[i], l2e);
+        apply_chunk(i, 0, units, kp[i], arow.data());
       }
     });
   } else {
@@ -651,7 +670,6 @@ BackOut backward_rows1(const Tensor& g, const Tensor& x, const Tensor& w, const 
   T* dxp = dx.data_ptr<T>();
   constexpr int64_t L = Vec<T>::size();
   at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
-    std::vector<T> p(C), q(C), rr(C);
     for (int64_t i = b; i < e; ++i) {
       const T* gr = gp + i * C;
       const T* xr = xp + i * C;
@@ -685,12 +703,19 @@ BackOut backward_rows1(const Tensor& g, const Tensor& x, const Tensor& w, const 
           dxp[i * C + c] = gr[c] * (kk * a[c]) + ((xr[c] * kk) * (kk * bc[c]) + (kk * cc[c] - xr[c] * radial));
         continue;
       }
-      for (int64_t c = 0; c < C; ++c) {
-        p[c] = kk * a[c];
-        q[c] = kk * kk * bc[c] - radial;
-        rr[c] = kk * cc[c];
+      // dx = g (k a) + x (k^2 b - radial) + k c, the coefficients formed in registers (the same
+      // operations as grad_vec on stored p, q, r: the same bits, without three C-long arrays)
+      T* dr = dxp + i * C;
+      const T k2 = kk * kk;
+      const Vec<T> k2v(k2), radv(radial);
+      int64_t c = 0;
+      for (; c + L <= C; c += L) {
+        const Vec<T> pv = Vec<T>::loadu(a.data() + c) * kv;
+        const Vec<T> qv = Vec<T>::loadu(bc.data() + c) * k2v - radv;
+        const Vec<T> rv = Vec<T>::loadu(cc.data() + c) * kv;
+        at::vec::fmadd(Vec<T>::loadu(gr + c), pv, at::vec::fmadd(Vec<T>::loadu(xr + c), qv, rv)).store(dr + c);
       }
-      grad_vec(dxp + i * C, gr, xr, p.data(), q.data(), rr.data(), C);
+      for (; c < C; ++c) dr[c] = gr[c] * (kk * a[c]) + (xr[c] * (k2 * bc[c] - radial) + kk * cc[c]);
     }
   });
   return {dx, grad_w, grad_b};
@@ -718,15 +743,43 @@ BackOut backward_impl(const Tensor& g_in, const Tensor& x_in, const Tensor& w, c
                              batch_stats, need_dx, x.sizes());
   }
   Tensor grad_w = at::empty({C}, opt), grad_b = at::empty({C}, opt);
+  // The row statistics of u (mk, vk) when the forward did not keep them (a caller saving less
+  // than N*C*2 values per M*N*C): recomputed here, as the forward computed them — in the
+  // contiguous layout from each row while the gradient sweep has it in cache (no extra pass).
+  const bool have_mk = mk_t.defined() && mk_t.numel() == N * C;
+  const bool recompute = batch_stats && !have_mk && M > 1;
+  Tensor mkc = have_mk ? mk_t.to(x.scalar_type()).contiguous() : (recompute ? at::empty({N, C}, opt) : Tensor());
+  Tensor vkc = have_mk && vk_t.defined() ? vk_t.to(x.scalar_type()).contiguous()
+                                         : (recompute ? at::empty({N, C}, opt) : Tensor());
+  if (recompute && lay.nmc) {
+    T* m = mkc.data_ptr<T>();
+    T* v = vkc.data_ptr<T>();
+    row_stats<T>(xp, lay, m, v);
+    for (int64_t i = 0; i < N * C; ++i) {
+      const T kk = kp[i / C];
+      m[i] *= kk;
+      v[i] = (v[i] * kk) * kk;
+    }
+  }
   // per-(n, c) sums of g and g*x
   Tensor G = at::empty({N, C}, opt), X = at::empty({N, C}, opt);
   T* Gp = G.data_ptr<T>();
   T* Xp = X.data_ptr<T>();
   // Xp holds the centred sums sum_s g (x - mu_c / k_n): k_n times them is sum g (u - mu)
   if (!lay.nmc) {
+    T* rm = recompute ? mkc.data_ptr<T>() : nullptr;
+    T* rv = recompute ? vkc.data_ptr<T>() : nullptr;
     at::parallel_for(0, N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row)
-        grad_sums_of(gp + row * M, xp + row * M, M, mup[row % C] / kp[row / C], Gp[row], Xp[row]);
+      for (int64_t row = b; row < e; ++row) {
+        const T* p = xp + row * M;
+        const T kk = kp[row / C];
+        grad_sums_of(gp + row * M, p, M, mup[row % C] / kk, Gp[row], Xp[row]);
+        if (rm) {  // as row_stats and the scaling in train_forward_impl, the same bits
+          const T mu = sum_of(p, M) / T(M);
+          rm[row] = mu * kk;
+          rv[row] = ((centred_sumsq(p, M, mu) / T(M)) * kk) * kk;
+        }
+      }
     });
   } else {
     at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(M * C, 1)), [&](int64_t b, int64_t e) {
@@ -758,12 +811,7 @@ BackOut backward_impl(const Tensor& g_in, const Tensor& x_in, const Tensor& w, c
     return {dx, grad_w, grad_b};
   }
   const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
-  const bool have_mk = mk_t.defined() && mk_t.numel() == N * C;
-  Tensor mkc = have_mk ? mk_t.to(x.scalar_type()).contiguous() : Tensor();
-  Tensor vkc = have_mk && vk_t.defined() ? vk_t.to(x.scalar_type()).contiguous() : Tensor();
-  TORCH_CHECK(!batch_stats || have_mk || M == 1,
-              "l2bn backward: the row statistics mk, vk are required when M > 1 with batch statistics");
-  const T* mkp = have_mk ? mkc.const_data_ptr<T>() : nullptr;
+  const T* mkp = mkc.defined() ? mkc.const_data_ptr<T>() : nullptr;
   const T* vkp = vkc.defined() ? vkc.const_data_ptr<T>() : nullptr;
   const T count = T(N * M), s = T(s_d), l2e = T(l2_eps), msp_s = T(M) / s;
   std::vector<T> a(C), bc(C, T(0)), cc(C, T(0));
