@@ -121,6 +121,7 @@ def test_double_backward_through_sync_is_refused(backend, monkeypatch):
     import torch.distributed as dist
 
     from l2bn.kernels import autograd
+    from l2bn.kernels.args import NormArgs
 
     def fake_gather(out, local, group=None):
         for t in out:
@@ -130,9 +131,8 @@ def test_double_backward_through_sync_is_refused(backend, monkeypatch):
     monkeypatch.setattr(dist, "all_gather", fake_gather)
     engine = autograd.ATEN if backend == "fused" else l2bn.kernels.compiled.ENGINE
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
-    y = autograd.l2_batch_norm_fast(
-        x, None, None, None, None, True, 0.1, 1e-5, 1e-12, False, object(), engine=engine
-    )
+    args = NormArgs(None, None, None, None, training=True, process_group=object())
+    y = autograd.l2_batch_norm_fast(x, args, engine=engine)
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad((y * y).sum(), x, create_graph=True)
 
