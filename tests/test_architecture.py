@@ -3,11 +3,13 @@ report -> experiment -> cli; io at the bottom), and no source file grows past ~3
 without a reason stated in its docstring."""
 
 import ast
+import fnmatch
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
+import tomllib
 
 SRC = Path(__file__).parent.parent / "src" / "l2bn"
 LEVEL = {
@@ -179,3 +181,13 @@ def test_ruff_is_clean():
             [sys.executable, "-m", "ruff", *cmd], capture_output=True, text=True, cwd=root
         )
         assert r.returncode == 0, f"ruff {' '.join(cmd)}:\n{r.stdout[-3000:]}{r.stderr[-1000:]}"
+
+
+def test_the_package_data_ships_every_kernel_source():
+    """The C++ kernel is built on the user's machine from the installed sources: every file of
+    kernels/csrc (the .cpp and the headers it includes) must be in the package data."""
+    pyproject = tomllib.loads((SRC.parent.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["l2bn.kernels"]
+    files = sorted(p.name for p in (SRC / "kernels" / "csrc").iterdir() if p.is_file())
+    missing = [f for f in files if not any(fnmatch.fnmatch(f"csrc/{f}", pat) for pat in patterns)]
+    assert files and not missing, f"not in package-data {patterns}: {missing}"

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from l2bn import bench
+from l2bn.bench import layers
 from l2bn.cli import main
 
 ROOT = Path(__file__).parent.parent
@@ -57,8 +58,8 @@ def test_finish_summarises_rounds_and_bandwidth():
         },
         "eval": {"bn": [1.0, 1.0, 1.0], "l2bn": [2.0, 4.0, 3.0], "naive": [1.0, 1.0, 1.0]},
     }
-    case = bench._Case(row, [], {}, {})
-    out = bench._finish(case)
+    case = layers._Case(row, [], {}, {})
+    out = layers._finish(case)
     assert out.train_ms["bn"] == 2.0 and out.eval_ms["l2bn"] == 3.0
     assert "copy" not in out.train_ms and out.rounds_ms["copy"]["copy"] == [0.5, 0.5, 0.5]
     # l2bn/bn per round: 2, 1, 1.5

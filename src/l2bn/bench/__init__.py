@@ -47,8 +47,6 @@ from .layers import (
     Naive,
     Row,
     Shape,
-    _Case,
-    _finish,
     bench_layers,
     make_layer,
 )
@@ -81,8 +79,6 @@ __all__ = [
     "saved_bytes",
     "summarize",
     "time_call",
-    "_Case",
-    "_finish",
 ]
 
 

@@ -1,5 +1,5 @@
 r"""The L2BN algebra on ``(N, C)`` statistics, written once in Python: the ATen, compiled and
-Triton backends call these functions; the C++ kernel (``csrc/l2bn_cpu.cpp``) computes the same
+Triton backends call these functions; the C++ kernel (``csrc/kernels.h``) computes the same
 formulas in C++ and is tested against them and the reference.
 
 Notation (training mode, input ``x`` of shape ``(N, C, *S)``, ``M = prod(S)``, ``D = C M``):

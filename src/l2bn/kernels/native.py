@@ -1,6 +1,6 @@
 """The ``native`` backend: L2BN as PyTorch custom operators with a C++ CPU kernel.
 
-Three operators, defined and implemented for the CPU in ``csrc/l2bn_cpu.cpp``:
+Four operators, registered in ``csrc/l2bn_cpu.cpp`` (computation in ``csrc/kernels.h``):
 
 * ``l2bn::train_forward(x, weight?, bias?, eps, l2_eps, s)`` →
   ``(y, r, k, mk, vk, mean, var, invstd)`` — the outputs of
@@ -10,10 +10,18 @@ Three operators, defined and implemented for the CPU in ``csrc/l2bn_cpu.cpp``:
   ``(y, r, k, mean, var, invstd)`` — one sweep per sample (its norm, then the affine map while
   it is in cache);
 * ``l2bn::backward(g, x, weight?, k, r, mk?, vk?, mean, invstd, l2_eps, s, batch_stats,
-  need_dx)`` → ``(dx, dweight, dbias)`` (``dx`` empty when not needed).
+  need_dx)`` → ``(dx, dweight, dbias)`` (``dx`` empty when not needed; ``mk``/``vk`` recomputed
+  from ``x`` where not given);
+* ``l2bn::layer(x, weight?, bias?, running_mean!?, running_var!?, num_batches_tracked!?,
+  training, track_running_stats, momentum?, eps, l2_eps, unit_rms, dims, num_features)`` → ``y``
+  or ``None`` — the layers' single call on the CPU (``csrc/layer.h``): checks, kernel, running
+  statistics and step count in place, and a C++ autograd node; ``None`` (nothing changed) where
+  the Python layer is needed. :func:`layer_op` gives it, :func:`python_layer_needed` says when
+  the layers skip it.
 
-Each has a fake (meta) implementation, so ``torch.compile`` (also ``fullgraph=True``) sees one
-opaque op per call instead of tracing the algorithm, and the two forwards have autograd
+The first three have fake (meta) implementations, so ``torch.compile`` (also
+``fullgraph=True``) sees one opaque op per call instead of tracing the algorithm, and the two
+forwards have autograd
 registered with ``torch.library.register_autograd`` (first order; the layers go through
 :class:`l2bn.kernels.autograd.L2BatchNormFunction`, which adds exact double backward, ``jvp``,
 scale safety and process groups around the same operators). ``torch.export`` of a model uses
