@@ -63,10 +63,16 @@ def _top_level_ops(fn):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_forward_is_one_operator_call(case):
+    """One operator per forward; during the warm-up of the running factor (17 steps at momentum
+    0.9, 356 at BN's 0.1) the layer also reads its step count once on the host."""
     cls, shape, fmt = CASES[case]
-    layer = _fresh(cls, shape[1], torch.float32)
+    layer = _fresh(cls, shape[1], torch.float32, momentum=0.9)
     x = _input(shape, fmt, torch.float32).requires_grad_()
     layer(x)  # the first step runs in Python (the layer's eps check)
+    assert _top_level_ops(lambda: layer(x)) == ["l2bn::layer", "aten::item"]
+    for _ in range(16):
+        layer(x)
+    assert not layer._stats_warmup
     assert _top_level_ops(lambda: layer(x)) == ["l2bn::layer"]
     assert layer(x).grad_fn.name() == NODE
     layer.eval()
@@ -224,6 +230,7 @@ def _op_args(layer, x):
         layer.training,
         layer.track_running_stats,
         layer.momentum,
+        layer._stats_warmup,
         layer.eps,
         layer.l2_eps,
         layer.unit_rms,
@@ -381,3 +388,38 @@ def test_saves_what_bn_saves_within_five_percent(shape):
             assert y.grad_fn.name() == NODE
         sizes[name] = sum(saved)
     assert sizes["l2bn"] <= 1.05 * sizes["bn"], sizes
+
+
+def test_inference_buffers_negative_views_and_a_changed_momentum():
+    """Buffers made under inference_mode: the single call declines outside it, untouched, and
+    the Python layer raises torch's error (as BN); a lazily negated input is read as its
+    values; a momentum changed after the warm-up is used as it is, whichever path counted the
+    earlier steps."""
+    with torch.inference_mode():
+        layer = l2bn.L2BatchNorm2d(4)
+        layer(torch.randn(8, 4, 3, 3))  # the first step, inside
+        x = torch.randn(8, 4, 3, 3)
+        assert _top_level_ops(lambda: layer(x))[0] == "l2bn::layer"  # then the warm-up's read
+    x, before = torch.randn(8, 4, 3, 3), _state(layer)
+    op = native.layer_op(x)
+    assert op(*_op_args(layer, x)) is None and _unchanged(before, layer)  # declined, untouched
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside"):
+        layer(x)  # the Python layer's error (torch's, as for BN)
+
+    layer = _fresh(l2bn.L2BatchNorm2d, 4)
+    layer(_input((6, 4, 5, 5), None, seed=1))
+    x = _input((6, 4, 5, 5), None)
+    y = layer(torch._neg_view(x))
+    want = l2_batch_norm_reference(-x, None, None, layer.weight, layer.bias, True)
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-10)
+
+    layer = l2bn.L2BatchNorm1d(4)
+    for _ in range(400):
+        layer(torch.randn(8, 4))
+    assert not layer._stats_warmup  # cleared by the single call's path too
+    layer.momentum = 0.01
+    x = torch.randn(8, 4)
+    rm, rv = layer.running_mean.clone(), layer.running_var.clone()
+    layer(x)
+    l2_batch_norm(x, rm, rv, layer.weight, layer.bias, True, 0.01)
+    assert torch.equal(layer.running_mean, rm) and torch.equal(layer.running_var, rv)

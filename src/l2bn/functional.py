@@ -216,6 +216,7 @@ def l2_batch_norm(
                 training,
                 True,
                 momentum,
+                True,
                 eps,
                 l2_eps,
                 bool(unit_rms),

@@ -148,6 +148,7 @@ class _L2NormBase(_NormBase):
                     self.training,
                     self.track_running_stats,
                     self.momentum,
+                    self._stats_warmup,
                     self.eps,
                     self.l2_eps,
                     self.unit_rms,
@@ -155,8 +156,19 @@ class _L2NormBase(_NormBase):
                     self.num_features,
                 )
                 if out is not None:
+                    if self._stats_warmup and self.training:
+                        self._end_warmup()
                     return out
         return self._python_forward(input)
+
+    def _end_warmup(self) -> None:
+        """Clear the warm-up flag once the factor of the step just counted is ``momentum``
+        exactly, as the Python path does (a host read per step during the warm-up only)."""
+        m, nbt = self.momentum, self.num_batches_tracked
+        if m is None or nbt is None or not self.track_running_stats or not 0.0 < m < 1.0:
+            return
+        if running_factor(m, int(nbt)) == m:
+            self._stats_warmup = False
 
     def _python_forward(self, input: Tensor) -> Tensor:
         """The layer in Python: :func:`l2bn.functional.l2_batch_norm` with BN's step count and

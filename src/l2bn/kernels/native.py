@@ -13,7 +13,8 @@ Four operators, registered in ``csrc/l2bn_cpu.cpp`` (computation in ``csrc/kerne
   need_dx)`` → ``(dx, dweight, dbias)`` (``dx`` empty when not needed; ``mk``/``vk`` recomputed
   from ``x`` where not given);
 * ``l2bn::layer(x, weight?, bias?, running_mean!?, running_var!?, num_batches_tracked!?,
-  training, track_running_stats, momentum?, eps, l2_eps, unit_rms, dims, num_features)`` → ``y``
+  training, track_running_stats, momentum?, warmup, eps, l2_eps, unit_rms, dims, num_features)``
+  → ``y``
   or ``None`` — the layers' single call on the CPU (``csrc/layer.h``): checks, kernel, running
   statistics and step count in place, and a C++ autograd node; ``None`` (nothing changed) where
   the Python layer is needed. :func:`layer_op` gives it, :func:`python_layer_needed` says when

@@ -33,7 +33,9 @@
 #include <tuple>
 #include <vector>
 
+#if __has_include(<unistd.h>)
 #include <unistd.h>
+#endif
 
 namespace {
 
@@ -46,7 +48,10 @@ constexpr int64_t kGrain = 16384;  // elements per parallel chunk
 // bytes of the L2 cache of one core (512 KiB where the system does not say)
 inline int64_t l2_cache_bytes() {
   static const int64_t bytes = [] {
-    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    long v = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)  // glibc; elsewhere the default
+    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
     return v > 0 ? int64_t(v) : int64_t(512) * 1024;
   }();
   return bytes;
@@ -745,9 +750,10 @@ BackOut backward_impl(const Tensor& g_in, const Tensor& x_in, const Tensor& w, c
   Tensor grad_w = at::empty({C}, opt), grad_b = at::empty({C}, opt);
   // The row statistics of u (mk, vk) when the forward did not keep them (a caller saving less
   // than N*C*2 values per M*N*C): recomputed here, as the forward computed them — in the
-  // contiguous layout from each row while the gradient sweep has it in cache (no extra pass).
+  // contiguous layout from each row while the gradient sweep has it in cache (no extra pass from
+  // memory); channels_last in a pass of its own.
   const bool have_mk = mk_t.defined() && mk_t.numel() == N * C;
-  const bool recompute = batch_stats && !have_mk && M > 1;
+  const bool recompute = batch_stats && need_dx && !have_mk && M > 1;  // only dx reads them
   Tensor mkc = have_mk ? mk_t.to(x.scalar_type()).contiguous() : (recompute ? at::empty({N, C}, opt) : Tensor());
   Tensor vkc = have_mk && vk_t.defined() ? vk_t.to(x.scalar_type()).contiguous()
                                          : (recompute ? at::empty({N, C}, opt) : Tensor());

@@ -16,8 +16,8 @@ TORCH_LIBRARY(l2bn, m) {
   m.def("backward(Tensor g, Tensor x, Tensor? weight, Tensor k, Tensor r, Tensor? mk, Tensor? vk, Tensor mu, "
         "Tensor invstd, float l2_eps, float s, bool batch_stats, bool need_dx) -> (Tensor, Tensor, Tensor)");
   m.def("layer(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-        "Tensor(c!)? num_batches_tracked, bool training, bool track_running_stats, float? momentum, float eps, "
-        "float l2_eps, bool unit_rms, int[] dims, int num_features) -> Tensor");
+        "Tensor(c!)? num_batches_tracked, bool training, bool track_running_stats, float? momentum, bool warmup, "
+        "float eps, float l2_eps, bool unit_rms, int[] dims, int num_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(l2bn, CPU, m) {

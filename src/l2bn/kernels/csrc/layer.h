@@ -67,13 +67,13 @@ bool norms_out_of_range(const Tensor& r, int64_t d, double l2_eps) {
 // BN's update, in place: run = (1 - f) run + alpha val.
 void ema_update(const Tensor& run, const Tensor& val, double f, double alpha) {
   if (run.is_contiguous() && run.scalar_type() == val.scalar_type()) {
+    torch::autograd::impl::bump_version(run);  // first: it throws for a tensor it may not change
     AT_DISPATCH_FLOATING_TYPES(run.scalar_type(), "l2bn_running_update", [&] {
       scalar_t* p = run.data_ptr<scalar_t>();
       const scalar_t* v = val.const_data_ptr<scalar_t>();
       const scalar_t keep = scalar_t(1 - f), a = scalar_t(alpha);
       for (int64_t j = 0; j < run.numel(); ++j) p[j] = p[j] * keep + a * v[j];
     });
-    torch::autograd::impl::bump_version(run);
     return;
   }
   at::NoGradGuard no_grad;
@@ -165,9 +165,19 @@ struct L2BatchNormFunction : public torch::autograd::Function<L2BatchNormFunctio
 
 namespace {
 
+// A tensor whose memory holds its values, read through data_ptr: not a lazily negated or zero
+// view, not a Python subclass or a functional wrapper (the dispatcher resolves those, data_ptr
+// would not), and writable here if it is an inference tensor only inside inference mode.
+bool plain(const Tensor& t) {
+  const auto keys = t.key_set();
+  return !t.is_neg() && !t.is_conj() && !t._is_zerotensor() && !keys.has(c10::DispatchKey::Python) &&
+         !keys.has(c10::DispatchKey::Functionalize) && (!t.is_inference() || c10::InferenceMode::is_enabled());
+}
+
 bool usable_vector(const std::optional<Tensor>& t, int64_t c) {
   return !t.has_value() || !t->defined() ||
-         (t->device().is_cpu() && t->layout() == at::kStrided && t->numel() == c && t->is_floating_point());
+         (t->device().is_cpu() && t->layout() == at::kStrided && t->numel() == c && t->is_floating_point() &&
+          plain(*t));
 }
 
 // L2BN_BACKEND names a backend other than native (the Python layer selects it), or
@@ -182,11 +192,14 @@ bool other_backend_requested() {
 Tensor layer(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
              const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
              const std::optional<Tensor>& num_batches_tracked, bool training, bool track_running_stats,
-             std::optional<double> momentum, double eps, double l2_eps, bool unit_rms, at::IntArrayRef dims,
-             int64_t num_features) {
+             std::optional<double> momentum, bool warmup, double eps, double l2_eps, bool unit_rms,
+             at::IntArrayRef dims, int64_t num_features) {
   const Tensor decline;
   // ---- what the Python layer handles (see the top of this file); nothing is changed yet
   if (!x.defined() || !x.device().is_cpu() || x.layout() != at::kStrided || other_backend_requested()) return decline;
+  if (x.is_neg() || x.is_conj() || x._is_zerotensor() || x.key_set().has(c10::DispatchKey::Python) ||
+      x.key_set().has(c10::DispatchKey::Functionalize))
+    return decline;
   const auto dtype = x.scalar_type();
   if (!(dtype == at::kFloat || dtype == at::kDouble || is_reduced(x))) return decline;
   // dims: the input ranks the module takes (empty: any from 2 on); num_features < 0: any C
@@ -205,18 +218,23 @@ Tensor layer(const Tensor& x, const std::optional<Tensor>& weight, const std::op
   const bool count_step = training && track_running_stats && nbt.defined();
   double factor = momentum.value_or(0.0);
   if (count_step) {
-    if (!nbt.device().is_cpu() || nbt.scalar_type() != at::kLong || nbt.numel() != 1) return decline;
+    if (!nbt.device().is_cpu() || nbt.scalar_type() != at::kLong || nbt.numel() != 1 || !plain(nbt)) return decline;
     const int64_t step = nbt.const_data_ptr<int64_t>()[0] + 1;
-    const bool warmup = !momentum.has_value() || (*momentum > 0.0 && *momentum < 1.0);
-    if (warmup && step <= 1) return decline;  // the first step: the layer's eps check runs in Python
+    // the correction of running_factor while the layer's warm-up flag is set (the module clears
+    // it once the factor is momentum exactly; a momentum changed after that is used as it is)
+    const bool corrected = !momentum.has_value() || (warmup && *momentum > 0.0 && *momentum < 1.0);
+    if (corrected && step <= 1) return decline;  // the first step: the layer's eps check runs in Python
     if (!momentum.has_value()) factor = 1.0 / double(step);
-    else if (warmup) factor = *momentum / -std::expm1(double(step) * std::log1p(-*momentum));
+    else if (corrected) factor = *momentum / -std::expm1(double(step) * std::log1p(-*momentum));
   }
   // ---- the kernel
   const auto w0 = weight.has_value() && weight->defined() ? weight : std::nullopt;
   const auto b0 = bias.has_value() && bias->defined() ? bias : std::nullopt;
   const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || (w0 && w0->requires_grad()) ||
                                                    (b0 && b0->requires_grad()));
+  if (grad && x.is_inference()) return decline;  // autograd cannot save it: the Python layer says so
+  std::optional<at::NoGradGuard> no_grad;  // the kernel's conversions need no graph
+  no_grad.emplace();
   const Tensor xw = widen(x);
   const Tensor w = vec_param(weight, C, xw), b = vec_param(bias, C, xw);
   LayerState st;
@@ -242,6 +260,9 @@ Tensor layer(const Tensor& x, const std::optional<Tensor>& weight, const std::op
   // within 5 % of BN's
   if (M < 40) st.mk = st.vk = Tensor();
   if (is_reduced(x)) st.y = st.y.to(dtype);
+  no_grad.reset();
+  // the output (its autograd node) before the state, so that nothing is changed if it throws
+  const Tensor y = grad ? l2bn::L2BatchNormFunction::apply(x, w0, b0, &st) : st.y;
   // ---- state: running statistics and the step count
   if (training && track_running_stats && rm.defined()) {
     const double count = double(N * M);
@@ -249,11 +270,10 @@ Tensor layer(const Tensor& x, const std::optional<Tensor>& weight, const std::op
     ema_update(rv, st.var, factor, factor * count / std::max(count - 1, 1.0));
   }
   if (count_step) {
-    nbt.data_ptr<int64_t>()[0] += 1;
     torch::autograd::impl::bump_version(nbt);
+    nbt.data_ptr<int64_t>()[0] += 1;
   }
-  if (!grad) return st.y;
-  return l2bn::L2BatchNormFunction::apply(x, w0, b0, &st);
+  return y;
 }
 
 }  // namespace
