@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from .functional import l2_batch_norm
 from .kernels.native import layer_op as _layer_op
 from .kernels.native import python_layer_needed as _python_layer_needed
-from .running import check_eps_share, running_factor
+from .running import check_eps_share, end_warmup, running_factor
 from .running import correct_traced_update as _correct_traced_update
 from .running import tracing as _tracing
 
@@ -157,18 +157,9 @@ class _L2NormBase(_NormBase):
                 )
                 if out is not None:
                     if self._stats_warmup and self.training:
-                        self._end_warmup()
+                        end_warmup(self)
                     return out
         return self._python_forward(input)
-
-    def _end_warmup(self) -> None:
-        """Clear the warm-up flag once the factor of the step just counted is ``momentum``
-        exactly, as the Python path does (a host read per step during the warm-up only)."""
-        m, nbt = self.momentum, self.num_batches_tracked
-        if m is None or nbt is None or not self.track_running_stats or not 0.0 < m < 1.0:
-            return
-        if running_factor(m, int(nbt)) == m:
-            self._stats_warmup = False
 
     def _python_forward(self, input: Tensor) -> Tensor:
         """The layer in Python: :func:`l2bn.functional.l2_batch_norm` with BN's step count and

@@ -89,6 +89,17 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or exporting() or in_functorch_transform()
 
 
+def end_warmup(layer: _NormBase) -> None:
+    """Clear a layer's warm-up flag once the factor of the step just counted is its momentum
+    exactly, as its Python path does (the single C++ call cannot set it; a host read per step
+    during the warm-up only)."""
+    m, nbt = layer.momentum, layer.num_batches_tracked
+    if m is None or nbt is None or not layer.track_running_stats or not 0.0 < m < 1.0:
+        return
+    if running_factor(m, int(nbt)) == m:
+        layer._stats_warmup = False
+
+
 def correct_traced_update(layer: _NormBase, m_mean: Tensor, m_var: Tensor) -> None:
     """Write the corrected update ``lerp(R, b, f_k)`` into the layer's buffers ``R`` with tensor
     ops only (``f_k`` from the ``num_batches_tracked`` tensor; no host read). The kernel updated
