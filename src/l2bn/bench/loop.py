@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .timing import quantile, ratio_summary
+from .models import norm_pair_summary
 
 
 def bench_main_job(
@@ -79,16 +79,4 @@ def bench_main_job(
             if r:
                 t["train"][norm].append(t1 - t0)
                 t["eval"][norm].append(t2 - t1)
-    out: Dict[str, Dict[str, object]] = {}
-    for phase, times in t.items():
-        s = ratio_summary(times["l2bn"], times["bn"])
-        out[phase] = {
-            "bn_s": quantile(times["bn"], 0.5),
-            "l2bn_s": quantile(times["l2bn"], 0.5),
-            "ratio": s["median"],
-            "ratio_median": s["median"],
-            "ratio_q25": s["q25"],
-            "ratio_q75": s["q75"],
-            "rounds_s": times,
-        }
-    return out
+    return {phase: norm_pair_summary(times) for phase, times in t.items()}

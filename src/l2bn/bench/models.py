@@ -12,6 +12,21 @@ from torch import nn
 from .timing import interleaved_samples, quantile, ratio_summary
 
 
+def norm_pair_summary(times: Dict[str, List[float]]) -> Dict[str, object]:
+    """Per-round seconds of ``bn`` and ``l2bn`` as a model row: the medians, the median and
+    IQR of the per-round L2BN/BN ratios, and the rounds themselves."""
+    s = ratio_summary(times["l2bn"], times["bn"])
+    return {
+        "bn_s": quantile(times["bn"], 0.5),
+        "l2bn_s": quantile(times["l2bn"], 0.5),
+        "ratio": s["median"],
+        "ratio_median": s["median"],
+        "ratio_q25": s["q25"],
+        "ratio_q75": s["q75"],
+        "rounds_s": times,
+    }
+
+
 def bench_model(
     model_name: str,
     in_channels: int,
@@ -64,16 +79,4 @@ def bench_model(
                 m.train(phase == "train")
             for k, v in interleaved_samples(fns, dev, reps, warmup=warmup if r == 0 else 0).items():
                 per_round[phase][k].append(quantile(v, 0.5))
-    out: Dict[str, Dict[str, object]] = {}
-    for phase, t in per_round.items():
-        s = ratio_summary(t["l2bn"], t["bn"])
-        out[phase] = {
-            "bn_s": quantile(t["bn"], 0.5),
-            "l2bn_s": quantile(t["l2bn"], 0.5),
-            "ratio": s["median"],
-            "ratio_median": s["median"],
-            "ratio_q25": s["q25"],
-            "ratio_q75": s["q75"],
-            "rounds_s": t,
-        }
-    return out
+    return {phase: norm_pair_summary(t) for phase, t in per_round.items()}
