@@ -193,7 +193,7 @@ def _compare(args: argparse.Namespace) -> int:
             grid=plan["grid"],
             data_dir=args.data_dir,
             note=plan["note"],
-            analyze=args.analyze,
+            analyze=plan["analyze"] if args.analyze is None else args.analyze,
         )
     except _errors() as e:
         return _fail("compare", e)
@@ -344,9 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--analyze",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="probe every run (norm spread, compactness, discrepancy) and add it to the report "
-        "(default: on)",
+        "(default: on, except with --preset lr)",
     )
     _add_config_flags(
         c,

@@ -38,6 +38,7 @@ from .train.config import (
     recipe_conflicts,
     saved_config,
 )
+from .report.failures import FAILURE_RULE
 from .train.lock import RunDirBusy, lock_owner, run_lock
 
 __all__ = [
@@ -111,6 +112,32 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         note="Preset 'depth': ResNet-8/20/56 at the main job's budget, three norms.",
         train=dict(MAIN_JOB_RECIPE),
     ),
+    "lr": dict(
+        dataset="fashion-mnist",
+        models=["resnet8"],
+        norms=["bn", "l2bn", "l2bn-rms"],
+        seeds=[0, 1, 2, 3, 4],
+        grid={"lr": [0.025, 0.05, 0.1, 0.2, 0.4, 0.8]},
+        analyze=False,
+        note="Preset 'lr': the main job's ResNet-8 recipe (the same 20,000 training images) at "
+        "peak learning rates 0.025-0.8, three norms. Each run also scores 10,000 other "
+        "Fashion-MNIST training images it never trains on (val_size=10000: the next examples "
+        "of the same class-balanced order, identical for every run); each norm's best learning "
+        "rate is the one with the highest mean accuracy on them (test accuracy plays no part "
+        "in the choice). The test set is scored after the last epoch only (eval_every=5).",
+        train={**MAIN_JOB_RECIPE, "val_size": 10000, "eval_every": 5},
+    ),
+    "stability": dict(
+        dataset="fashion-mnist",
+        models=["resnet56"],
+        norms=["bn", "l2bn"],
+        seeds=list(range(16)),
+        grid={},
+        note="Preset 'stability': ResNet-56 at the main job's budget (the depth study's recipe: "
+        "its runs are reused), BN and L2BN, 16 seeds each, counting failed runs. "
+        + FAILURE_RULE,
+        train=dict(MAIN_JOB_RECIPE),
+    ),
 }
 
 
@@ -166,7 +193,8 @@ def plan_compare(
 
     A recipe that names a model is compared on that model; one that names a norm other than BN
     is compared against BN. Returns the keyword arguments of :func:`compare` (``out``,
-    ``models``, ``norms``, ``seeds``, ``dataset``, ``train_kw``, ``grid``, ``note``).
+    ``models``, ``norms``, ``seeds``, ``dataset``, ``train_kw``, ``grid``, ``note``) and
+    ``analyze``, the preset's default for probing every run.
 
     Example:
         >>> p = plan_compare("quick", overrides={"epochs": 2}, grid=["batch_size=64,128"])
@@ -195,6 +223,7 @@ def plan_compare(
     out = out or (f"runs/compare-{dataset}" if preset == "quick" else f"runs/{preset}-{dataset}")
     note = chosen["note"] if not config else f"Recipe: {config}."
     return dict(
+        analyze=chosen.get("analyze", True),
         out=out,
         models=models,
         norms=norms,
@@ -276,6 +305,8 @@ def _status(cfg: TrainConfig) -> str:
             return "resume"
         if r.get("status") == "complete" and r.get("epochs") == cfg.epochs:
             return "done"
+        if r.get("status") == "diverged" and (r.get("config") or {}).get("epochs") == cfg.epochs:
+            return "done"  # an outcome of the recipe: training it again diverges again
     return "resume"
 
 
@@ -296,7 +327,7 @@ def compare(
 
     Returns the summary (also written to ``OUT/summary.json``).
     """
-    from .train import train
+    from .train import TrainingDiverged, train
 
     plan = plan_runs(out, models, norms, seeds, dataset, train_overrides, grid, data_dir)
     states = [_status(cfg) for _, cfg in plan]  # refuse a conflicting directory before any training
@@ -329,6 +360,8 @@ def compare(
                         flush=True,
                     )
                     train(dataclasses.replace(cfg, resume=state == "resume"))
+            except TrainingDiverged as e:  # a result of the grid (reported as such), not an error
+                print(f"{tag}: diverged: {str(e).splitlines()[0]}", flush=True)
             except RunDirBusy as e:
                 print(f"{tag}: skipped, {e}", flush=True)
                 skipped.append((i, label, cfg))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -33,6 +34,8 @@ class DataBundle:
     train_y: Optional[Tensor] = None
     test_x: Optional[Tensor] = None
     test_y: Optional[Tensor] = None
+    val_x: Optional[Tensor] = None  # examples held out of training (split_train)
+    val_y: Optional[Tensor] = None
     mean: Sequence[float] = (0.0,)
     std: Sequence[float] = (1.0,)
     augment: str = "none"
@@ -55,7 +58,31 @@ class DataBundle:
 
     def subset_train(self, n: int, seed: int = 0) -> DataBundle:
         """Keep ``n`` training examples, the same for every seed of a comparison (stratified)."""
-        if not self.in_memory or n <= 0 or n >= len(self.train_y):
+        return self.split_train(n, 0, seed)
+
+    def split_train(self, n_train: int, n_val: int, seed: int = 0) -> DataBundle:
+        """Train on ``n_train`` training examples (0: all but the held-out ones) and hold out
+        ``n_val`` others as ``val_x``/``val_y``: stratified, disjoint, the same for every seed of
+        a comparison.
+
+        The examples come from one class-balanced order (classes taken round-robin, each
+        class shuffled with ``seed``): the training subset is its first ``n_train`` examples,
+        with or without a held-out split, and the held-out examples the ``n_val`` after them.
+        With ``n_train == 0`` the first ``n_val`` are held out and training keeps every other
+        example.
+
+        Raises:
+            BadInput: a held-out split of a folder dataset, or more examples asked for than the
+                balanced order has.
+        """
+        if not self.in_memory:
+            if n_val:
+                raise BadInput(
+                    f"val_size {n_val}: a held-out split needs an in-memory dataset; {self.name} "
+                    f"is read from folders (hold out a folder of its own instead)"
+                )
+            return self
+        if n_val <= 0 and (n_train <= 0 or n_train >= len(self.train_y)):
             return self
         g = torch.Generator().manual_seed(seed)
         per_class = []
@@ -64,10 +91,29 @@ class DataBundle:
             per_class.append(idx[torch.randperm(len(idx), generator=g)])
         # round-robin over classes keeps the subset balanced
         order = torch.stack([p[: min(len(p) for p in per_class)] for p in per_class], 1).flatten()
-        keep = order[:n]
-        import dataclasses
-
-        return dataclasses.replace(self, train_x=self.train_x[keep], train_y=self.train_y[keep])
+        if n_val <= 0:
+            keep = order[:n_train]
+            return dataclasses.replace(self, train_x=self.train_x[keep], train_y=self.train_y[keep])
+        if n_train + n_val > len(order):
+            raise BadInput(
+                f"train_subset {n_train} + val_size {n_val} = {n_train + n_val} examples, but "
+                f"{self.name} has {len(order)} in class-balanced order ({len(self.train_y)} "
+                f"training examples): lower one of them"
+            )
+        if n_train > 0:
+            keep, held = order[:n_train], order[n_train : n_train + n_val]
+        else:
+            held = order[:n_val]
+            rest = torch.ones(len(self.train_y), dtype=torch.bool)
+            rest[held] = False
+            keep = rest.nonzero().flatten()
+        return dataclasses.replace(
+            self,
+            train_x=self.train_x[keep],
+            train_y=self.train_y[keep],
+            val_x=self.train_x[held],
+            val_y=self.train_y[held],
+        )
 
 
 DATASETS: Dict[str, Callable[..., DataBundle]] = {}

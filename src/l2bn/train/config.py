@@ -83,6 +83,13 @@ class TrainConfig:
     seed: int = _f(0, "random seed (data order, initialisation, augmentation)", ge=0)
     out: str = _f("runs/default", "run directory (checkpoints, metrics, result.json)")
     train_subset: int = _f(0, "train on the first N training examples (0: all)", ge=0)
+    val_size: int = _f(
+        0,
+        "hold out N other training examples (stratified, the same for every seed); accuracy on "
+        "them after the last epoch is the run's val_acc, for choosing hyper-parameters without "
+        "the test set (0: none)",
+        ge=0,
+    )
     width: int = _f(1, "channel multiplier of the CIFAR ResNets", ge=1)
     # optimisation
     optimizer: str = _f("sgd", "optimizer", choices=("sgd", "adamw"))

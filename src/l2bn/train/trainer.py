@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..data import DataBundle, load_dataset
-from ..data.loaders import make_loaders
+from ..data.loaders import make_loaders, make_test_loader
 from ..factory import canonical_norm
 from ..io import BadInput, write_json
 from ..models import build_model
@@ -182,8 +182,8 @@ def _fit(
     data = load_dataset(
         cfg.dataset, cfg.data_dir, verify_data=cfg.verify_data, **cfg.dataset_options()
     )
-    if cfg.train_subset:
-        data = data.subset_train(cfg.train_subset, seed=0)
+    if cfg.train_subset or cfg.val_size:
+        data = data.split_train(cfg.train_subset, cfg.val_size, seed=0)
     if cfg.augment:
         data = dataclasses.replace(data, augment=cfg.augment)
     if cfg.mixup_mode not in ("batch", "pairs"):
@@ -211,6 +211,15 @@ def _fit(
         max_steps=cfg.max_steps_per_epoch,
         pairs=cfg.mixup > 0 and cfg.mixup_mode == "pairs",
     )
+
+    val_b = None
+    if data.val_x is not None:
+        val_b = make_test_loader(
+            dataclasses.replace(data, test_x=data.val_x, test_y=data.val_y, test_groups=None),
+            device,
+            max(256, cfg.batch_size),
+            channels_last=cfg.channels_last,
+        )
 
     # optimizer, schedule, resume
     opt = make_optimizer(cfg, model)
@@ -323,12 +332,16 @@ def _fit(
                     epoch + 1,
                     per_group,
                 )
+        if val_b is not None and epoch + 1 == cfg.epochs:
+            rec["val_loss"], rec["val_acc"], _ = evaluate(model, val_b, cfg, device, env)
         st.history.append(rec)
         st.epoch = epoch + 1
         _log(
             f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {rec['train_loss']:.4f}  train "
             f"{rec['train_acc']:6.2f}%  "
-            f"test {rec.get('test_acc', float('nan')):6.2f}%  lr {rec['lr']:.4g}  "
+            f"test {rec.get('test_acc', float('nan')):6.2f}%  "
+            + (f"val {rec['val_acc']:6.2f}%  " if "val_acc" in rec else "")
+            + f"lr {rec['lr']:.4g}  "
             f"{rec['throughput']:.0f} img/s",
             env,
         )
@@ -370,6 +383,7 @@ def _fit(
         "best_test_acc": st.best_acc,
         "best_epoch": st.best_epoch,
         "final_train_loss": final.get("train_loss"),
+        **({"val_acc": final["val_acc"]} if "val_acc" in final else {}),
         "epochs": cfg.epochs,
         "wall_time_s": time.time() - t_start,
         # training time of the whole run: the epochs of every process that worked on it (a resumed
