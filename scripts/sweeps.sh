@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 if [ "$(ps -o sid= -p $$ | tr -d ' ')" = "$$" ] && [ -w /proc/self/autogroup ]; then
   echo 19 > /proc/self/autogroup 2>/dev/null || true
 fi
-for study in ${STUDIES:-batch-size paper depth}; do
+for study in ${STUDIES:-batch-size paper depth lr stability}; do
   nice -n 19 .venv/bin/l2bn compare --preset "$study" --out "docs/results/$study" --no-progress \
     ${THREADS:+--threads "$THREADS"} ${SEEDS:+--seeds $SEEDS}
 done

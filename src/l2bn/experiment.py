@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .io import UsageError, read_json
+from .report.failures import FAILURE_RULE
 from .train.config import (
     TrainConfig,
     check_config,
@@ -38,7 +39,6 @@ from .train.config import (
     recipe_conflicts,
     saved_config,
 )
-from .report.failures import FAILURE_RULE
 from .train.lock import RunDirBusy, lock_owner, run_lock
 
 __all__ = [
@@ -134,8 +134,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         seeds=list(range(16)),
         grid={},
         note="Preset 'stability': ResNet-56 at the main job's budget (the depth study's recipe: "
-        "its runs are reused), BN and L2BN, 16 seeds each, counting failed runs. "
-        + FAILURE_RULE,
+        "its runs are reused), BN and L2BN, 16 seeds each, counting failed runs. " + FAILURE_RULE,
         train=dict(MAIN_JOB_RECIPE),
     ),
 }

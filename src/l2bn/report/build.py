@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..io import write_json
+from .failures import failure_lines, failure_summary, run_table
 from .markdown import (
     accuracy_table,
     axis_tables,
@@ -26,6 +27,7 @@ from .markdown import (
     verdict,
 )
 from .runs import NORM_ORDER, ReportError, load_runs, summarize_runs
+from .tuned import tuned_comparison, tuned_lines
 
 __all__ = ["build_report", "to_html", "ReportError"]
 
@@ -80,14 +82,40 @@ def build_report(
         ReportError: a run directory is missing, unfinished or corrupt.
     """
     from .analysis_plots import metric_bars, norm_cv, norm_histograms, pca_views
-    from .plots import axis_plot, learning_curves
+    from .plots import accuracy_vs_axis, axis_plot, learning_curves
 
-    runs = load_runs(run_dirs)
+    diverged: List[Dict[str, Any]] = []
+    runs = load_runs(run_dirs, diverged)
     if not runs:
-        raise ReportError("no runs given")
+        raise ReportError(
+            "no runs given" if not diverged else "every run given diverged: nothing to report"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize_runs(runs, rel_to=str(out))
+    summary = summarize_runs(runs, rel_to=str(out), diverged=diverged)
+    summary["failures"] = failure_summary(summary["cells"], summary["diverged"])
+    numeric = [
+        a
+        for a in summary["axes"]
+        if all(isinstance(c["axes"][a], (int, float)) for c in summary["cells"].values())
+        and len({c["axes"][a] for c in summary["cells"].values()}) > 1
+    ]
+    summary["tuned"] = {}
+    tuned_md: List[str] = []
+    for axis in numeric:
+        tuned = tuned_comparison(summary, axis)
+        name = f"accuracy_{re.sub(r'[^A-Za-z0-9_]+', '_', axis)}.png"
+        accuracy_vs_axis(summary, axis, out / name, tuned)
+        if tuned:
+            summary["tuned"][axis] = tuned
+            tuned_md += tuned_lines(tuned, name)
+        else:
+            tuned_md += [
+                f"![accuracy against {axis}]({name})",
+                "",
+                f"*Test accuracy against `{axis}`: mean and 95% t-interval over seeds.*",
+                "",
+            ]
     dataset = runs[0]["config"]["dataset"]
     learning_curves(runs, out / "curves.png")
     figs = ["curves.png"]
@@ -168,6 +196,7 @@ def build_report(
             "epochs, grid values or seeds?)"
         )
         md += ["## Paired difference against BN", "", f"*No paired comparison: {why}.*", ""]
+    md += tuned_md
     if axis_figs:
         md += [
             "## Grid axes" if summary["axes"] else "## Across models",
@@ -182,6 +211,18 @@ def build_report(
                 "Look for: whether the interval leaves 0 anywhere, and a trend along the axis.*",
                 "",
             ]
+    md += failure_lines(summary["failures"])
+    if not summary["axes"] and any(c["judged"] for c in summary["failures"]["cells"].values()):
+        md += ["### Every run", "", *run_table(summary["failures"])]
+    if summary["diverged"]:
+        md += [
+            "## Diverged runs",
+            "",
+            "Left out of the statistics above (counted as failed runs): "
+            + "; ".join(f"{d['dir']} ({d['message']})" for d in summary["diverged"])
+            + ".",
+            "",
+        ]
     t, c = FIGURES["curves.png"]
     md += [f"## {t}", "", "![curves](curves.png)", "", f"*{c}*", ""]
     if analyses:

@@ -10,9 +10,18 @@ or model.
 from __future__ import annotations
 
 import statistics
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["FAILURE_RULE", "LOSS_FACTOR", "ACC_GAP", "MIN_RUNS", "judge_cell", "failure_summary"]
+__all__ = [
+    "FAILURE_RULE",
+    "LOSS_FACTOR",
+    "ACC_GAP",
+    "MIN_RUNS",
+    "judge_cell",
+    "failure_summary",
+    "failure_lines",
+    "run_table",
+]
 
 #: a failed run's final training loss exceeds this multiple of the others' median
 LOSS_FACTOR = 1.3
@@ -22,7 +31,7 @@ ACC_GAP = 3.0
 MIN_RUNS = 4
 
 FAILURE_RULE = (
-    f"A run *failed* when its final training loss is above {LOSS_FACTOR}x the median final "
+    f"A run failed when its final training loss is above {LOSS_FACTOR}x the median final "
     f"training loss of the other runs of its cell (same model, norm and grid point), or its "
     f"test accuracy (last epoch) is more than {ACC_GAP:g} points below their median; a run "
     f"that diverged (non-finite loss) failed. Cells of fewer than {MIN_RUNS} runs are not judged."
@@ -40,7 +49,9 @@ def judge_cell(runs: List[Dict[str, Any]]) -> List[Optional[str]]:
     >>> judge_cell(cell)
     [None, None, None, 'loss 0.42 > 1.3x 0.27; acc 84.80 < 89.70 - 3']
     """
-    ok = [r for r in runs if r.get("test_acc") is not None and r.get("final_train_loss") is not None]
+    ok = [
+        r for r in runs if r.get("test_acc") is not None and r.get("final_train_loss") is not None
+    ]
     out: List[Optional[str]] = []
     for r in runs:
         if r.get("test_acc") is None or r.get("final_train_loss") is None:
@@ -69,37 +80,54 @@ def _fisher(a_fail: int, a_n: int, b_fail: int, b_n: int) -> float:
 
 
 def failure_summary(
-    cells: Dict[str, Dict[str, Any]], baseline: str = "bn"
+    cells: Dict[str, Dict[str, Any]],
+    diverged: Sequence[Dict[str, Any]] = (),
+    baseline: str = "bn",
 ) -> Dict[str, Any]:
-    """Judge every cell of a report summary (:func:`l2bn.report.runs.summarize_runs`, whose run
-    entries carry ``final_train_loss``; diverged runs have ``test_acc`` ``None``).
+    """Judge every cell of a report summary (:func:`l2bn.report.runs.summarize_runs`): its run
+    entries (``seed``, ``test_acc``, ``final_train_loss``) and the ``diverged`` runs of the same
+    model, norm and axis values (which failed).
 
-    Returns ``{"rule", "cells": {key: {failed, judged, n, acc with/without}},
-    "comparisons": {key: {norm, model, axes, failed, n, bn_failed, bn_n, p_fisher}}}`` and marks
-    each run entry with ``failed`` (the reason, or ``None``).
+    Returns ``{"rule", "cells": {key: {model, norm, axes, n, judged, failed, runs, acc_all,
+    acc_without_failed}}, "comparisons": {key: {..., failed, n, bn_failed, bn_n, p_fisher}}}``;
+    ``runs`` lists ``(seed, test_acc, final_train_loss, why failed or None)`` per run.
     """
     from .stats import mean_std
 
     out: Dict[str, Any] = {"rule": FAILURE_RULE, "cells": {}, "comparisons": {}}
-    for key, cell in cells.items():
-        reasons = judge_cell(cell["runs"])
-        for r, why in zip(cell["runs"], reasons):
-            r["failed"] = why
-        kept = [r["test_acc"] for r, why in zip(cell["runs"], reasons) if why is None]
-        finished = [r["test_acc"] for r in cell["runs"] if r["test_acc"] is not None]
+    groups: Dict[str, Dict[str, Any]] = {
+        key: {**{k: c[k] for k in ("model", "norm", "axes")}, "runs": list(c["runs"])}
+        for key, c in cells.items()
+    }
+    for dv in diverged:
+        key = "/".join([dv["model"], dv["norm"]] + [f"{k}={v}" for k, v in dv["axes"].items()])
+        g = groups.setdefault(
+            key, {"model": dv["model"], "norm": dv["norm"], "axes": dv["axes"], "runs": []}
+        )
+        g["runs"].append({"seed": dv["seed"], "test_acc": None, "final_train_loss": None})
+    for key, g in groups.items():
+        rs = sorted(g["runs"], key=lambda r: r["seed"])
+        reasons = judge_cell(rs)
+        kept = [r["test_acc"] for r, why in zip(rs, reasons) if why is None]
+        finished = [r["test_acc"] for r in rs if r["test_acc"] is not None]
         out["cells"][key] = {
-            "model": cell["model"],
-            "norm": cell["norm"],
-            "axes": cell["axes"],
-            "n": len(cell["runs"]),
-            "judged": len(cell["runs"]) >= MIN_RUNS,
+            **{k: g[k] for k in ("model", "norm", "axes")},
+            "n": len(rs),
+            "judged": len(rs) >= MIN_RUNS,
             "failed": sum(why is not None for why in reasons),
+            "runs": [
+                {
+                    "seed": r["seed"],
+                    "test_acc": r["test_acc"],
+                    "final_train_loss": r.get("final_train_loss"),
+                    "failed": why,
+                }
+                for r, why in zip(rs, reasons)
+            ],
             "acc_all": mean_std(finished),
             "acc_without_failed": mean_std(kept),
         }
     for key, c in out["cells"].items():
-        if c["norm"] == baseline:
-            continue
         base = next(
             (
                 b
@@ -108,16 +136,75 @@ def failure_summary(
             ),
             None,
         )
-        if base is None or not (c["judged"] and base["judged"]):
+        if c["norm"] == baseline or base is None or not (c["judged"] and base["judged"]):
             continue
         out["comparisons"][key] = {
-            "model": c["model"],
-            "norm": c["norm"],
-            "axes": c["axes"],
-            "failed": c["failed"],
-            "n": c["n"],
+            **{k: c[k] for k in ("model", "norm", "axes", "failed", "n")},
             "bn_failed": base["failed"],
             "bn_n": base["n"],
             "p_fisher": _fisher(c["failed"], c["n"], base["failed"], base["n"]),
         }
     return out
+
+
+def _pm(ms: Any) -> str:
+    m, s = ms
+    return "–" if m is None else (f"{m:.2f}" if s is None else f"{m:.2f} ± {s:.2f}")
+
+
+def failure_lines(failures: Dict[str, Any], per_run: bool = True) -> List[str]:
+    """The report's section: the rule, counts per cell with Fisher's exact test against BN,
+    accuracy with and without the failed runs, and (``per_run``) every failed run with why."""
+    cells = failures["cells"]
+    if not any(c["judged"] for c in cells.values()):
+        return []
+    lines = [
+        "## Failed runs",
+        "",
+        f"*Definition (fixed before the runs): {failures['rule']}*",
+        "",
+        "| cell | runs | failed | accuracy, all runs (mean ± std) | accuracy without failed |",
+        "|---|---|---|---|---|",
+    ]
+    for key, c in cells.items():
+        if c["judged"]:
+            lines.append(
+                f"| {key} | {c['n']} | {c['failed']} | {_pm(c['acc_all'])} | "
+                f"{_pm(c['acc_without_failed'])} |"
+            )
+    comps = failures["comparisons"]
+    if comps:
+        lines += ["", "| comparison | failed | BN failed | p (Fisher's exact, two-sided) |"]
+        lines += ["|---|---|---|---|"]
+        for key, d in comps.items():
+            lines.append(
+                f"| {key} vs bn | {d['failed']}/{d['n']} | {d['bn_failed']}/{d['bn_n']} | "
+                f"{d['p_fisher']:.3f} |"
+            )
+    bad = [(k, r) for k, c in cells.items() for r in c["runs"] if r["failed"]]
+    if per_run and bad:
+        lines += [
+            "",
+            "Failed runs: "
+            + "; ".join(f"{k} seed {r['seed']} ({r['failed']})" for k, r in bad)
+            + ".",
+        ]
+    elif not bad:
+        lines += ["", "No run failed."]
+    return lines + [""]
+
+
+def run_table(failures: Dict[str, Any]) -> List[str]:
+    """Every run of the judged cells: seed, final training loss, test accuracy, failed or not."""
+    lines = [
+        "| cell | seed | final train loss | test accuracy (%) | failed |",
+        "|---|---|---|---|---|",
+    ]
+    for key, c in failures["cells"].items():
+        if not c["judged"]:
+            continue
+        for r in c["runs"]:
+            loss = "–" if r["final_train_loss"] is None else f"{r['final_train_loss']:.3f}"
+            acc = "diverged" if r["test_acc"] is None else f"{r['test_acc']:.2f}"
+            lines.append(f"| {key} | {r['seed']} | {loss} | {acc} | {r['failed'] or 'no'} |")
+    return lines + [""]

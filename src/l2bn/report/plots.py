@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from ..factory import NORMS
 
@@ -110,6 +110,63 @@ def axis_plot(summary: Dict[str, Any], axis: str, path: Path) -> Path:
     ax.set_title(f"Paired difference against BN vs {axis} (95% CI)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_axis(
+    summary: Dict[str, Any], axis: str, path: Path, chosen: Optional[Dict[str, Any]] = None
+) -> Path:
+    """Test accuracy (and held-out accuracy, where the runs have it) against a numeric grid axis:
+    per model and norm, the mean over seeds with its 95% t-interval; a log x axis when the
+    values span a factor of 8 or more (learning rates); ``chosen`` (from
+    :func:`l2bn.report.tuned.tuned_comparison`) rings each norm's choice."""
+    from .stats import mean_std, t_quantile
+
+    plt = _plt()
+    cells = [c for c in summary["cells"].values() if axis in c["axes"]]
+    fields = ["test_acc"] + (
+        ["val_acc"] if all("val_acc" in r for c in cells for r in c["runs"]) else []
+    )
+    fig, axes = plt.subplots(1, len(fields), figsize=(5.5 * len(fields), 3.8), squeeze=False)
+    lines: Dict[str, List[Dict[str, Any]]] = {}
+    for c in cells:
+        others = ", ".join(f"{k}={v}" for k, v in c["axes"].items() if k != axis)
+        lines.setdefault(
+            f"{c['model']} {c['norm']}" + (f" ({others})" if others else ""), []
+        ).append(c)
+    picks = {
+        (ch["model"], ch["norm"], ch["value"]) for ch in (chosen or {}).get("choices", {}).values()
+    }
+    for ax, field in zip(axes[0], fields):
+        for label, cs in sorted(lines.items()):
+            cs = sorted(cs, key=lambda c: c["axes"][axis])
+            xs, ys, err = [], [], []
+            for c in cs:
+                vals = [r[field] for r in c["runs"]]
+                m, s = mean_std(vals)
+                xs.append(c["axes"][axis])
+                ys.append(m)
+                err.append(t_quantile(0.975, len(vals) - 1) * s / len(vals) ** 0.5 if s else 0.0)
+            color = COLORS.get(cs[0]["norm"])
+            ax.errorbar(
+                xs, ys, yerr=err, marker="o", capsize=3, color=color, label=label, alpha=0.9
+            )
+            for x, y, c in zip(xs, ys, cs):
+                if (c["model"], c["norm"], x) in picks:
+                    ax.plot([x], [y], "o", ms=13, mfc="none", mec=color, mew=1.5)
+        xs_all = sorted({c["axes"][axis] for c in cells})
+        if xs_all and xs_all[0] > 0 and xs_all[-1] / xs_all[0] >= 8:
+            ax.set_xscale("log")
+            ax.set_xticks(xs_all, [f"{v:g}" for v in xs_all])
+            ax.minorticks_off()
+        ax.set_xlabel(axis)
+        ax.set_ylabel(("test" if field == "test_acc" else "held-out") + " accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Accuracy against {axis} (mean and 95% CI over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

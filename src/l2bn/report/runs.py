@@ -47,8 +47,14 @@ class ReportError(UsageError, ValueError):
     """A run directory cannot be reported on (missing/corrupt result.json, unfinished run, ...)."""
 
 
-def load_runs(run_dirs: Sequence[str]) -> List[Dict[str, Any]]:
-    """Read ``result.json`` (and ``analysis.json`` if present) of each finished run directory."""
+def load_runs(
+    run_dirs: Sequence[str], diverged: Optional[List[Dict[str, Any]]] = None
+) -> List[Dict[str, Any]]:
+    """Read ``result.json`` (and ``analysis.json`` if present) of each finished run directory.
+
+    A run whose training diverged (``status: diverged``, written by ``l2bn train``) is an error,
+    unless a list ``diverged`` is given: then it is appended there (``dir``, ``model``, ``norm``,
+    ``seed``, ``recipe``, ``message``) and left out of the returned runs."""
     from ..train.config import TrainConfig
 
     runs = []
@@ -64,6 +70,24 @@ def load_runs(run_dirs: Sequence[str]) -> List[Dict[str, Any]]:
             analysis = read_json(a, "analysis") if a.is_file() else None
         except JSONFileError as e:
             raise ReportError(str(e)) from None
+        if (
+            diverged is not None
+            and isinstance(r, dict)
+            and r.get("status") == "diverged"
+            and isinstance(r.get("config"), dict)
+        ):
+            cfg = TrainConfig.from_record(r["config"])
+            diverged.append(
+                {
+                    "dir": str(Path(d)),
+                    "model": cfg.model,
+                    "norm": canonical_norm(cfg.norm),
+                    "seed": cfg.seed,
+                    "recipe": cfg.recipe(),
+                    "message": str(r.get("message", "")).split(" The last good")[0],
+                }
+            )
+            continue
         if not isinstance(r, dict) or r.get("status") != "complete":
             raise ReportError(
                 f"{d}: run is not complete (status "
@@ -119,12 +143,19 @@ def _adjust(family: List[Dict[str, Any]]) -> None:
         d["p_holm"], d["family_size"] = p, size
 
 
-def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> Dict[str, Any]:
+def summarize_runs(
+    runs: List[Dict[str, Any]],
+    rel_to: Optional[str] = None,
+    diverged: Sequence[Dict[str, Any]] = (),
+) -> Dict[str, Any]:
     """Per-cell statistics and paired differences against BN (paired by seed).
 
     Run directories are recorded relative to ``rel_to`` (the report's folder) when given.
+    ``diverged`` runs (from :func:`load_runs`) take part in finding the grid axes and are listed
+    under ``"diverged"`` with their cell's model, norm and axis values; the statistics are of the
+    finished runs.
     """
-    axes = grid_axes(runs)
+    axes = grid_axes(runs + list(diverged))
     models = sorted(dict.fromkeys(r["config"]["model"] for r in runs), key=model_order)
     norms = list(dict.fromkeys(r["norm"] for r in runs))
     norms = sorted(
@@ -173,6 +204,8 @@ def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> 
                             "test_acc": r["test_acc"],
                             "best_test_acc": r["best_test_acc"],
                             "wall_time_s": r["wall_time_s"],
+                            "final_train_loss": r.get("final_train_loss"),
+                            **({"val_acc": r["val_acc"]} if "val_acc" in r else {}),
                             "dir": where(r["dir"]),
                             **(
                                 {
@@ -235,6 +268,11 @@ def summarize_runs(runs: List[Dict[str, Any]], rel_to: Optional[str] = None) -> 
         "pooled": pooled,
         "mechanism": mech,
         "axes": axes,
+        "diverged": [
+            {**{k: r[k] for k in ("model", "norm", "seed", "message")}, "dir": where(r["dir"])}
+            | {"axes": {k: r["recipe"].get(k) for k in axes}}
+            for r in diverged
+        ],
         "models": models,
         "norms": norms,
         "seeds": seeds,

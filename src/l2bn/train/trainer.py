@@ -339,7 +339,7 @@ def _fit(
         _log(
             f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {rec['train_loss']:.4f}  train "
             f"{rec['train_acc']:6.2f}%  "
-            f"test {rec.get('test_acc', float('nan')):6.2f}%  "
+            + (f"test {rec['test_acc']:6.2f}%  " if "test_acc" in rec else "")
             + (f"val {rec['val_acc']:6.2f}%  " if "val_acc" in rec else "")
             + f"lr {rec['lr']:.4g}  "
             f"{rec['throughput']:.0f} img/s",
