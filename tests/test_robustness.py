@@ -88,6 +88,8 @@ def test_train_scores_the_held_out_split_after_the_last_epoch(tmp_path):
     hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert ["val_acc" in h for h in hist] == [False, True]
     assert hist[-1]["val_acc"] == res["val_acc"] and "val " in r.stdout
+    # scored on the 300 held-out images, not on the test set
+    assert res["val_examples"] == 300 and hist[-1]["val_loss"] != hist[-1]["test_loss"]
 
 
 # ----------------------------------------------------------------------------- failed runs
@@ -110,8 +112,11 @@ def test_failure_rule_by_loss_by_accuracy_and_diverged():
     # accuracy alone: 86.6 < 89.7 - 3
     assert judge_cell(_runs(normal[:3] + [(0.27, 86.6)]))[3] == "acc 86.60 < 89.70 - 3"
     # a diverged run failed; the others are judged against the finished ones
-    runs = _runs(normal) + [{"seed": 4, "final_train_loss": None, "test_acc": None}]
-    assert judge_cell(runs) == [None] * 4 + ["diverged"]
+    diverged = {"seed": 4, "final_train_loss": None, "test_acc": None, "diverged": True}
+    assert judge_cell(_runs(normal) + [diverged]) == [None] * 4 + ["diverged"]
+    # a run missing a value is not judged, and is no reference for the others
+    missing = {"seed": 5, "final_train_loss": None, "test_acc": 10.0}
+    assert judge_cell(_runs(normal[:3]) + [missing, diverged]) == [None] * 4 + ["diverged"]
     # too few runs to judge (the median of two others is no reference)
     assert judge_cell(_runs([(0.27, 89.7), (0.26, 89.9), (0.9, 50.0)])) == [None] * 3
 
@@ -149,6 +154,10 @@ def test_diverged_runs_count_as_failed_in_their_cell():
     assert f["cells"]["m/bn"]["n"] == 5 and f["cells"]["m/bn"]["failed"] == 1
     assert f["comparisons"]["m/l2bn"]["bn_failed"] == 1
     assert f["cells"]["m/bn"]["acc_all"][0] == pytest.approx(89.5)  # finished runs only
+    # 3 finished runs and a diverged one: the cell is not judged, and not compared
+    f = failure_summary({"m/bn": _cell("m", "bn", ok[:3]), "m/l2bn": cells["m/l2bn"]}, dv)
+    assert not f["cells"]["m/bn"]["judged"] and f["cells"]["m/bn"]["failed"] == 1
+    assert f["comparisons"] == {}
 
 
 def test_stability_report_on_the_depth_study_runs(tmp_path):
@@ -345,7 +354,6 @@ def test_compare_records_a_diverged_run_and_goes_on(tmp_path):
         "1",
         "--max-steps-per-epoch",
         "2",
-        "--no-analyze",
         "--threads",
         "1",
         "--out",
@@ -354,7 +362,43 @@ def test_compare_records_a_diverged_run_and_goes_on(tmp_path):
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "resnet8 l2bn seed 0: diverged: loss is nan" in r.stdout
+    # the default flags probe every run: the finished one, not the diverged one
+    assert (tmp_path / "resnet8-bn-seed0" / "analysis.json").is_file()
+    assert "not analysed" not in r.stdout and "analysing" in r.stdout
     md = (tmp_path / "report.md").read_text()
     assert "## Diverged runs" in md and "resnet8-l2bn-seed0" in md
     again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "2 runs (2 finished earlier)" in again.stdout
+
+
+def test_a_true_false_axis_gets_no_accuracy_curve(tmp_path):
+    """bool is an int in Python: a nesterov=true,false grid is not a numeric axis."""
+    from l2bn.report.build import build_report
+
+    dirs = []
+    for norm in ("bn", "l2bn"):
+        for nesterov in (True, False):
+            for seed in range(2):
+                d = tmp_path / f"r-{norm}-{nesterov}-{seed}"
+                cfg = dataclasses.asdict(
+                    TrainConfig(norm=norm, seed=seed, epochs=2, nesterov=nesterov, val_size=10)
+                )
+                d.mkdir()
+                body = {
+                    "status": "complete",
+                    "test_acc": 80.0 + seed,
+                    "best_test_acc": 80.0,
+                    "final_train_loss": 0.3,
+                    "val_acc": 70.0,
+                    "epochs": 2,
+                    "wall_time_s": 1.0,
+                    "device": "cpu",
+                    "config": cfg,
+                    "history": [{"epoch": 2, "train_loss": 0.3, "test_acc": 80.0}],
+                }
+                (d / "result.json").write_text(json.dumps(body))
+                dirs.append(str(d))
+    build_report(dirs, str(tmp_path / "rep"))
+    s = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert s["axes"] == ["nesterov"] and s["tuned"] == {}
+    assert not list((tmp_path / "rep").glob("accuracy_*.png"))

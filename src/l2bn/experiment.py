@@ -397,6 +397,14 @@ def _analysed(run: Path) -> bool:
     return a.stat().st_mtime >= ck.stat().st_mtime and epoch == epochs
 
 
+def _diverged(run: Path) -> bool:
+    """The run's training diverged: an outcome the report lists, with nothing to analyse."""
+    try:
+        return read_json(run / "result.json", "run result").get("status") == "diverged"
+    except (ValueError, OSError):
+        return False
+
+
 def _left_out(plan: List[Tuple[str, TrainConfig]]) -> Tuple[List[str], List[str]]:
     """The plan's unfinished runs (skipped: another process had them), as (still being trained
     by another process, stopped)."""
@@ -435,7 +443,7 @@ def _analyze_and_report(
     dirs = [cfg.out for _, cfg in plan if cfg.out not in training + stopped]
     if analyze:
         for i, d in enumerate(dirs):
-            if _analysed(Path(d)):
+            if _analysed(Path(d)) or _diverged(Path(d)):
                 continue
             if not (
                 Path(d) / "last.pt"

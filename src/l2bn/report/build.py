@@ -97,13 +97,17 @@ def build_report(
     numeric = [
         a
         for a in summary["axes"]
-        if all(isinstance(c["axes"][a], (int, float)) for c in summary["cells"].values())
+        if all(
+            isinstance(c["axes"][a], (int, float)) and not isinstance(c["axes"][a], bool)
+            for c in summary["cells"].values()
+        )
         and len({c["axes"][a] for c in summary["cells"].values()}) > 1
     ]
     summary["tuned"] = {}
     tuned_md: List[str] = []
     for axis in numeric:
-        tuned = tuned_comparison(summary, axis)
+        held = sorted({r["recipe"].get("val_size") or 0 for r in runs})
+        tuned = tuned_comparison(summary, axis, held_out=held[0] if len(held) == 1 else None)
         name = f"accuracy_{re.sub(r'[^A-Za-z0-9_]+', '_', axis)}.png"
         accuracy_vs_axis(summary, axis, out / name, tuned)
         if tuned:

@@ -34,31 +34,30 @@ FAILURE_RULE = (
     f"A run failed when its final training loss is above {LOSS_FACTOR}x the median final "
     f"training loss of the other runs of its cell (same model, norm and grid point), or its "
     f"test accuracy (last epoch) is more than {ACC_GAP:g} points below their median; a run "
-    f"that diverged (non-finite loss) failed. Cells of fewer than {MIN_RUNS} runs are not judged."
+    f"that diverged (non-finite loss) failed. Cells of fewer than {MIN_RUNS} finished runs are "
+    f"not judged."
 )
 
 
 def judge_cell(runs: List[Dict[str, Any]]) -> List[Optional[str]]:
-    """For each run of one cell (dicts with ``final_train_loss`` and ``test_acc``; ``None``
-    values for a diverged run), why it failed (``"diverged"``, ``"loss 0.42 > 1.3x 0.27"``,
-    ``"acc 84.8 < 89.6 - 3"``) or ``None`` when it did not; all ``None`` below :data:`MIN_RUNS`
-    finished runs, except diverged ones.
+    """For each run of one cell (dicts with ``final_train_loss`` and ``test_acc``, or
+    ``diverged: True``), why it failed (``"diverged"``, ``"loss 0.42 > 1.3x 0.27"``,
+    ``"acc 84.8 < 89.6 - 3"``) or ``None`` when it did not. Below :data:`MIN_RUNS` finished runs
+    only the diverged ones fail; a run missing either value is not judged.
 
     >>> cell = [{"final_train_loss": l, "test_acc": a} for l, a in
     ...         [(0.27, 89.7), (0.26, 89.9), (0.28, 89.4), (0.42, 84.8)]]
     >>> judge_cell(cell)
     [None, None, None, 'loss 0.42 > 1.3x 0.27; acc 84.80 < 89.70 - 3']
     """
-    ok = [
-        r for r in runs if r.get("test_acc") is not None and r.get("final_train_loss") is not None
-    ]
+    ok = [r for r in runs if _finished(r)]
     out: List[Optional[str]] = []
     for r in runs:
-        if r.get("test_acc") is None or r.get("final_train_loss") is None:
+        if r.get("diverged"):
             out.append("diverged")
             continue
         others = [o for o in ok if o is not r]
-        if len(others) + 1 < MIN_RUNS:
+        if not _finished(r) or len(others) + 1 < MIN_RUNS:
             out.append(None)
             continue
         loss_ref = statistics.median(o["final_train_loss"] for o in others)
@@ -70,6 +69,10 @@ def judge_cell(runs: List[Dict[str, Any]]) -> List[Optional[str]]:
             why.append(f"acc {r['test_acc']:.2f} < {acc_ref:.2f} - {ACC_GAP:g}")
         out.append("; ".join(why) or None)
     return out
+
+
+def _finished(r: Dict[str, Any]) -> bool:
+    return not r.get("diverged") and None not in (r.get("test_acc"), r.get("final_train_loss"))
 
 
 def _fisher(a_fail: int, a_n: int, b_fail: int, b_n: int) -> float:
@@ -104,7 +107,9 @@ def failure_summary(
         g = groups.setdefault(
             key, {"model": dv["model"], "norm": dv["norm"], "axes": dv["axes"], "runs": []}
         )
-        g["runs"].append({"seed": dv["seed"], "test_acc": None, "final_train_loss": None})
+        g["runs"].append(
+            {"seed": dv["seed"], "test_acc": None, "final_train_loss": None, "diverged": True}
+        )
     for key, g in groups.items():
         rs = sorted(g["runs"], key=lambda r: r["seed"])
         reasons = judge_cell(rs)
@@ -113,7 +118,7 @@ def failure_summary(
         out["cells"][key] = {
             **{k: g[k] for k in ("model", "norm", "axes")},
             "n": len(rs),
-            "judged": len(rs) >= MIN_RUNS,
+            "judged": sum(map(_finished, rs)) >= MIN_RUNS,
             "failed": sum(why is not None for why in reasons),
             "runs": [
                 {

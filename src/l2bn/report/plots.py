@@ -137,9 +137,10 @@ def accuracy_vs_axis(
         lines.setdefault(
             f"{c['model']} {c['norm']}" + (f" ({others})" if others else ""), []
         ).append(c)
-    picks = {
-        (ch["model"], ch["norm"], ch["value"]) for ch in (chosen or {}).get("choices", {}).values()
-    }
+    picks = [  # (model, norm, the cell's axis values) of each choice
+        (ch["model"], ch["norm"], {**ch["others"], axis: ch["value"]})
+        for ch in (chosen or {}).get("choices", {}).values()
+    ]
     for ax, field in zip(axes[0], fields):
         for label, cs in sorted(lines.items()):
             cs = sorted(cs, key=lambda c: c["axes"][axis])
@@ -155,7 +156,7 @@ def accuracy_vs_axis(
                 xs, ys, yerr=err, marker="o", capsize=3, color=color, label=label, alpha=0.9
             )
             for x, y, c in zip(xs, ys, cs):
-                if (c["model"], c["norm"], x) in picks:
+                if (c["model"], c["norm"], c["axes"]) in picks:
                     ax.plot([x], [y], "o", ms=13, mfc="none", mec=color, mew=1.5)
         xs_all = sorted({c["axes"][axis] for c in cells})
         if xs_all and xs_all[0] > 0 and xs_all[-1] / xs_all[0] >= 8:

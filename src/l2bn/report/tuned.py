@@ -17,7 +17,9 @@ __all__ = ["tuned_comparison", "tuned_lines", "TUNED_RULE"]
 
 TUNED_RULE = (
     "For each model and norm, the value of `{axis}` with the highest mean held-out accuracy "
-    "(val_acc: training images the runs never trained on) is chosen; a value at which a run "
+    "(val_acc: {held} training images the runs never trained on, the next ones after the "
+    "training subset in the same class-balanced order, the same for every run; `--val-size`) "
+    "is chosen; a value at which a run "
     "diverged is not eligible. The test accuracies at the chosen values are then compared, "
     "paired by seed (test accuracy plays no part in the choice)."
 )
@@ -28,7 +30,7 @@ def _others(axes: Dict[str, Any], axis: str) -> Dict[str, Any]:
 
 
 def tuned_comparison(
-    summary: Dict[str, Any], axis: str, baseline: str = "bn"
+    summary: Dict[str, Any], axis: str, baseline: str = "bn", held_out: Optional[int] = None
 ) -> Optional[Dict[str, Any]]:
     """The choice per model, norm (and other axes' values) along ``axis``, and each norm's paired
     test-accuracy difference against the baseline at their own choices; ``None`` when the runs
@@ -36,7 +38,8 @@ def tuned_comparison(
 
     Returns ``{"axis", "rule", "choices": {key: {model, norm, others, value, val_mean, val_std,
     test_mean, test_std, n, by_value}}, "differences": {key: {..., paired difference}}}``, where
-    ``by_value`` lists every candidate ``(value, val mean, test mean, n, eligible)``.
+    ``by_value`` lists every candidate ``(value, val mean, test mean, n, eligible)``;
+    ``held_out`` (the runs' ``val_size``) goes into the rule's wording.
     """
     cells = [c for c in summary["cells"].values() if axis in c["axes"]]
     if not cells or not all("val_acc" in r for c in cells for r in c["runs"]):
@@ -108,7 +111,7 @@ def tuned_comparison(
         ch.pop("_runs")
     return {
         "axis": axis,
-        "rule": TUNED_RULE.format(axis=axis),
+        "rule": TUNED_RULE.format(axis=axis, held=f"{held_out:,}" if held_out else "the"),
         "choices": choices,
         "differences": diffs,
     }

@@ -383,7 +383,11 @@ def _fit(
         "best_test_acc": st.best_acc,
         "best_epoch": st.best_epoch,
         "final_train_loss": final.get("train_loss"),
-        **({"val_acc": final["val_acc"]} if "val_acc" in final else {}),
+        **(
+            {"val_acc": final["val_acc"], "val_examples": len(data.val_y)}
+            if "val_acc" in final
+            else {}
+        ),
         "epochs": cfg.epochs,
         "wall_time_s": time.time() - t_start,
         # training time of the whole run: the epochs of every process that worked on it (a resumed
