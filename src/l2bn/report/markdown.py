@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .runs import MECHANISM_METRICS
 from .stats import fmt_pm
@@ -16,6 +16,12 @@ def _p(p: Optional[float]) -> str:
     if p is None:
         return "–"
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def mean_ci(d: Dict[str, Any]) -> Tuple[str, str]:
+    """A paired difference's mean and 95% interval as table cells (``–`` where there is none)."""
+    ci = "–" if d["ci_low"] is None else f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+    return ("–" if d["mean"] is None else f"{d['mean']:+.2f}"), ci
 
 
 def accuracy_table(summary: Dict[str, Any]) -> List[str]:
@@ -75,8 +81,7 @@ def difference_table(summary: Dict[str, Any]) -> List[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for key, d in summary["differences"].items():
-        ci = "–" if d["ci_low"] is None else f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
-        mean = "–" if d["mean"] is None else f"{d['mean']:+.2f}"
+        mean, ci = mean_ci(d)
         mde = f"{d['mde_80']:.2f}" if d.get("mde_80") is not None else "–"
         need = str(d["seeds_for_0_5"]) if d.get("seeds_for_0_5") is not None else "–"
         lines.append(
@@ -130,8 +135,7 @@ def axis_tables(summary: Dict[str, Any], axes: Optional[List[str]] = None) -> Li
             ),
         )
         for d in rows:
-            ci = "–" if d["ci_low"] is None else f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
-            mean = "–" if d["mean"] is None else f"{d['mean']:+.2f}"
+            mean, ci = mean_ci(d)
             others = _axes_str({k: v for k, v in d["axes"].items() if k != axis}) or "–"
             value = d["model"] if by_model else d["axes"].get(axis)
             out.append(

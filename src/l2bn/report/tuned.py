@@ -124,6 +124,8 @@ def _pm(m: Optional[float], s: Optional[float]) -> str:
 def tuned_lines(tuned: Dict[str, Any], figure: Optional[str] = None) -> List[str]:
     """The report's section: the candidates per norm (held-out and test accuracy per value),
     the choices, and each norm at its choice against BN at its own."""
+    from .markdown import mean_ci
+
     axis = tuned["axis"]
     lines = [
         f"## Each norm at its own best `{axis}`",
@@ -158,8 +160,7 @@ def tuned_lines(tuned: Dict[str, Any], figure: Optional[str] = None) -> List[str
         "|---|---|---|---|---|---|---|",
     ]
     for key, d in tuned["differences"].items():
-        ci = "–" if d["ci_low"] is None else f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
-        mean = "–" if d["mean"] is None else f"{d['mean']:+.2f}"
+        mean, ci = mean_ci(d)
         p = "–" if d.get("p_value") is None else f"{d['p_value']:.3f}"
         lines.append(
             f"| {key} | {axis}={d['value']} | {axis}={d['bn_value']} | {d['n']} | {mean} | {ci} | "
