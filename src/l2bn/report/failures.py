@@ -166,7 +166,7 @@ def failure_lines(failures: Dict[str, Any], per_run: bool = True) -> List[str]:
     lines = [
         "## Failed runs",
         "",
-        f"*Definition (fixed before the runs): {failures['rule']}*",
+        f"*Definition (`l2bn.report.failures`, the same for every report): {failures['rule']}*",
         "",
         "| cell | runs | failed | accuracy, all runs (mean ± std) | accuracy without failed |",
         "|---|---|---|---|---|",
