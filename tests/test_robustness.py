@@ -219,6 +219,30 @@ def test_best_lr_is_chosen_on_held_out_accuracy_not_test():
     assert d["diffs"] == pytest.approx([0.9, 0.8]) and (d["value"], d["bn_value"]) == (0.4, 0.1)
 
 
+def test_best_lr_at_the_edge_of_the_grid_is_flagged():
+    """A choice at the first/last of at least three tried values may not be the norm's best: the
+    report says so; an interior choice, or a two-value grid, is not flagged."""
+    from l2bn.report.tuned import tuned_lines
+
+    spec = {
+        ("bn", 0.1): [(0, 89.0, 88.0)],
+        ("bn", 0.2): [(0, 90.0, 88.4)],  # interior
+        ("bn", 0.4): [(0, 89.5, 88.9)],
+        ("l2bn", 0.1): [(0, 89.0, 88.1)],
+        ("l2bn", 0.2): [(0, 89.5, 88.3)],
+        ("l2bn", 0.4): [(0, 90.5, 88.9)],  # largest
+    }
+    t = tuned_comparison(_lr_cells(spec), "lr")
+    assert t["choices"]["r/bn"]["edge"] is None and t["choices"]["r/l2bn"]["edge"] == "largest"
+    md = "\n".join(tuned_lines(t))
+    assert "r/l2bn: the chosen lr = 0.4 is the largest value tried" in md
+    assert "r/bn: the chosen" not in md
+    spec[("bn", 0.1)] = [(0, 95.0, 88.0)]  # smallest
+    assert tuned_comparison(_lr_cells(spec), "lr")["choices"]["r/bn"]["edge"] == "smallest"
+    two = {k: v for k, v in spec.items() if k[1] != 0.2}
+    assert tuned_comparison(_lr_cells(two), "lr")["choices"]["r/l2bn"]["edge"] is None
+
+
 def test_best_lr_skips_a_value_where_a_run_diverged_and_needs_val_acc():
     summary = _lr_cells(
         {

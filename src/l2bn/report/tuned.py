@@ -36,10 +36,14 @@ def tuned_comparison(
     test-accuracy difference against the baseline at their own choices; ``None`` when the runs
     carry no ``val_acc``.
 
-    Returns ``{"axis", "rule", "choices": {key: {model, norm, others, value, val_mean, val_std,
-    test_mean, test_std, n, by_value}}, "differences": {key: {..., paired difference}}}``, where
-    ``by_value`` lists every candidate ``(value, val mean, test mean, n, eligible)``;
-    ``held_out`` (the runs' ``val_size``) goes into the rule's wording.
+    Returns ``{"axis", "rule", "choices": {key: {model, norm, others, value, edge, val_mean,
+    val_std, test_mean, test_std, n, by_value}}, "differences": {key: {..., paired
+    difference}}}``, where ``by_value`` lists every candidate
+    ``(value, val mean, test mean, n, eligible)``;
+    ``edge`` is ``"largest"``/``"smallest"`` when the choice is the grid's last/first eligible
+    value (of at least 3): the best may then lie outside the grid, and the comparison at that
+    norm's own best understates it. ``held_out`` (the runs' ``val_size``) goes into the rule's
+    wording.
     """
     cells = [c for c in summary["cells"].values() if axis in c["axes"]]
     if not cells or not all("val_acc" in r for c in cells for r in c["runs"]):
@@ -65,11 +69,16 @@ def tuned_comparison(
         if not eligible:
             continue
         best, vm, _, _ = max(eligible, key=lambda x: x[1])
+        tried = sorted(x[0]["axes"][axis] for x in eligible)
+        edge = None
+        if len(tried) >= 3 and best["axes"][axis] in (tried[0], tried[-1]):
+            edge = "largest" if best["axes"][axis] == tried[-1] else "smallest"
         choices[key] = {
             "model": best["model"],
             "norm": best["norm"],
             "others": _others(best["axes"], axis),
             "value": best["axes"][axis],
+            "edge": edge,
             "val_mean": vm,
             "val_std": mean_std([r["val_acc"] for r in best["runs"]])[1],
             "test_mean": best["final_mean"],
@@ -166,6 +175,14 @@ def tuned_lines(tuned: Dict[str, Any], figure: Optional[str] = None) -> List[str
             f"| {key} | {axis}={d['value']} | {axis}={d['bn_value']} | {d['n']} | {mean} | {ci} | "
             f"{p} |"
         )
+    for key, ch in tuned["choices"].items():
+        if ch.get("edge"):
+            lines += [
+                "",
+                f"- {key}: the chosen {axis} = {ch['value']} is the {ch['edge']} value tried, so "
+                f"its best may lie outside the grid and its accuracy at its own best be "
+                f"underestimated (extend the grid with `--grid {axis}=...` to find out).",
+            ]
     if figure:
         lines += [
             "",
