@@ -319,10 +319,10 @@ def test_lr_report_from_runs(tmp_path):
 # ----------------------------------------------------------------------------- presets, sweeps
 
 
-def test_lr_preset_is_the_main_job_at_six_learning_rates():
+def test_lr_preset_is_the_main_job_at_seven_learning_rates():
     p = plan_compare("lr")
     quick = plan_compare("quick")["train_kw"]
-    assert p["grid"] == {"lr": [0.025, 0.05, 0.1, 0.2, 0.4, 0.8]}
+    assert p["grid"] == {"lr": [0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]}
     assert p["norms"] == ["bn", "l2bn", "l2bn-rms"] and len(p["seeds"]) == 5
     assert p["train_kw"]["val_size"] == 10000 and p["analyze"] is False
     same = {k: v for k, v in p["train_kw"].items() if k not in ("val_size", "eval_every")}
@@ -331,7 +331,7 @@ def test_lr_preset_is_the_main_job_at_six_learning_rates():
     plan = plan_runs(
         p["out"], p["models"], p["norms"], p["seeds"], p["dataset"], p["train_kw"], p["grid"]
     )
-    assert len(plan) == 90 and plan[0][1].out.endswith("resnet8-bn-lr=0.025-seed0")
+    assert len(plan) == 105 and plan[0][1].out.endswith("resnet8-bn-lr=0.025-seed0")
 
 
 def test_stability_preset_reuses_the_depth_study_runs():
